@@ -1,0 +1,103 @@
+"""The normalized tables ("the bundle") as typed rows.
+
+Small tables (accounts, products, prices, subscriptions, contracts, invoice lines) are held as
+Python rows; the two usage tables can hold tens of millions of events and stay columnar
+(`UsageSource`: a Parquet/CSV path or an Arrow table) so DuckDB aggregates them in place.
+Every connector produces a `Bundle`; the engine consumes one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+
+from core.pricing import Price
+
+Aggregation = Literal["sum", "max"]
+
+
+@dataclass(frozen=True)
+class Account:
+    account_id: str
+    name: str
+    stripe_customer_id: str | None = None
+    crm_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Product:
+    product_key: str
+    name: str
+    aggregation: Aggregation = "sum"
+    unit: str = "unit"
+    default_price_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SubscriptionPeriod:
+    """One billing period of one subscription item: [period_start, period_end) in UTC."""
+
+    subscription_id: str
+    account_id: str
+    product_key: str
+    price_id: str
+    status: str
+    period_start: datetime
+    period_end: datetime
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The signed price of a product for an account, in force from `effective_from` on."""
+
+    account_id: str
+    product_key: str
+    effective_from: datetime
+    price_id: str
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    invoice_id: str
+    account_id: str
+    product_key: str
+    period_start: datetime
+    period_end: datetime
+    quantity: Decimal
+    amount: Decimal
+    currency: str
+
+
+@dataclass(frozen=True)
+class UsageSource:
+    """Where usage events live, columnar: account_id, product_key, ts, units (+ event_id).
+
+    Exactly one of `path` (Parquet file or glob) and `table` (Arrow, e.g. a parsed CSV) is set.
+    `ts_naive` marks a Parquet timestamp column without time zone, read as UTC; integer and
+    decimal unit columns are summed natively, text and floats are converted to DECIMAL first.
+    """
+
+    name: str
+    path: Path | str | None = None
+    table: pa.Table | None = None
+    has_event_id: bool = False
+    ts_naive: bool = False
+    units_type: str = "text"  # Parquet: integer | decimal | float; a CSV's columns are text
+
+
+@dataclass
+class Bundle:
+    accounts: dict[str, Account]
+    products: dict[str, Product]
+    prices: dict[str, Price]
+    subscriptions: list[SubscriptionPeriod]
+    contracts: list[Contract]
+    invoice_lines: list[InvoiceLine]
+    actual_usage: UsageSource
+    reported_usage: UsageSource
+    notes: list[str] = field(default_factory=list)  # informational (e.g. naive Parquet ts as UTC)

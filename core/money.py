@@ -1,0 +1,53 @@
+"""Currency-aware Decimal money helpers.
+
+Stripe stores amounts in the currency's minor unit; most currencies have two decimals, but some
+have none (JPY, KRW, ...) and a few have three (KWD, BHD, ...). Every amount the product shows or
+compares is rounded with these rules, once per line, half up.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+# Stripe's zero-decimal currencies (https://docs.stripe.com/currencies#zero-decimal).
+ZERO_DECIMAL_CURRENCIES = frozenset(
+    {
+        "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg",
+        "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf",
+    }
+)
+# Stripe's three-decimal currencies.
+THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+ZERO = Decimal(0)
+
+
+def currency_exponent(currency: str) -> int:
+    """Number of decimals of the currency's minor unit (0, 2 or 3)."""
+    code = currency.lower()
+    if code in ZERO_DECIMAL_CURRENCIES:
+        return 0
+    if code in THREE_DECIMAL_CURRENCIES:
+        return 3
+    return 2
+
+
+def round_money(amount: Decimal, currency: str) -> Decimal:
+    """Round to the currency's minor unit, half up (the one rounding step of a line)."""
+    return amount.quantize(Decimal(1).scaleb(-currency_exponent(currency)), ROUND_HALF_UP)
+
+
+def to_minor_units(amount: Decimal, currency: str) -> int:
+    """Major units -> integer minor units, as Stripe's API expects them."""
+    return int(round_money(amount, currency).scaleb(currency_exponent(currency)))
+
+
+def from_minor_units(minor: int | str | Decimal, currency: str) -> Decimal:
+    """Integer (or decimal-string) minor units from Stripe -> Decimal major units."""
+    return Decimal(minor).scaleb(-currency_exponent(currency))
+
+
+def format_money(amount: Decimal, currency: str) -> str:
+    """`1,234.50 USD` with exactly the currency's decimals, never a float artefact."""
+    exp = currency_exponent(currency)
+    return f"{round_money(amount, currency):,.{exp}f} {currency.upper()}"

@@ -1,0 +1,167 @@
+"""Usage tables -> validated buckets, inside DuckDB.
+
+One scan per usage table aggregates events into buckets of (account, product, bucket start) with
+the sum, max and min of units, the event count and a count of unreadable rows; every validation
+(bad timestamp, bad or negative units, unknown account or product) is then answered from those
+few buckets. Only when something is wrong is the raw table scanned again, to name the rows.
+The bucket is the coarsest of day / hour / second / exact that every billing-period boundary is
+aligned to, so assigning buckets to periods is exact (an event belongs to the period containing
+its UTC timestamp) while the join stays small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from core.errors import BundleError, Problem
+from core.model import UsageSource
+
+UNITS_SQL_TYPE = "DECIMAL(38, 9)"
+OFFSET_PATTERN = r"([Zz]|[+-]\d{2}(:?\d{2})?)$"
+MAX_ROWS_NAMED = 20
+# Buckets are epoch microseconds, truncated with integer arithmetic: exact in UTC, and far cheaper
+# than calendar functions on TIMESTAMPTZ.
+BUCKET_MICROSECONDS = {"day": 86_400_000_000, "hour": 3_600_000_000, "second": 1_000_000, "": 1}
+
+
+def bucket_granularity(boundaries: Iterable[datetime]) -> str:
+    """The coarsest DuckDB date_trunc unit that all period boundaries fall on ('' = exact)."""
+    granularity = "day"
+    for instant in boundaries:
+        if instant.microsecond:
+            return ""
+        if instant.second or instant.minute:
+            granularity = "second"
+        elif instant.hour and granularity == "day":
+            granularity = "hour"
+    return granularity
+
+
+@dataclass(frozen=True)
+class UsageStats:
+    name: str
+    events: int
+    duplicates: int
+
+
+def _units_expression(source: UsageSource) -> str:
+    """Keep integer and decimal Parquet columns native (exact, fast sums); text and floats -> DECIMAL."""
+    if source.table is None and source.units_type in ("integer", "decimal"):
+        return "units"
+    return f"TRY_CAST(units AS {UNITS_SQL_TYPE})"
+
+
+def _register_source(con: duckdb.DuckDBPyConnection, source: UsageSource, view: str, *, locate: bool = False) -> None:
+    """Create view `view`: account_id, product_key, ts (TIMESTAMPTZ), ts_us (epoch µs), units.
+
+    `locate` adds the raw values and a row locator `__row` (Parquet: 1-based row in the file) for
+    naming bad rows; the fast path leaves it out so the scan reads only the needed columns.
+    """
+    event_id = ", CAST(event_id AS VARCHAR) AS event_id" if source.has_event_id else ""
+    if source.table is not None:
+        table = source.table.append_column("__row", pa.array(np.arange(2, source.table.num_rows + 2)))
+        con.register(f"{view}_raw", table)
+        ts = f"CASE WHEN regexp_matches(ts, '{OFFSET_PATTERN}') THEN TRY_CAST(ts AS TIMESTAMPTZ) END"
+        con.execute(f"""
+            CREATE OR REPLACE TEMP VIEW {view} AS
+            SELECT account_id, product_key, ts, epoch_us(ts) AS ts_us, units, ts_raw, units_raw, __row{event_id}
+            FROM (SELECT account_id, product_key, {ts} AS ts, {_units_expression(source)} AS units,
+                         ts AS ts_raw, units AS units_raw, __row{event_id} FROM {view}_raw)""")
+        return
+    path = str(source.path).replace("'", "''")
+    ts = "timezone('UTC', ts)" if source.ts_naive else "ts"
+    ts_us = "epoch_us(ts)"  # µs since the epoch, read as UTC for naive columns
+    extra = ", CAST(ts AS VARCHAR) AS ts_raw, CAST(units AS VARCHAR) AS units_raw, file_row_number + 1 AS __row"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP VIEW {view} AS SELECT
+          CAST(account_id AS VARCHAR) AS account_id, CAST(product_key AS VARCHAR) AS product_key,
+          {ts} AS ts, {ts_us} AS ts_us, {_units_expression(source)} AS units{extra if locate else ""}{event_id}
+        FROM read_parquet('{path}'{", file_row_number = true" if locate else ""})""")
+
+
+def _duplicates(con: duckdb.DuckDBPyConnection, source: UsageSource, view: str) -> tuple[str, int, list[str]]:
+    """Return the view to aggregate (deduplicated when needed), the duplicate count and examples."""
+    if not source.has_event_id:
+        return view, 0, []
+    (dups,) = con.execute(
+        f"SELECT count(event_id) - count(DISTINCT event_id) FROM {view}"
+    ).fetchall()[0]
+    if not dups:
+        return view, 0, []
+    examples = [row[0] for row in con.execute(
+        f"SELECT event_id FROM {view} WHERE event_id IS NOT NULL GROUP BY event_id HAVING count(*) > 1 "
+        f"ORDER BY min(ts_us) LIMIT 3").fetchall()]
+    con.execute(f"""
+        CREATE OR REPLACE TEMP VIEW {view}_dedup AS SELECT * FROM {view}
+        QUALIFY event_id IS NULL OR row_number() OVER (PARTITION BY event_id ORDER BY ts_us) = 1""")
+    return f"{view}_dedup", int(dups), examples
+
+
+def _name_bad_rows(con: duckdb.DuckDBPyConnection, source: UsageSource, view: str) -> list[Problem]:
+    """Second scan, only on failure: locate the offending rows."""
+    _register_source(con, source, view, locate=True)
+    rows = con.execute(f"""
+        SELECT __row, account_id, product_key, ts, ts_raw, units, units_raw,
+               account_id IN (SELECT account_id FROM known_accounts) AS account_ok,
+               product_key IN (SELECT product_key FROM known_products) AS product_ok
+        FROM {view}
+        WHERE ts IS NULL OR units IS NULL OR units < 0
+           OR account_id IS NULL OR account_id NOT IN (SELECT account_id FROM known_accounts)
+           OR product_key IS NULL OR product_key NOT IN (SELECT product_key FROM known_products)
+        ORDER BY __row LIMIT {MAX_ROWS_NAMED}""").fetchall()
+    problems = []
+    for row, account, product, ts, ts_raw, units, units_raw, account_ok, product_ok in rows:
+        if not account_ok:
+            problems.append(Problem(source.name, "an account_id from accounts.csv", row, "account_id", account))
+        if not product_ok:
+            problems.append(Problem(source.name, "a product_key from products.csv", row, "product_key", product))
+        if ts is None:
+            problems.append(Problem(source.name, "an ISO 8601 timestamp with an offset or Z", row, "ts", ts_raw))
+        if units is None:
+            problems.append(Problem(source.name, "a decimal number of units", row, "units", units_raw))
+        elif units < 0:
+            problems.append(Problem(source.name, "units >= 0", row, "units", units_raw))
+    return problems
+
+
+def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: str,
+                    granularity: str, need_max: bool = True) -> tuple[UsageStats, list[str]]:
+    """Fill temp table `buckets_<side>`; raise BundleError naming bad rows. Returns stats, warnings.
+
+    Expects tables `known_accounts(account_id)` and `known_products(product_key)` in `con`.
+    """
+    view = f"usage_{side}"
+    _register_source(con, source, view)
+    scan, duplicates, examples = _duplicates(con, source, view)
+    width = BUCKET_MICROSECONDS[granularity]
+    bucket = f"ts_us - ts_us % {width}" if width > 1 else "ts_us"
+    # Only the aggregates that are needed: max for seat-like products, min to spot negative units;
+    # count(units) < count(*) reveals unreadable units, a NULL bucket an unreadable timestamp.
+    units_max = "max(units)" if need_max else "NULL"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE buckets_{side} AS
+        SELECT account_id, product_key, {bucket} AS bucket_us,
+               sum(units) AS units_sum, {units_max} AS units_max, min(units) AS units_min,
+               count(*) AS events, count(*) - count(units) AS unreadable
+        FROM {scan} GROUP BY ALL""")
+    (unreadable, negative, unknown, events) = con.execute(f"""
+        SELECT coalesce(sum(unreadable), 0) + count(*) FILTER (WHERE bucket_us IS NULL),
+               count(*) FILTER (WHERE units_min < 0),
+               count(*) FILTER (WHERE account_id IS NULL OR product_key IS NULL
+                   OR account_id NOT IN (SELECT account_id FROM known_accounts)
+                   OR product_key NOT IN (SELECT product_key FROM known_products)),
+               coalesce(sum(events), 0)
+        FROM buckets_{side}""").fetchall()[0]
+    if unreadable or negative or unknown:
+        raise BundleError(_name_bad_rows(con, source, view))
+    warnings = []
+    if duplicates:
+        warnings.append(f"{source.name}: {duplicates} duplicate event_id(s) counted once "
+                        f"(e.g. {', '.join(examples)})")
+    return UsageStats(source.name, int(events), duplicates), warnings

@@ -1,0 +1,249 @@
+"""The app database: SQLAlchemy 2 typed models. Every tenant table carries `org_id`.
+
+Schema changes go through Alembic (db/migrations); these classes are the single description the
+migrations were written from. Money is Numeric (never float); timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+MONEY = Numeric(20, 6)
+UNITS = Numeric(38, 9)
+TENANT_TABLES = (
+    "users", "integrations", "org_settings", "accounts", "recon_runs", "anomalies", "actions",
+    "audit_log", "api_keys", "usage_events",
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite stores no offset; we add UTC back on read)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class OrgScoped:
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    is_demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(OrgScoped, Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)  # also the login name
+    name: Mapped[str] = mapped_column(String(200))
+    password_hash: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16))  # admin | analyst
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Integration(OrgScoped, Base):
+    __tablename__ = "integrations"
+    __table_args__ = (UniqueConstraint("org_id", "kind", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # stripe | salesforce | hubspot | sql_source | s3
+    name: Mapped[str] = mapped_column(String(100))
+    config_encrypted: Mapped[str] = mapped_column(Text)  # Fernet token of a JSON dict
+    status: Mapped[str] = mapped_column(String(16), default="unchecked")
+    status_message: Mapped[str | None] = mapped_column(Text)
+    last_checked_at: Mapped[datetime | None]
+    last_synced_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OrgSettings(Base):
+    __tablename__ = "org_settings"
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
+    rel_tolerance: Mapped[Decimal] = mapped_column(Numeric(10, 6), default=Decimal("0.005"))
+    min_leak_amount: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("1.00"))
+    over_billing_min: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("1.00"))
+    schedule_kind: Mapped[str] = mapped_column(String(16), default="off")  # cron | interval | off
+    schedule_expr: Mapped[str | None] = mapped_column(String(100))
+    schedule_timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    data_source: Mapped[dict[str, Any] | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Account(OrgScoped, Base):
+    __tablename__ = "accounts"
+    __table_args__ = (UniqueConstraint("org_id", "account_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(300))
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(200))
+    crm_id: Mapped[str | None] = mapped_column(String(200))
+
+
+class ReconRun(OrgScoped, Base):
+    __tablename__ = "recon_runs"
+    __table_args__ = (Index("ix_recon_runs_org_status", "org_id", "status"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed|interrupted
+    trigger: Mapped[str] = mapped_column(String(16))  # manual | schedule | api | cli
+    params: Mapped[dict[str, Any] | None]
+    counts: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float] = mapped_column(default=0.0)
+    progress_message: Mapped[str | None] = mapped_column(String(200))
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    worker_id: Mapped[str | None] = mapped_column(String(100))
+
+
+class Anomaly(OrgScoped, Base):
+    __tablename__ = "anomalies"
+    __table_args__ = (
+        UniqueConstraint("org_id", "fingerprint"),
+        Index("ix_anomalies_org_status", "org_id", "status"),
+        Index("ix_anomalies_org_type", "org_id", "type"),
+        Index("ix_anomalies_org_account", "org_id", "account_id"),
+        Index("ix_anomalies_org_period", "org_id", "period_start"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    first_run_id: Mapped[int | None] = mapped_column(ForeignKey("recon_runs.id", ondelete="SET NULL"))
+    last_run_id: Mapped[int | None] = mapped_column(ForeignKey("recon_runs.id", ondelete="SET NULL"))
+    account_id: Mapped[str] = mapped_column(String(200))
+    product_key: Mapped[str] = mapped_column(String(200))
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    type: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    actual_units: Mapped[Decimal] = mapped_column(UNITS)
+    reported_units: Mapped[Decimal] = mapped_column(UNITS)
+    leak_units: Mapped[Decimal] = mapped_column(UNITS)
+    expected_amount: Mapped[Decimal] = mapped_column(MONEY)
+    billed_amount: Mapped[Decimal] = mapped_column(MONEY)
+    leak_amount: Mapped[Decimal] = mapped_column(MONEY)
+    overbilled_amount: Mapped[Decimal] = mapped_column(MONEY)
+    currency: Mapped[str] = mapped_column(String(3))
+    confidence: Mapped[Decimal] = mapped_column(Numeric(4, 3))
+    confidence_factors: Mapped[dict[str, Any]]
+    evidence: Mapped[dict[str, Any]]
+    price_id: Mapped[str] = mapped_column(String(200))
+    price_source: Mapped[str] = mapped_column(String(64))
+    subscription_id: Mapped[str | None] = mapped_column(String(200))
+    explanation: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open|dismissed|actioned|recovered|resolved
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    status_changed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    status_changed_at: Mapped[datetime | None]
+    notes: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Action(OrgScoped, Base):
+    __tablename__ = "actions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    anomaly_id: Mapped[int | None] = mapped_column(ForeignKey("anomalies.id", ondelete="SET NULL"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # draft_invoice | salesforce_task | hubspot_task | export
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | succeeded | failed
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    amount: Mapped[Decimal | None] = mapped_column(MONEY)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    request: Mapped[dict[str, Any] | None]
+    response: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AuditEntry(OrgScoped, Base):
+    __tablename__ = "audit_log"
+    __table_args__ = (UniqueConstraint("org_id", "seq"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    ts: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(100))
+    target_type: Mapped[str | None] = mapped_column(String(50))
+    target_id: Mapped[str | None] = mapped_column(String(200))
+    details: Mapped[dict[str, Any]]
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ApiKey(OrgScoped, Base):
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class UsageEvent(OrgScoped, Base):
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        UniqueConstraint("org_id", "event_id"),
+        Index("ix_usage_events_lookup", "org_id", "account_id", "product_key", "ts"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[str] = mapped_column(String(200))
+    product_key: Mapped[str] = mapped_column(String(200))
+    ts: Mapped[datetime]
+    units: Mapped[Decimal] = mapped_column(UNITS)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

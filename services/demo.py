@@ -1,0 +1,34 @@
+"""The demo organization: generated bundle, two users, one finished reconciliation.
+
+Seeding only ever creates the org with slug `demo` (flagged `is_demo`); it never touches an
+existing organization, and does nothing when that org already exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.demo import generate_demo_bundle
+from db.models import Organization
+from db.session import data_dir
+from services import reconciliation, settings, users
+from services.context import Actor
+
+DEMO_SLUG = "demo"
+DEMO_ADMIN = ("admin@demo.example", "Dana Admin", "demo-admin-2026")
+DEMO_ANALYST = ("analyst@demo.example", "Alex Analyst", "demo-analyst-2026")
+
+
+def seed_demo(bundle_dir: Path | None = None, accounts: int = 60, seed: int = 7) -> Organization:
+    existing = users.find_organization(DEMO_SLUG)
+    if existing is not None:
+        return existing
+    bundle_dir = bundle_dir or data_dir() / "demo-bundle"
+    generate_demo_bundle(bundle_dir, accounts=accounts, seed=seed)
+    org, admin = users.create_organization("Demo Co", DEMO_SLUG, DEMO_ADMIN[0], DEMO_ADMIN[1], DEMO_ADMIN[2],
+                                           is_demo=True)
+    actor = Actor.user(org.id, admin.id, "admin")
+    users.create_user(actor, DEMO_ANALYST[0], DEMO_ANALYST[1], "analyst", DEMO_ANALYST[2])
+    settings.set_data_source(actor, {"kind": "bundle", "path": str(bundle_dir.resolve())})
+    reconciliation.run_reconciliation(actor, trigger="manual")
+    return org

@@ -1,0 +1,176 @@
+"""`run_reconciliation`: the one way a reconciliation reaches the app database.
+
+A run is recorded before it starts and finished whatever happens (succeeded with counts, or
+failed with the reason). Anomalies are upserted by fingerprint: the numbers are refreshed, what
+analysts did (status, reason, notes) is kept; an anomaly whose gap vanished becomes `resolved`
+(open and actioned ones — dismissed and recovered are the analyst's final word) and one that
+comes back after being resolved is reopened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from core.bundle import load_bundle
+from core.errors import BundleError
+from core.model import Bundle
+from core.reconcile import Anomaly as Finding
+from core.reconcile import ReconcileParams, reconcile
+from db.models import Account, Anomaly, ReconRun
+from db.session import org_session
+from services import audit
+from services.context import Actor, require_role
+from services.errors import InvalidInput, NotFound
+from services.settings import get_settings, reconcile_params
+
+RESOLVABLE = ("open", "actioned")
+FINDING_FIELDS = (
+    "account_id", "product_key", "period_start", "period_end", "type", "severity", "actual_units",
+    "reported_units", "leak_units", "expected_amount", "billed_amount", "leak_amount", "overbilled_amount",
+    "currency", "confidence_factors", "evidence", "price_id", "price_source", "subscription_id", "explanation",
+)
+Progress = Callable[[float, str], None]
+
+
+def queue_run(actor: Actor, trigger: str = "manual") -> ReconRun:
+    """Record a run for the scheduler to pick up ("Run now" in the app, POST in the API)."""
+    require_role(actor, "admin", "analyst")
+    with org_session(actor.org_id) as session:
+        run = ReconRun(org_id=actor.org_id, trigger=trigger, status="queued", created_by=actor.user_id)
+        session.add(run)
+        session.flush()
+        audit.append(session, actor, "run.queued", "recon_run", run.id, {"trigger": trigger})
+        return run
+
+
+def _start(actor: Actor, trigger: str, run_id: int | None, params: ReconcileParams) -> int:
+    with org_session(actor.org_id) as session:
+        if run_id is None:
+            run = ReconRun(org_id=actor.org_id, trigger=trigger, created_by=actor.user_id)
+            session.add(run)
+        else:
+            run = session.execute(select(ReconRun).where(ReconRun.org_id == actor.org_id, ReconRun.id == run_id)
+                                  ).scalar_one_or_none()
+            if run is None:
+                raise NotFound(f"run {run_id} not found")
+        now = datetime.now(UTC)
+        run.status, run.started_at, run.heartbeat_at = "running", now, now
+        run.params = {k: str(v) for k, v in asdict(params).items() if v is not None}
+        session.flush()
+        return run.id
+
+
+def _progress_writer(org_id: int, run_id: int, extra: Progress | None) -> Progress:
+    """Persist progress (throttled) so the app's Runs page and other processes can follow it."""
+    last = [0.0]
+
+    def write(fraction: float, message: str) -> None:
+        if extra:
+            extra(fraction, message)
+        if time.monotonic() - last[0] < 0.5 and fraction < 1.0:
+            return
+        last[0] = time.monotonic()
+        with org_session(org_id) as session:
+            run = session.get(ReconRun, run_id)
+            if run is not None:
+                run.progress, run.progress_message = fraction, message[:200]
+                run.heartbeat_at = datetime.now(UTC)
+
+    return write
+
+
+def _bundle_for(actor: Actor, bundle_dir: Path | None) -> Bundle:
+    if bundle_dir is None:
+        source = get_settings(actor).data_source or {}
+        if source.get("kind") != "bundle":
+            raise InvalidInput("no data source yet: connect Stripe and a usage source in Settings, or load the demo")
+        bundle_dir = Path(source["path"])
+    return load_bundle(bundle_dir)
+
+
+def _columns(finding: Finding) -> dict[str, Any]:
+    values = {name: getattr(finding, name) for name in FINDING_FIELDS}
+    values["confidence"] = Decimal(str(finding.confidence))
+    return values
+
+
+def _store(actor: Actor, run_id: int, bundle: Bundle, findings: list[Finding]) -> dict[str, int]:
+    counts = Counter[str](new=0, updated=0, reopened=0, resolved=0)
+    with org_session(actor.org_id) as session:
+        existing = {a.fingerprint: a for a in session.execute(
+            select(Anomaly).where(Anomaly.org_id == actor.org_id)).scalars()}
+        seen = set()
+        for finding in findings:
+            seen.add(finding.fingerprint)
+            row = existing.get(finding.fingerprint)
+            if row is None:
+                session.add(Anomaly(org_id=actor.org_id, fingerprint=finding.fingerprint, first_run_id=run_id,
+                                    last_run_id=run_id, status="open", notes=[], **_columns(finding)))
+                counts["new"] += 1
+                continue
+            for name, value in _columns(finding).items():
+                setattr(row, name, value)
+            row.last_run_id = run_id
+            counts["updated"] += 1
+            if row.status == "resolved":
+                row.status, row.status_reason = "open", "the gap came back in a later run"
+                row.status_changed_at, row.status_changed_by = datetime.now(UTC), None
+                counts["reopened"] += 1
+        for fingerprint, row in existing.items():
+            if fingerprint not in seen and row.status in RESOLVABLE:
+                row.status, row.status_reason = "resolved", f"gap no longer found by run {run_id}"
+                row.status_changed_at, row.status_changed_by = datetime.now(UTC), None
+                counts["resolved"] += 1
+        known = {a.account_id: a for a in session.execute(
+            select(Account).where(Account.org_id == actor.org_id)).scalars()}
+        for account in bundle.accounts.values():
+            row = known.get(account.account_id) or Account(org_id=actor.org_id, account_id=account.account_id)
+            row.name, row.stripe_customer_id, row.crm_id = account.name, account.stripe_customer_id, account.crm_id
+            session.add(row)
+    return dict(counts)
+
+
+def _finish(actor: Actor, run_id: int, status: str, counts: dict[str, Any] | None, error: str | None) -> ReconRun:
+    with org_session(actor.org_id) as session:
+        run = session.get(ReconRun, run_id)
+        assert run is not None
+        run.status, run.counts, run.error = status, counts, error
+        run.finished_at = datetime.now(UTC)
+        if status == "succeeded":
+            run.progress, run.progress_message = 1.0, "done"
+        audit.append(session, actor, f"run.{status}", "recon_run", run_id, {"counts": counts, "error": error})
+        return run
+
+
+def run_reconciliation(actor: Actor, *, trigger: str = "manual", bundle_dir: Path | None = None,
+                       run_id: int | None = None, params: ReconcileParams | None = None,
+                       progress: Progress | None = None) -> ReconRun:
+    """Create (or take a queued) run, reconcile the org's data, store anomalies, finish the run."""
+    require_role(actor, "admin", "analyst")
+    params = params or reconcile_params(get_settings(actor))
+    run_id = _start(actor, trigger, run_id, params)
+    started = time.monotonic()
+    try:
+        bundle = _bundle_for(actor, bundle_dir)
+        result = reconcile(bundle, params, progress=_progress_writer(actor.org_id, run_id, progress))
+        counts: dict[str, Any] = _store(actor, run_id, bundle, result.anomalies)
+    except (BundleError, InvalidInput) as exc:
+        return _finish(actor, run_id, "failed", None, str(exc))
+    except Exception as exc:
+        _finish(actor, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
+        raise
+    counts.update(
+        anomalies=len(result.anomalies), periods=result.periods_checked, events_actual=result.events["actual"],
+        events_reported=result.events["reported"], seconds=round(time.monotonic() - started, 3),
+        by_type=dict(Counter(a.type for a in result.anomalies)), warnings=result.warnings[:50] + result.notes,
+    )
+    return _finish(actor, run_id, "succeeded", counts, None)

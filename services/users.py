@@ -1,0 +1,170 @@
+"""Organizations, users and sign-in. Admin-only operations are refused here, not just hidden."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import bcrypt
+from sqlalchemy import func, select
+
+from db.models import Organization, OrgSettings, User
+from db.session import org_session, system_session
+from services import audit
+from services.context import ROLES, Actor, require_role
+from services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+
+MAX_FAILED_LOGINS = 5
+LOCKOUT = timedelta(minutes=15)
+MIN_PASSWORD = 8
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+
+
+def hash_password(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+
+
+def _check_new_user(email: str, role: str, password: str) -> str:
+    email = email.strip().lower()
+    if not EMAIL.match(email):
+        raise InvalidInput(f"email: {email!r} is not an email address")
+    if role not in ROLES:
+        raise InvalidInput(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
+    if len(password) < MIN_PASSWORD:
+        raise InvalidInput(f"password: at least {MIN_PASSWORD} characters")
+    with system_session() as session:
+        if session.execute(select(User.id).where(User.email == email)).first():
+            raise Conflict(f"email: {email} already has an account")
+    return email
+
+
+def create_organization(name: str, slug: str, admin_email: str, admin_name: str, admin_password: str,
+                        *, is_demo: bool = False) -> tuple[Organization, User]:
+    """The "Create your organization" flow: a new org, its settings and its first admin."""
+    if not SLUG.match(slug):
+        raise InvalidInput("slug: lower-case letters, digits and dashes, 2 to 63 characters")
+    if not name.strip():
+        raise InvalidInput("name: required")
+    email = _check_new_user(admin_email, "admin", admin_password)
+    with system_session() as session:
+        if session.execute(select(Organization.id).where(Organization.slug == slug)).first():
+            raise Conflict(f"slug: an organization {slug!r} already exists")
+        org = Organization(name=name.strip(), slug=slug, is_demo=is_demo)
+        session.add(org)
+        session.flush()
+        session.add(OrgSettings(org_id=org.id))
+        user = User(org_id=org.id, email=email, name=admin_name.strip() or email, role="admin",
+                    password_hash=hash_password(admin_password))
+        session.add(user)
+        session.flush()
+        actor = Actor.user(org.id, user.id, "admin")
+        audit.append(session, actor, "organization.created", "organization", org.id, {"name": org.name, "slug": slug})
+        audit.append(session, actor, "user.created", "user", user.id, {"email": email, "role": "admin"})
+    return org, user
+
+
+def create_user(actor: Actor, email: str, name: str, role: str, password: str) -> User:
+    require_role(actor, "admin")
+    email = _check_new_user(email, role, password)
+    with org_session(actor.org_id) as session:
+        user = User(org_id=actor.org_id, email=email, name=name.strip() or email, role=role,
+                    password_hash=hash_password(password))
+        session.add(user)
+        session.flush()
+        audit.append(session, actor, "user.created", "user", user.id, {"email": email, "role": role})
+    return user
+
+
+def list_users(actor: Actor) -> list[User]:
+    require_role(actor, "admin")
+    with org_session(actor.org_id) as session:
+        return list(session.execute(select(User).where(User.org_id == actor.org_id).order_by(User.email)).scalars())
+
+
+def _admins_left(session, org_id: int, excluding: int) -> int:  # type: ignore[no-untyped-def]
+    return session.execute(select(func.count()).where(
+        User.org_id == org_id, User.role == "admin", User.active.is_(True), User.id != excluding)).scalar_one()
+
+
+def _get_user(session, org_id: int, user_id: int) -> User:  # type: ignore[no-untyped-def]
+    user = session.execute(select(User).where(User.org_id == org_id, User.id == user_id)).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"user {user_id} not found")
+    return user
+
+
+def set_role(actor: Actor, user_id: int, role: str) -> User:
+    require_role(actor, "admin")
+    if role not in ROLES:
+        raise InvalidInput(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
+    with org_session(actor.org_id) as session:
+        user = _get_user(session, actor.org_id, user_id)
+        if user.role == "admin" and role != "admin" and not _admins_left(session, actor.org_id, user.id):
+            raise Conflict("the organization needs at least one active admin")
+        old, user.role = user.role, role
+        audit.append(session, actor, "user.role_changed", "user", user.id, {"from": old, "to": role})
+    return user
+
+
+def set_active(actor: Actor, user_id: int, active: bool) -> User:
+    require_role(actor, "admin")
+    if actor.user_id == user_id and not active:
+        raise Conflict("you cannot deactivate yourself")
+    with org_session(actor.org_id) as session:
+        user = _get_user(session, actor.org_id, user_id)
+        if not active and user.role == "admin" and not _admins_left(session, actor.org_id, user.id):
+            raise Conflict("the organization needs at least one active admin")
+        user.active = active
+        if active:
+            user.failed_logins, user.locked_until = 0, None
+        audit.append(session, actor, "user.activated" if active else "user.deactivated", "user", user.id,
+                     {"email": user.email})
+    return user
+
+
+def authenticate(email: str, password: str) -> User:
+    """Check a password; 5 failures lock the account for 15 minutes (kept in the database)."""
+    now = datetime.now(UTC)
+    with system_session() as session:
+        user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
+        if user is None or not user.active:
+            raise PermissionDenied("wrong email or password")
+        if user.locked_until and user.locked_until > now:
+            raise PermissionDenied(f"too many failed sign-ins; try again after {user.locked_until:%H:%M} UTC")
+        if not bcrypt.checkpw(password.encode(), user.password_hash.encode()):
+            user.failed_logins += 1
+            if user.failed_logins >= MAX_FAILED_LOGINS:
+                user.locked_until, user.failed_logins = now + LOCKOUT, 0
+                audit.append(session, Actor.system(user.org_id, "auth"), "user.locked", "user", user.id,
+                             {"email": user.email})
+            session.commit()
+            raise PermissionDenied("wrong email or password")
+        user.failed_logins, user.locked_until = 0, None
+        return user
+
+
+def get_user_by_email(email: str) -> User | None:
+    with system_session() as session:
+        return session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
+
+
+def get_organization(org_id: int) -> Organization:
+    with system_session() as session:
+        org = session.get(Organization, org_id)
+        if org is None:
+            raise NotFound(f"organization {org_id} not found")
+        return org
+
+
+def find_organization(slug: str) -> Organization | None:
+    with system_session() as session:
+        return session.execute(select(Organization).where(Organization.slug == slug)).scalar_one_or_none()
+
+
+def credentials_for_authenticator() -> dict[str, dict[str, dict[str, object]]]:
+    """The credentials dict streamlit-authenticator 0.4 expects, built from active users."""
+    with system_session() as session:
+        users = session.execute(select(User).where(User.active.is_(True))).scalars()
+        return {"usernames": {u.email: {"email": u.email, "name": u.name, "password": u.password_hash,
+                                        "roles": [u.role]} for u in users}}

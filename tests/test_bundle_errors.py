@@ -1,0 +1,162 @@
+"""Bad input: every problem names file, row, column, value and what was expected; nothing is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.bundle import load_bundle
+from core.errors import BundleError, Problem
+from core.reconcile import reconcile
+from tests.bundles import Scenario, only, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base() -> Scenario:
+    s = Scenario().sub("acme", "api", "p_api").use("acme", "api", "2026-01-05T10:00:00Z", "100")
+    return s.invoice("acme", "api", "100", "10.00")
+
+
+def problems(folder: Path) -> list[Problem]:
+    with pytest.raises(BundleError) as caught:
+        reconcile(load_bundle(folder))
+    return caught.value.problems
+
+
+def one_problem(folder: Path) -> Problem:
+    found = problems(folder)
+    assert len(found) == 1, [str(p) for p in found]
+    return found[0]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    folder = base().write(tmp_path)
+    (folder / "prices.csv").unlink()
+    found = problems(folder)
+    assert found[0].file == "prices.csv" and "exist" in found[0].expected
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    folder = base().write(tmp_path)
+    write_csv(folder / "accounts.csv", ["account_id", "name", "crm_id"], [["acme", "Acme", ""]])
+    p = problems(folder)[0]
+    assert (p.file, p.row, p.column) == ("accounts.csv", 1, "stripe_customer_id")
+
+
+@pytest.mark.parametrize(("table", "index", "column", "value", "expected"), [
+    ("invoice_lines", 6, "amount", "12,50", "decimal"),
+    ("subscriptions", 5, "period_start", "2026-01-01T00:00:00", "offset"),
+    ("prices", 3, "model", "stairstep", "per_unit"),
+    ("prices", 6, "tiers", "[{up_to: 5}]", "JSON"),
+    ("subscriptions", 1, "account_id", "ghost", "account_id"),
+    ("subscriptions", 2, "product_key", "ghost", "product_key"),
+    ("subscriptions", 3, "price_id", "p_seats", "price of product 'api'"),
+    ("invoice_lines", 1, "account_id", "ghost", "account_id"),
+])
+def test_bad_values_in_small_tables(tmp_path: Path, table: str, index: int, column: str, value: str,
+                                    expected: str) -> None:
+    s = base()
+    if table == "prices":
+        s.prices[0][3] = "graduated" if column == "tiers" else s.prices[0][3]
+    getattr(s, table if table != "invoice_lines" else "invoice_lines")[0][index] = value
+    p = problems(s.write(tmp_path))[0]
+    assert (p.file, p.row, p.column, p.value) == (f"{table}.csv", 2, column, value)
+    assert expected in p.expected
+    assert f"{table}.csv, row 2, column {column!r}: got {value!r}" in str(p)
+
+
+@pytest.mark.parametrize(("column", "value", "expected"), [
+    ("ts", "2026-01-05T10:00:00", "offset"),
+    ("ts", "yesterday", "offset"),
+    ("units", "-3", ">= 0"),
+    ("units", "ten", "decimal"),
+    ("account_id", "ghost", "accounts.csv"),
+    ("product_key", "ghost", "products.csv"),
+])
+def test_bad_usage_rows_are_named(tmp_path: Path, column: str, value: str, expected: str) -> None:
+    s = base().use("acme", "api", "2026-01-06T10:00:00Z", "5")
+    s.actual[1][["account_id", "product_key", "ts", "units"].index(column)] = value
+    p = one_problem(s.write(tmp_path))
+    assert (p.file, p.row, p.column, p.value) == ("actual_usage.csv", 3, column, value)
+    assert expected in p.expected
+
+
+def test_overlapping_subscription_periods(tmp_path: Path) -> None:
+    s = base().sub("acme", "api", "p_api", "2026-01-20T00:00:00Z", "2026-02-20T00:00:00Z")
+    s.subscriptions[1][0] = "sub_overlap"
+    p = one_problem(s.write(tmp_path))
+    assert (p.file, p.row, p.column) == ("subscriptions.csv", 3, "period_start")
+    assert "no overlap with row 2" in p.expected
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    s = base()
+    s.invoice_lines[0][6] = "x"
+    s.subscriptions[0][5] = "soon"
+    found = problems(s.write(tmp_path))
+    assert {(p.file, p.column) for p in found} >= {("invoice_lines.csv", "amount"), ("subscriptions.csv",
+                                                                                     "period_start")}
+
+
+def test_duplicate_event_ids_count_once_with_a_warning(tmp_path: Path) -> None:
+    s = base().use("acme", "api", "2026-01-06T10:00:00Z", "50", reported="")
+    s.actual.append(list(s.actual[1]))  # the same event delivered twice
+    result = s.run(tmp_path)
+    assert only(result).actual_units == 150
+    assert any("1 duplicate event_id" in w and "e1" in w for w in result.warnings)
+
+
+def write_parquet_usage(folder: Path, tz: str | None) -> None:
+    for stem in ("actual_usage", "reported_usage"):
+        (folder / f"{stem}.csv").unlink()
+        pq.write_table(pa.table({
+            "account_id": ["acme"], "product_key": ["api"],
+            "ts": pa.array([datetime(2026, 1, 31, 23, 30)], pa.timestamp("us", tz=tz)),
+            "units": pa.array([100 if stem == "actual_usage" else 40], pa.int64()),
+        }), folder / f"{stem}.parquet")
+
+
+@pytest.mark.parametrize("tz", [None, "UTC", "Asia/Tokyo"])
+def test_parquet_timestamps(tmp_path: Path, tz: str | None) -> None:
+    folder = Scenario().sub("acme", "api", "p_api").write(tmp_path)
+    write_parquet_usage(folder, tz)
+    result = reconcile(load_bundle(folder))
+    a = only(result)
+    assert (a.actual_units, a.reported_units) == (100, 40)
+    assert a.evidence["daily"][0]["day"] == "2026-01-31"
+    assert any("read as UTC" in n for n in result.notes) == (tz is None)
+
+
+def test_parquet_negative_units_name_the_row(tmp_path: Path) -> None:
+    folder = Scenario().sub("acme", "api", "p_api").write(tmp_path)
+    (folder / "actual_usage.csv").unlink()
+    pq.write_table(pa.table({"account_id": ["acme", "acme"], "product_key": ["api", "api"],
+                             "ts": pa.array([datetime(2026, 1, 3), datetime(2026, 1, 4)], pa.timestamp("us", "UTC")),
+                             "units": [5, -2]}), folder / "actual_usage.parquet")
+    p = one_problem(folder)
+    assert (p.file, p.row, p.column, p.value) == ("actual_usage.parquet", 2, "units", "-2")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    s = base()
+    s.actual[0][2] = "2026-01-05 10:00"
+    folder = s.write(tmp_path / "bundle")
+    fresh, kept = tmp_path / "fresh.csv", tmp_path / "kept.json"
+    kept.write_text("previous results")
+    for output in (fresh, kept):
+        done = cli("reconcile", str(folder), "--output", str(output))
+        assert done.returncode == 2
+        assert "actual_usage.csv, row 2, column 'ts'" in done.stderr
+    assert not fresh.exists() and kept.read_text() == "previous results"
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,148 @@
+"""Services on SQLite and PostgreSQL: audit chain, users and roles, run_reconciliation idempotence."""
+
+from __future__ import annotations
+
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from db.models import Anomaly, AuditEntry, ReconRun
+from db.session import get_engine, org_session
+from services import audit, reconciliation, settings, users
+from services.context import Actor
+from services.errors import Conflict, InvalidInput, PermissionDenied
+from tests.bundles import Scenario
+
+
+@pytest.fixture
+def org(app_db: str) -> tuple[Actor, Actor]:
+    """An organization with an admin and an analyst."""
+    organization, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
+    admin_actor = Actor.user(organization.id, admin.id, "admin")
+    analyst = users.create_user(admin_actor, "analyst@acme.example", "Al", "analyst", "password-2")
+    return admin_actor, Actor.user(organization.id, analyst.id, "analyst")
+
+
+def test_audit_chain_verifies_and_detects_tampering(org: tuple[Actor, Actor], app_db: str) -> None:
+    admin, _ = org
+    with org_session(admin.org_id) as session:
+        for i in range(3):
+            audit.append(session, admin, "test.event", "thing", i, {"amount": D("12.50"), "i": i})
+    with org_session(admin.org_id) as session:
+        result = audit.verify(session, admin.org_id)
+        assert result.ok and result.checked == 6  # org + 2 users + 3 events
+    engine = get_engine(app_db)
+    if engine.dialect.name == "postgresql":
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"), engine.begin() as conn:
+            conn.execute(sa.text("UPDATE audit_log SET details = '{}' WHERE seq = 4"))
+        with engine.begin() as conn:  # a superuser can switch the guard off: the chain still tells
+            conn.execute(sa.text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only"))
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE audit_log SET details = :d WHERE seq = 4 AND org_id = :o"),
+                     {"d": '{"amount": "1250.00", "i": 0}', "o": admin.org_id})
+    with org_session(admin.org_id) as session:
+        result = audit.verify(session, admin.org_id)
+        assert (result.ok, result.first_broken_seq) == (False, 4) and "changed" in result.reason
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM audit_log WHERE seq IN (4, 5) AND org_id = :o"), {"o": admin.org_id})
+    with org_session(admin.org_id) as session:
+        result = audit.verify(session, admin.org_id)
+        assert (result.ok, result.first_broken_seq) == (False, 4) and "missing" in result.reason
+
+
+def test_roles_are_enforced_in_services(org: tuple[Actor, Actor]) -> None:
+    admin, analyst = org
+    with pytest.raises(PermissionDenied):
+        users.create_user(analyst, "x@acme.example", "X", "admin", "password-3")
+    with pytest.raises(PermissionDenied):
+        settings.update_thresholds(analyst, rel_tolerance=D("0.01"), min_leak_amount=D(5), over_billing_min=D(5))
+    with pytest.raises(PermissionDenied):
+        users.list_users(analyst)
+    updated = settings.update_thresholds(admin, rel_tolerance=D("0.01"), min_leak_amount=D(5), over_billing_min=D(5))
+    assert updated.min_leak_amount == D(5)
+    with pytest.raises(InvalidInput, match="cron"):
+        settings.update_schedule(admin, "cron", "every day", "UTC")
+    with pytest.raises(InvalidInput, match="time zone"):
+        settings.update_schedule(admin, "cron", "0 6 * * *", "Mars/Olympus")
+    assert settings.update_schedule(admin, "cron", "0 6 * * *", "Europe/Paris").schedule_kind == "cron"
+
+
+def test_sign_in_and_lockout(org: tuple[Actor, Actor]) -> None:
+    admin, analyst = org
+    assert users.authenticate("Admin@Acme.example ", "password-1").id == admin.user_id
+    for _ in range(users.MAX_FAILED_LOGINS):
+        with pytest.raises(PermissionDenied, match="wrong email or password"):
+            users.authenticate("analyst@acme.example", "nope")
+    with pytest.raises(PermissionDenied, match="too many failed"):
+        users.authenticate("analyst@acme.example", "password-2")  # locked even with the right password
+    users.set_active(admin, analyst.user_id, False)
+    creds = users.credentials_for_authenticator()["usernames"]
+    assert set(creds) == {"admin@acme.example"}
+    assert creds["admin@acme.example"]["roles"] == ["admin"]
+    assert str(creds["admin@acme.example"]["password"]).startswith("$2b$")
+    with pytest.raises(Conflict):
+        users.set_active(admin, admin.user_id, False)
+    with pytest.raises(Conflict):
+        users.set_role(admin, admin.user_id, "analyst")  # the last admin stays admin
+    with pytest.raises(Conflict):
+        users.create_organization("Other", "acme", "o@o.example", "O", "password-4")
+
+
+def under_reported(leak: bool = True) -> Scenario:
+    s = Scenario().sub("acme", "api", "p_api").sub("beta", "api", "p_api")
+    s.use("acme", "api", "2026-01-05T10:00:00Z", "1000", reported="600" if leak else None)
+    s.use("beta", "api", "2026-01-05T10:00:00Z", "1000", reported="600")
+    s.invoice("acme", "api", "600" if leak else "1000", "60.00" if leak else "100.00")
+    return s.invoice("beta", "api", "600", "60.00")
+
+
+def anomalies(org_id: int) -> dict[str, tuple[int, str]]:
+    with org_session(org_id) as session:
+        rows = session.execute(sa.select(Anomaly).where(Anomaly.org_id == org_id)).scalars()
+        return {a.account_id: (a.id, a.status) for a in rows}
+
+
+def test_rerun_keeps_ids_and_analyst_work_and_resolves_vanished_gaps(org: tuple[Actor, Actor],
+                                                                     tmp_path: Path) -> None:
+    admin, analyst = org
+    bundle = under_reported().write(tmp_path / "b1")
+    first = reconciliation.run_reconciliation(analyst, bundle_dir=bundle)
+    assert first.status == "succeeded" and first.counts["new"] == 2
+    before = anomalies(admin.org_id)
+    assert {k: v[1] for k, v in before.items()} == {"acme": "open", "beta": "open"}
+    with org_session(admin.org_id) as session:
+        session.execute(sa.update(Anomaly).where(Anomaly.account_id == "beta").values(status="dismissed",
+                                                                                      status_reason="known"))
+    second = reconciliation.run_reconciliation(admin, bundle_dir=bundle)
+    assert second.counts["new"] == 0 and second.counts["updated"] == 2
+    assert anomalies(admin.org_id) == {"acme": (before["acme"][0], "open"), "beta": (before["beta"][0], "dismissed")}
+    fixed = under_reported(leak=False).write(tmp_path / "b2")  # acme's usage now billed in full
+    third = reconciliation.run_reconciliation(admin, bundle_dir=fixed)
+    assert third.counts["resolved"] == 1
+    assert anomalies(admin.org_id)["acme"] == (before["acme"][0], "resolved")
+    fourth = reconciliation.run_reconciliation(admin, bundle_dir=bundle)
+    assert fourth.counts["reopened"] == 1 and anomalies(admin.org_id)["acme"] == (before["acme"][0], "open")
+    with org_session(admin.org_id) as session:
+        row = session.execute(sa.select(Anomaly).where(Anomaly.account_id == "acme")).scalar_one()
+        assert (row.leak_amount, row.currency, row.type) == (D("40.00"), "usd", "under_reported_usage")
+        assert row.evidence["daily"][0]["actual"] == "1000" and set(row.confidence_factors) >= {"mapping"}
+        assert row.period_start.tzinfo is not None
+        assert audit.verify(session, admin.org_id).ok
+
+
+def test_failed_runs_record_why(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    admin, _ = org
+    run = reconciliation.run_reconciliation(admin)
+    assert run.status == "failed" and "no data source" in run.error
+    s = under_reported()
+    s.actual[0][3] = "-5"
+    run = reconciliation.run_reconciliation(admin, bundle_dir=s.write(tmp_path / "bad"))
+    assert run.status == "failed" and "actual_usage.csv, row 2, column 'units'" in run.error
+    with org_session(admin.org_id) as session:
+        statuses = session.execute(sa.select(ReconRun.status).order_by(ReconRun.id)).scalars().all()
+        assert statuses == ["failed", "failed"]
+        assert session.execute(sa.select(sa.func.count()).select_from(Anomaly)).scalar() == 0
+        actions = session.execute(sa.select(AuditEntry.action).order_by(AuditEntry.seq)).scalars().all()
+        assert actions.count("run.failed") == 2
