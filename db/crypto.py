@@ -12,8 +12,8 @@ Nothing here logs, and exception messages never contain a secret or a token.
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import stat
 import tempfile
