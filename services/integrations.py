@@ -1,0 +1,192 @@
+"""Connections to outside systems: stored encrypted, shown masked, checked on demand.
+
+One integration per kind and org (named "default"): an org bills through one Stripe account and
+works in one CRM. The config is a JSON dict encrypted with db.crypto; only services read it in
+clear (`get_config`), pages and the API only ever see `IntegrationView` with secrets masked.
+Connecting, checking and disconnecting are admin-only and audited (the audit entry names the
+kind and which fields changed, never a value).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+
+from connectors.base import CheckResult
+from db.crypto import decrypt_json, encrypt_json, mask_secret
+from db.models import Integration
+from db.session import org_session
+from services import audit
+from services.context import Actor, require_role
+from services.errors import InvalidInput, NotFound
+
+DEFAULT_NAME = "default"
+LABELS = {"stripe": "Stripe", "salesforce": "Salesforce", "hubspot": "HubSpot", "sql_source": "SQL usage source",
+          "s3_parquet": "S3 Parquet usage source"}
+KINDS = tuple(LABELS)
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "stripe": ("api_key",),
+    "salesforce": ("username", "password"),
+    "hubspot": ("access_token",),
+    "sql_source": ("url", "table", "columns"),
+    "s3_parquet": ("bucket", "columns"),
+}
+SECRETS: dict[str, tuple[str, ...]] = {
+    "stripe": ("api_key",),
+    "salesforce": ("password", "security_token", "client_secret"),
+    "hubspot": ("access_token",),
+    "sql_source": ("url",),
+    "s3_parquet": ("secret_access_key",),
+}
+USAGE_COLUMNS = ("account_id", "product_key", "ts", "units")
+
+
+@dataclass(frozen=True)
+class IntegrationView:
+    """What a page or an API client may see of an integration: secrets masked."""
+
+    id: int
+    kind: str
+    label: str
+    status: str
+    status_message: str | None
+    config: dict[str, Any]
+    last_checked_at: datetime | None
+    last_synced_at: datetime | None
+
+
+def _mask_url(url: str) -> str:
+    """Keep a database URL recognisable (dialect, host, database) without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":…@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def masked(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    shown = dict(config)
+    for field in SECRETS.get(kind, ()):
+        if shown.get(field):
+            shown[field] = _mask_url(shown[field]) if field == "url" else mask_secret(str(shown[field]))
+    return shown
+
+
+def _validate(kind: str, config: dict[str, Any]) -> None:
+    if kind not in LABELS:
+        raise InvalidInput(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    missing = [field for field in REQUIRED[kind] if not config.get(field)]
+    if missing:
+        raise InvalidInput(f"{LABELS[kind]}: missing {', '.join(missing)}")
+    if kind in ("sql_source", "s3_parquet"):
+        columns = config["columns"]
+        if not isinstance(columns, dict):
+            raise InvalidInput("columns: expected a mapping such as {'account_id': 'customer', ...}")
+        absent = [name for name in USAGE_COLUMNS if not columns.get(name)]
+        if absent:
+            raise InvalidInput(f"columns: map {', '.join(absent)} to a column of the source")
+        side = config.get("side", "actual")
+        if side not in ("actual", "reported"):
+            raise InvalidInput(f"side: expected 'actual' or 'reported', got {side!r}")
+
+
+def _view(row: Integration) -> IntegrationView:
+    return IntegrationView(row.id, row.kind, LABELS[row.kind], row.status, row.status_message,
+                           masked(row.kind, decrypt_json(row.config_encrypted)), row.last_checked_at,
+                           row.last_synced_at)
+
+
+def _find(session: Any, org_id: int, kind: str) -> Integration | None:
+    return session.scalars(select(Integration).where(Integration.org_id == org_id, Integration.kind == kind,
+                                                     Integration.name == DEFAULT_NAME)).one_or_none()
+
+
+def connect(actor: Actor, kind: str, config: dict[str, Any]) -> IntegrationView:
+    """Create or replace the org's integration of `kind`.
+
+    A masked value sent back unchanged (the settings form shows `sk_test_…1234`) keeps the stored
+    secret, so an admin can edit the other fields without retyping the key.
+    """
+    require_role(actor, "admin")
+    with org_session(actor.org_id) as session:
+        row = _find(session, actor.org_id, kind)
+        stored = decrypt_json(row.config_encrypted) if row is not None else {}
+        shown = masked(kind, stored)
+        config = {key: stored[key] if key in SECRETS.get(kind, ()) and value == shown.get(key) and key in stored
+                  else value for key, value in config.items()}
+        _validate(kind, config)
+        if row is None:
+            row = Integration(org_id=actor.org_id, kind=kind, name=DEFAULT_NAME, config_encrypted="")
+            session.add(row)
+        changed = sorted(key for key in set(stored) | set(config) if stored.get(key) != config.get(key))
+        row.config_encrypted = encrypt_json(config)
+        row.status, row.status_message = "unchecked", None
+        session.flush()
+        audit.append(session, actor, "integration.connected", "integration", row.id,
+                     {"kind": kind, "changed_fields": changed})
+        return _view(row)
+
+
+def list_integrations(actor: Actor) -> list[IntegrationView]:
+    require_role(actor, "admin", "analyst")
+    with org_session(actor.org_id) as session:
+        rows = session.scalars(select(Integration).where(Integration.org_id == actor.org_id)
+                               .order_by(Integration.kind)).all()
+        return [_view(row) for row in rows]
+
+
+def get_config(actor: Actor, kind: str) -> dict[str, Any]:
+    """The decrypted config, for services that call the connector. Never hand it to a page."""
+    require_role(actor, "admin", "analyst")
+    with org_session(actor.org_id) as session:
+        row = _find(session, actor.org_id, kind)
+        if row is None:
+            raise NotFound(f"No {LABELS.get(kind, kind)} integration — connect {LABELS.get(kind, kind)} in Settings")
+        return decrypt_json(row.config_encrypted)
+
+
+def is_connected(actor: Actor, kind: str) -> bool:
+    with org_session(actor.org_id) as session:
+        return _find(session, actor.org_id, kind) is not None
+
+
+def test_connection(actor: Actor, kind: str) -> CheckResult:
+    """Run the connector's health check and keep its verdict for the settings page."""
+    require_role(actor, "admin")
+    config = get_config(actor, kind)
+    connector = importlib.import_module(f"connectors.{kind}")
+    try:
+        result: CheckResult = connector.check(config)
+    except Exception as exc:  # a connector bug must still give the admin a verdict, without the config
+        result = CheckResult(False, f"{LABELS[kind]} check failed: {type(exc).__name__}")
+    with org_session(actor.org_id) as session:
+        row = _find(session, actor.org_id, kind)
+        if row is not None:
+            row.status = "ok" if result.ok else "error"
+            row.status_message = result.message
+            row.last_checked_at = datetime.now(UTC)
+            audit.append(session, actor, "integration.checked", "integration", row.id,
+                         {"kind": kind, "ok": result.ok, "message": result.message})
+    return result
+
+
+def mark_synced(actor: Actor, kind: str, when: datetime) -> None:
+    with org_session(actor.org_id) as session:
+        row = _find(session, actor.org_id, kind)
+        if row is not None:
+            row.last_synced_at = when
+
+
+def disconnect(actor: Actor, kind: str) -> None:
+    require_role(actor, "admin")
+    with org_session(actor.org_id) as session:
+        row = _find(session, actor.org_id, kind)
+        if row is None:
+            raise NotFound(f"No {LABELS.get(kind, kind)} integration to disconnect")
+        audit.append(session, actor, "integration.disconnected", "integration", row.id, {"kind": kind})
+        session.delete(row)

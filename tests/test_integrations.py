@@ -1,0 +1,90 @@
+"""Integrations: encrypted at rest, masked when shown, admin-only, audited without values."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from connectors.base import CheckResult
+from services import integrations, users
+from services.context import Actor
+from services.errors import InvalidInput, NotFound, PermissionDenied
+
+KEY = "sk_test_51Hxyzabcdefghijklmnop1234"
+
+
+@pytest.fixture
+def actors(app_db: str) -> tuple[Actor, Actor]:
+    org, admin = users.create_organization("Acme", "acme", "a@acme.example", "Ann", "correct-horse-1")
+    analyst = users.create_user(Actor.user(org.id, admin.id, "admin"), "b@acme.example", "Bob", "analyst",
+                                "correct-horse-2")
+    return Actor.user(org.id, admin.id, "admin"), Actor.user(org.id, analyst.id, "analyst")
+
+
+def test_secret_is_encrypted_at_rest_and_masked(app_db: str, actors: tuple[Actor, Actor]) -> None:
+    admin, analyst = actors
+    view = integrations.connect(admin, "stripe", {"api_key": KEY})
+    assert view.config["api_key"] == "sk_test_…1234"
+    assert view.status == "unchecked"
+    with sa.create_engine(app_db).connect() as conn:
+        stored = conn.execute(sa.text("select config_encrypted from integrations")).scalar_one()
+        details = conn.execute(sa.text("select details from audit_log where action = 'integration.connected'"))
+        audit_text = " ".join(str(row[0]) for row in details)
+    assert KEY not in stored and "1234" not in stored
+    assert KEY not in audit_text and "api_key" in audit_text
+    assert integrations.get_config(analyst, "stripe") == {"api_key": KEY}
+    assert [v.kind for v in integrations.list_integrations(analyst)] == ["stripe"]
+
+
+def test_masked_value_sent_back_keeps_the_stored_secret(app_db: str, actors: tuple[Actor, Actor]) -> None:
+    admin, _ = actors
+    integrations.connect(admin, "stripe", {"api_key": KEY})
+    integrations.connect(admin, "stripe", {"api_key": "sk_test_…1234", "api_base": "http://127.0.0.1:1"})
+    assert integrations.get_config(admin, "stripe") == {"api_key": KEY, "api_base": "http://127.0.0.1:1"}
+
+
+def test_sql_url_password_is_masked(app_db: str, actors: tuple[Actor, Actor]) -> None:
+    admin, _ = actors
+    config = {"url": "postgresql+psycopg://reader:s3cret-pw@db.internal/prod", "table": "events",
+              "columns": {"account_id": "acct", "product_key": "product", "ts": "at", "units": "qty"}}
+    view = integrations.connect(admin, "sql_source", config)
+    assert view.config["url"] == "postgresql+psycopg://reader:…@db.internal/prod"
+
+
+@pytest.mark.parametrize(("kind", "config", "message"), [
+    ("stripe", {}, "missing api_key"),
+    ("zapier", {"x": 1}, "kind: expected one of"),
+    ("sql_source", {"url": "sqlite://", "table": "t", "columns": {"account_id": "a"}}, "map product_key, ts, units"),
+])
+def test_bad_config_is_refused_and_nothing_stored(app_db: str, actors: tuple[Actor, Actor], kind: str,
+                                                  config: dict[str, object], message: str) -> None:
+    admin, _ = actors
+    with pytest.raises(InvalidInput, match=message):
+        integrations.connect(admin, kind, config)
+    assert integrations.list_integrations(admin) == []
+
+
+def test_analyst_cannot_connect_check_or_disconnect(app_db: str, actors: tuple[Actor, Actor]) -> None:
+    admin, analyst = actors
+    integrations.connect(admin, "stripe", {"api_key": KEY})
+    with pytest.raises(PermissionDenied):
+        integrations.connect(analyst, "stripe", {"api_key": KEY})
+    with pytest.raises(PermissionDenied):
+        integrations.test_connection(analyst, "stripe")
+    with pytest.raises(PermissionDenied):
+        integrations.disconnect(analyst, "stripe")
+
+
+def test_check_verdict_is_kept_and_disconnect_removes(app_db: str, actors: tuple[Actor, Actor],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, _ = actors
+    integrations.connect(admin, "hubspot", {"access_token": "pat-na1-0000000000000000"})
+    fake = type("FakeConnector", (), {"check": staticmethod(lambda config: CheckResult(False, "token rejected"))})
+    monkeypatch.setattr(integrations.importlib, "import_module", lambda name: fake)
+    result = integrations.test_connection(admin, "hubspot")
+    assert result == CheckResult(False, "token rejected")
+    (view,) = integrations.list_integrations(admin)
+    assert (view.status, view.status_message) == ("error", "token rejected")
+    integrations.disconnect(admin, "hubspot")
+    with pytest.raises(NotFound, match="connect HubSpot in Settings"):
+        integrations.get_config(admin, "hubspot")
