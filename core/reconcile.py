@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, round_money
-from core.pricing import Price, price_amount
+from core.pricing import Price, price_amount, price_lines
 from core.scoring import ConfidenceInputs, confidence, severity
 from core.usage import aggregate_usage, bucket_granularity
 
@@ -338,8 +338,28 @@ def _anomaly(period: _Period, v: _Verdict, as_of: datetime) -> Anomaly:
                                "amount": str(line.amount)} for line in period.lines],
             "days_with_actual": period.days_with_actual, "gap_days": period.gap_days,
             "elapsed_days": elapsed_days,
+            "pricing": _pricing_evidence(period, v),
         },
     )
+
+
+def _plain(value: Decimal) -> str:
+    return f"{value.normalize():f}"
+
+
+def _pricing_evidence(period: _Period, v: _Verdict) -> dict[str, Any]:
+    """Which tiers applied to actual usage (what should have been billed) and to reported usage
+    under the price billing used: the drill-down shows both side by side."""
+
+    def breakdown(price: Price, quantity: Decimal) -> dict[str, Any]:
+        lines = [{"tier": line.description, "units": _plain(line.units),
+                  "unit_amount": _plain(line.unit_amount), "flat_amount": _plain(line.flat_amount),
+                  "subtotal": _plain(line.subtotal)} for line in price_lines(price, quantity)]
+        return {"price_id": price.price_id, "model": price.model, "quantity": _plain(quantity),
+                "lines": lines, "total": str(price_amount(price, quantity))}
+
+    billing = breakdown(v.billing_price, period.reported) if v.billing_price else None
+    return {"expected": breakdown(v.price, period.actual), "billing": billing}
 
 
 def _plain_number_sql(column: str) -> str:

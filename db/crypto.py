@@ -45,8 +45,8 @@ def _create_key_file(path: Path) -> None:
         os.unlink(tmp)
 
 
-def _key_file_key(folder: Path) -> bytes:
-    path = folder / KEY_FILE
+def _key_file_key(folder: Path, name: str = KEY_FILE) -> bytes:
+    path = folder / name
     if not path.exists():
         _create_key_file(path)
     if stat.S_IMODE(path.stat().st_mode) & 0o077:
@@ -70,6 +70,14 @@ def fernet() -> MultiFernet:
     if not keys and not is_embedded():
         raise SecretKeyMissing("RRC_SECRET_KEYS must be set when DATABASE_URL is not the embedded SQLite")
     return _fernet(keys, data_dir().resolve())
+
+
+def local_key(name: str) -> str:
+    """A random key kept in <data dir>/<name> (0600), created on first use: the embedded default
+    for keys that must survive restarts but need no rotation, such as the sign-in cookie key."""
+    folder = data_dir().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return _key_file_key(folder, name).decode()
 
 
 def generate_key() -> str:

@@ -17,6 +17,7 @@ from services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 MAX_FAILED_LOGINS = 5
 LOCKOUT = timedelta(minutes=15)
 MIN_PASSWORD = 8
+LOCKED_HASH = "$2b$04$" + "." * 53  # a well-formed bcrypt hash that no password matches
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
@@ -123,6 +124,17 @@ def set_active(actor: Actor, user_id: int, active: bool) -> User:
     return user
 
 
+def _register_failure(session, user: User, now: datetime) -> None:  # type: ignore[no-untyped-def]
+    user.failed_logins += 1
+    if user.failed_logins >= MAX_FAILED_LOGINS:
+        user.locked_until, user.failed_logins = now + LOCKOUT, 0
+        audit.append(session, Actor.system(user.org_id, "auth"), "user.locked", "user", user.id, {"email": user.email})
+
+
+def _locked_message(user: User) -> str:
+    return f"too many failed sign-ins; try again after {user.locked_until:%H:%M} UTC"
+
+
 def authenticate(email: str, password: str) -> User:
     """Check a password; 5 failures lock the account for 15 minutes (kept in the database)."""
     now = datetime.now(UTC)
@@ -131,15 +143,37 @@ def authenticate(email: str, password: str) -> User:
         if user is None or not user.active:
             raise PermissionDenied("wrong email or password")
         if user.locked_until and user.locked_until > now:
-            raise PermissionDenied(f"too many failed sign-ins; try again after {user.locked_until:%H:%M} UTC")
+            raise PermissionDenied(_locked_message(user))
         if not bcrypt.checkpw(password.encode(), user.password_hash.encode()):
-            user.failed_logins += 1
-            if user.failed_logins >= MAX_FAILED_LOGINS:
-                user.locked_until, user.failed_logins = now + LOCKOUT, 0
-                audit.append(session, Actor.system(user.org_id, "auth"), "user.locked", "user", user.id,
-                             {"email": user.email})
+            _register_failure(session, user, now)
             session.commit()
             raise PermissionDenied("wrong email or password")
+        user.failed_logins, user.locked_until = 0, None
+        return user
+
+
+def record_failed_login(email: str) -> str | None:
+    """A failed sign-in seen by the app's login form: counts toward the lockout.
+
+    Returns the message to show when the account is (now) locked, else None.
+    """
+    now = datetime.now(UTC)
+    with system_session() as session:
+        user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
+        if user is None:
+            return None
+        if not (user.locked_until and user.locked_until > now):
+            _register_failure(session, user, now)
+        return _locked_message(user) if user.locked_until and user.locked_until > now else None
+
+
+def record_login(email: str) -> User | None:
+    """A successful sign-in: clears the failure count. None when the user may not sign in (any more)."""
+    now = datetime.now(UTC)
+    with system_session() as session:
+        user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
+        if user is None or not user.active or (user.locked_until and user.locked_until > now):
+            return None
         user.failed_logins, user.locked_until = 0, None
         return user
 
@@ -147,6 +181,17 @@ def authenticate(email: str, password: str) -> User:
 def get_user_by_email(email: str) -> User | None:
     with system_session() as session:
         return session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
+
+
+def is_active(user_id: int | None) -> bool:
+    """Checked on every page run: a cookie outlives a deactivation, the database does not."""
+    with system_session() as session:
+        return bool(user_id) and bool(session.scalar(select(User.active).where(User.id == user_id)))
+
+
+def any_organization() -> bool:
+    with system_session() as session:
+        return session.execute(select(Organization.id).limit(1)).first() is not None
 
 
 def get_organization(org_id: int) -> Organization:
@@ -163,8 +208,14 @@ def find_organization(slug: str) -> Organization | None:
 
 
 def credentials_for_authenticator() -> dict[str, dict[str, dict[str, object]]]:
-    """The credentials dict streamlit-authenticator 0.4 expects, built from active users."""
+    """The credentials dict streamlit-authenticator 0.4 expects, built from active users.
+
+    A locked-out user is listed with an unusable hash, so the form refuses even the right password
+    until the lock expires (the lock itself lives in the database, not in the authenticator).
+    """
+    now = datetime.now(UTC)
     with system_session() as session:
         users = session.execute(select(User).where(User.active.is_(True))).scalars()
-        return {"usernames": {u.email: {"email": u.email, "name": u.name, "password": u.password_hash,
-                                        "roles": [u.role]} for u in users}}
+        return {"usernames": {u.email: {"email": u.email, "name": u.name, "roles": [u.role],
+                                        "password": LOCKED_HASH if u.locked_until and u.locked_until > now
+                                        else u.password_hash} for u in users}}

@@ -1,0 +1,128 @@
+"""Revenue Recovery Copilot — the Streamlit entry point.
+
+Prepares the database (migrations, the demo organization on a first start), signs the user in
+with streamlit-authenticator against the users in the app database, then hands over to
+`st.navigation` with the pages the user's role may see. The services check roles again: the
+menu only keeps people from clicking into a refusal.
+"""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+import streamlit_authenticator as stauth
+
+from db.crypto import local_key
+from db.session import database_url, upgrade
+from services import demo, users
+from services.context import Actor
+from services.errors import ServiceError
+
+COOKIE_NAME = "rrc_session"
+COOKIE_DAYS = 7
+
+st.set_page_config(page_title="Revenue Recovery Copilot", page_icon="💸", layout="wide")
+
+
+@st.cache_resource(show_spinner="Preparing the database…")
+def prepare_database(url: str) -> str:
+    """Migrate once per process and database; seed the demo org on a first start unless RRC_DEMO=0."""
+    upgrade(url)
+    if os.environ.get("RRC_DEMO", "1") != "0" and not users.any_organization():
+        demo.seed_demo()
+    return url
+
+
+def cookie_key() -> str:
+    return os.environ.get("RRC_COOKIE_KEY") or local_key("cookie.key")
+
+
+def create_organization_form() -> None:
+    with st.expander("New here? Create your organization"), st.form("create_org", clear_on_submit=False):
+        name = st.text_input("Organization name")
+        slug = st.text_input("Short name (used in URLs)", help="lower-case letters, digits and dashes")
+        admin_name = st.text_input("Your name")
+        email = st.text_input("Your work email")
+        password = st.text_input("Password (at least 8 characters)", type="password")
+        if st.form_submit_button("Create organization"):
+            try:
+                users.create_organization(name, slug, email, admin_name, password)
+            except ServiceError as exc:
+                st.error(str(exc))
+            else:
+                st.success(f"{name} is ready — sign in above as {email.strip().lower()}.")
+
+
+def sign_in(authenticator: stauth.Authenticate, credentials: dict) -> Actor | None:
+    """Draw the login form (or re-check the cookie); the signed-in, still-active user as an Actor."""
+    authenticator.login(location="main", fields={"Form name": "Sign in", "Username": "Email",
+                                                 "Login": "Sign in"}, key="sign_in")
+    status = st.session_state.get("authentication_status")
+    if status is False:
+        for email, entry in credentials["usernames"].items():
+            if entry.get("failed_login_attempts"):
+                locked = users.record_failed_login(email)
+                if locked:
+                    st.error(f"This account is locked: {locked}.")
+                    return None
+        st.error("Wrong email or password.")
+        return None
+    if not status:
+        return None
+    email = st.session_state["username"]
+    current = st.session_state.get("actor")
+    if current is None or st.session_state.get("actor_email") != email:
+        user = users.record_login(email)
+        if user is None:
+            return None
+        current = Actor.user(user.org_id, user.id, user.role)
+        st.session_state["actor"], st.session_state["actor_email"] = current, email
+        st.session_state["org_name"] = users.get_organization(user.org_id).name
+        st.rerun()  # start over signed in: no sign-in heading left on the first page
+    elif not users.is_active(current.user_id):
+        return None  # deactivated since the cookie was issued
+    return current
+
+
+def pages_for(role: str) -> dict[str, list]:
+    menu = {
+        "Recovery": [
+            st.Page("pages/overview.py", title="Overview", icon=":material/monitoring:", default=True),
+            st.Page("pages/anomalies.py", title="Anomalies", icon=":material/report:", url_path="anomalies"),
+            st.Page("pages/account.py", title="Account", icon=":material/person_search:", url_path="account"),
+        ],
+        "Operations": [
+            st.Page("pages/runs.py", title="Runs", icon=":material/sync:", url_path="runs"),
+            st.Page("pages/actions.py", title="Actions", icon=":material/task_alt:", url_path="actions"),
+            st.Page("pages/audit.py", title="Audit log", icon=":material/policy:", url_path="audit"),
+        ],
+    }
+    if role == "admin":
+        menu["Admin"] = [st.Page("pages/settings.py", title="Settings", icon=":material/settings:",
+                                 url_path="settings")]
+    return menu
+
+
+def main() -> None:
+    prepare_database(database_url())
+    credentials = users.credentials_for_authenticator()
+    authenticator = stauth.Authenticate(credentials, COOKIE_NAME, cookie_key(), COOKIE_DAYS, auto_hash=False)
+    if not st.session_state.get("authentication_status"):  # the constructor already re-checked the cookie
+        st.title("Revenue Recovery Copilot")
+        st.caption("Find revenue that was earned but never billed — and recover it.")
+    current = sign_in(authenticator, credentials)
+    if current is None:
+        st.session_state.pop("actor", None)
+        create_organization_form()
+        st.navigation([st.Page(lambda: None, title="Sign in")], position="hidden")
+        return
+    with st.sidebar:
+        st.markdown(f"**{st.session_state.get('org_name', '')}**")
+        st.caption(f"{st.session_state['username']} · {current.role}")
+        authenticator.logout("Sign out", location="sidebar", key="sign_out",
+                             callback=lambda _: st.session_state.pop("actor", None))
+    st.navigation(pages_for(current.role)).run()
+
+
+main()

@@ -1,0 +1,248 @@
+"""The anomaly queue: filter, sort, select; drill into the evidence; recover, dismiss, export.
+
+Dialogs open from a session-state flag (not from the button's return value), so their own buttons
+keep working on the rerun they cause — and so they can be driven by AppTest.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from services import anomalies, crm_tasks, dashboard, integrations, recovery
+from services.anomalies import LEAK_TYPES, AnomalyDetail
+from ui import filters
+from ui.format import STATUS_LABELS, confidence, money, period, type_label, units, when
+from ui.session import actor, attempt
+
+PAGE_SIZE = 25
+SORT_LABELS = {"amount": "Amount", "confidence": "Confidence", "period": "Period", "account": "Account",
+               "severity": "Severity", "type": "Type", "status": "Status", "updated": "Last change"}
+DIALOG = "anomaly_dialog"  # (kind, anomaly_id) of the dialog to show on this run
+
+me = actor()
+st.title("Anomalies")
+
+# A link from an invoice or a CRM task (?id=123) opens that anomaly directly.
+if "id" in st.query_params and st.query_params["id"].isdigit():
+    st.session_state["anomaly_focus"] = int(st.query_params["id"])
+
+filters.filter_bar("queue", [c.upper() for c in dashboard.currencies(me)], with_account=True)
+controls = st.columns([2, 1, 1, 3])
+sort = controls[0].selectbox("Sort by", list(SORT_LABELS), format_func=SORT_LABELS.get, key="queue_sort")
+descending = controls[1].toggle("Descending", value=True, key="queue_desc")
+page_number = controls[2].number_input("Page", min_value=1, value=1, step=1, key="queue_page")
+
+page = attempt(anomalies.list_anomalies, me, filters.current(), page=int(page_number), page_size=PAGE_SIZE,
+               sort=sort, descending=descending)
+if page is None:
+    st.stop()
+controls[3].caption(f"{page.total:,} anomalies · page {page.page} of {page.pages}")
+
+if not page.rows:
+    st.info("No anomalies match these filters. Widen them, or run a reconciliation on the Runs page.")
+    st.stop()
+
+table = pd.DataFrame([{
+    "Account": row.account_name or row.account_id, "Product": row.product_key,
+    "Period": period(row.period_start, row.period_end), "Type": type_label(row.type), "Severity": row.severity,
+    "Amount": money(row.amount, row.currency), "Confidence": confidence(row.confidence),
+    "Status": STATUS_LABELS.get(row.status, row.status), "Id": row.id,
+} for row in page.rows])
+event = st.dataframe(table, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row",
+                     key="queue_table", column_config={"Id": st.column_config.NumberColumn(format="%d", width="small")})
+selected_ids = [page.rows[i].id for i in event.selection.rows] if event and event.selection else []
+
+
+def open_dialog(kind: str, anomaly_id: int) -> None:
+    st.session_state[DIALOG] = (kind, anomaly_id)
+
+
+def close_dialog() -> None:
+    st.session_state.pop(DIALOG, None)
+
+
+@st.dialog("Draft invoice in Stripe", width="large", on_dismiss=close_dialog)
+def invoice_dialog(anomaly_id: int) -> None:
+    preview = attempt(recovery.preview_invoice, me, anomaly_id)
+    if preview is None:
+        st.button("Close", on_click=close_dialog, key="invoice_close_error")
+        return
+    st.write(f"Customer **{preview.customer_id}** · currency **{preview.currency.upper()}**")
+    st.dataframe(pd.DataFrame([{"Description": line.description, "Quantity": units(line.quantity),
+                                "Amount": money(line.amount, preview.currency)} for line in preview.lines]),
+                 hide_index=True, width="stretch")
+    st.markdown(f"**Total: {money(preview.total, preview.currency)}** — the invoice stays a draft in Stripe: "
+                "nothing is finalized or sent to the customer.")
+    done = st.session_state.get("invoice_result")
+    if done and done.get("anomaly_id") == anomaly_id:
+        st.success(f"Draft invoice {done['external_id']} created" + (" (already existed)" if done["replayed"] else ""))
+        st.button("Close", on_click=close_dialog, key="invoice_close")
+        return
+    left, right = st.columns(2)
+    if left.button("Create draft invoice", type="primary", key="invoice_confirm"):
+        result = attempt(recovery.draft_invoice, me, anomaly_id)
+        if result is not None:
+            st.session_state["invoice_result"] = {"anomaly_id": anomaly_id, "external_id": result.external_id,
+                                                  "replayed": result.replayed}
+            st.rerun(scope="fragment")
+    right.button("Cancel", on_click=close_dialog, key="invoice_cancel")
+
+
+@st.dialog("Create CRM task", on_dismiss=close_dialog)
+def crm_dialog(anomaly_id: int) -> None:
+    connected = [kind for kind in ("salesforce", "hubspot") if integrations.is_connected(me, kind)]
+    if not connected:
+        st.warning("No CRM is connected — an admin can connect Salesforce or HubSpot in Settings.")
+        st.button("Close", on_click=close_dialog, key="crm_close_empty")
+        return
+    system = st.radio("CRM", connected, format_func=integrations.LABELS.get, horizontal=True, key="crm_system")
+    due = st.number_input("Due in (days)", min_value=1, max_value=90, value=7, key="crm_due")
+    left, right = st.columns(2)
+    if left.button("Create task", type="primary", key="crm_confirm"):
+        result = attempt(crm_tasks.create_crm_task, me, anomaly_id, system, due_in_days=int(due))
+        if result is not None:
+            st.success(f"Task {result.external_id} created in {integrations.LABELS[system]}")
+    right.button("Close", on_click=close_dialog, key="crm_cancel")
+
+
+@st.dialog("Dismiss", on_dismiss=close_dialog)
+def dismiss_dialog(anomaly_ids: tuple[int, ...]) -> None:
+    st.write(f"Dismiss {len(anomaly_ids)} anomal{'y' if len(anomaly_ids) == 1 else 'ies'}. "
+             "The reason goes into the audit log.")
+    reason = st.text_area("Reason (required)", key="dismiss_reason")
+    left, right = st.columns(2)
+    confirmed = left.button("Dismiss", type="primary", key="dismiss_confirm")
+    if confirmed and attempt(anomalies.bulk_set_status, me, list(anomaly_ids), "dismissed", reason) is not None:
+        close_dialog()
+        st.rerun()
+    right.button("Cancel", on_click=close_dialog, key="dismiss_cancel")
+
+
+def set_status(anomaly_ids: list[int], status: str) -> None:
+    if attempt(anomalies.bulk_set_status, me, anomaly_ids, status) is not None:
+        st.toast(f"{len(anomaly_ids)} marked {STATUS_LABELS[status].lower()}")
+
+
+# Bulk actions on the selected rows, and the export of the whole filtered view.
+bulk = st.columns([1.2, 1.2, 1.2, 3])
+bulk[0].button("Dismiss selected", disabled=not selected_ids, key="bulk_dismiss",
+               on_click=open_dialog, args=("dismiss", tuple(selected_ids)))
+if bulk[1].button("Mark selected recovered", disabled=not selected_ids, key="bulk_recovered"):
+    set_status(selected_ids, "recovered")
+    st.rerun()
+with bulk[2].popover("Export view"):
+    for fmt in ("csv", "parquet"):
+        if st.button(f"Prepare {fmt.upper()}", key=f"export_{fmt}"):
+            exported = attempt(anomalies.export_anomalies, me, filters.current(), fmt)
+            if exported:
+                st.download_button(f"Download {exported[1]}", exported[0], file_name=exported[1],
+                                   key=f"download_{fmt}")
+
+
+def evidence_chart(detail: AnomalyDetail) -> go.Figure:
+    daily = pd.DataFrame(detail.evidence.get("daily") or [])
+    figure = go.Figure()
+    if not daily.empty:
+        for column, name in (("actual", "Actual usage"), ("reported", "Reported to billing")):
+            figure.add_scatter(x=daily["day"], y=daily[column].map(float), mode="lines+markers", name=name)
+    figure.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h"},
+                         title="Daily units, UTC")
+    return figure
+
+
+def pricing_table(breakdown: dict[str, Any] | None, currency: str) -> None:
+    if not breakdown:
+        st.caption("No subscription price: nothing was billed under a price for this period.")
+        return
+    st.caption(f"{breakdown['price_id']} ({breakdown['model']}) on {units(Decimal(breakdown['quantity']))} units")
+    st.dataframe(pd.DataFrame([{"Tier": line["tier"], "Units": units(Decimal(line["units"])),
+                                "Unit price": line["unit_amount"], "Flat fee": line["flat_amount"],
+                                "Subtotal": line["subtotal"]} for line in breakdown["lines"]]),
+                 hide_index=True, width="stretch")
+    st.markdown(f"Total **{money(Decimal(breakdown['total']), currency)}**")
+
+
+def detail_panel(anomaly_id: int) -> None:
+    detail = attempt(anomalies.get_anomaly, me, anomaly_id)
+    if detail is None:
+        return
+    row = detail.row
+    span = period(row.period_start, row.period_end)
+    st.subheader(f"{row.account_name or row.account_id} · {row.product_key} · {span}")
+    st.caption(f"{type_label(row.type)} · severity {row.severity} · {STATUS_LABELS[row.status]}"
+               + (f" ({detail.status_reason})" if detail.status_reason else "") + f" · anomaly #{row.id}")
+    st.write(detail.explanation)
+    figures = st.columns(5)
+    figures[0].metric("Amount", money(row.amount, row.currency))
+    figures[1].metric("Expected", money(row.expected_amount, row.currency))
+    figures[2].metric("Billed", money(row.billed_amount, row.currency))
+    figures[3].metric("Units not reported", units(row.leak_units))
+    figures[4].metric("Confidence", confidence(row.confidence))
+
+    actions = st.columns(5)
+    can_invoice = row.type in LEAK_TYPES and row.status in ("open", "actioned")
+    actions[0].button("Draft invoice", type="primary", disabled=not can_invoice, key="act_invoice",
+                      on_click=open_dialog, args=("invoice", row.id))
+    actions[1].button("Create CRM task", disabled=row.status not in ("open", "actioned"), key="act_crm",
+                      on_click=open_dialog, args=("crm", row.id))
+    actions[2].button("Dismiss", disabled=row.status not in ("open", "actioned"), key="act_dismiss",
+                      on_click=open_dialog, args=("dismiss", (row.id,)))
+    if actions[3].button("Mark recovered", disabled=row.status not in ("open", "actioned"), key="act_recovered"):
+        set_status([row.id], "recovered")
+        st.rerun()
+    if actions[4].button("Reopen", disabled=row.status not in ("dismissed", "recovered"), key="act_reopen"):
+        set_status([row.id], "open")
+        st.rerun()
+
+    tab_evidence, tab_pricing, tab_confidence, tab_history = st.tabs(
+        ["Evidence", "Pricing", "Confidence", "History & notes"])
+    with tab_evidence:
+        st.plotly_chart(evidence_chart(detail), width="stretch", key="evidence_chart")
+        lines = detail.evidence.get("invoice_lines") or []
+        st.caption(f"Invoice lines for this period: {len(lines)}" if lines else "No invoice line for this period.")
+        if lines:
+            st.dataframe(pd.DataFrame(lines), hide_index=True)
+    with tab_pricing:
+        pricing = detail.evidence.get("pricing") or {}
+        left, right = st.columns(2)
+        with left:
+            st.markdown("**What actual usage costs** (what should have been billed)")
+            pricing_table(pricing.get("expected"), row.currency)
+        with right:
+            st.markdown("**What reported usage costs** under the billing price")
+            pricing_table(pricing.get("billing"), row.currency)
+    with tab_confidence:
+        factors = pd.DataFrame([{"Factor": name.replace("_", " "), "Score": float(value)}
+                                for name, value in detail.confidence_factors.items()])
+        st.bar_chart(factors, x="Factor", y="Score", horizontal=True, height=220)
+        st.caption(f"Overall {confidence(row.confidence)}: the weighted factors (see docs/reconciliation.md).")
+    with tab_history:
+        for entry in detail.history:
+            st.write(f"{when(entry['ts'])} · {entry['actor']} · {entry['action']}")
+        for action in detail.actions:
+            st.write(f"{when(action['created_at'])} · {action['kind']} · {action['status']} · "
+                     f"{action['external_id'] or action['error'] or ''}")
+        for note in detail.notes:
+            st.info(f"{note['at']} · {note['by']}: {note['text']}")
+        with st.form("note_form", clear_on_submit=True):
+            text = st.text_area("Add a note")
+            if st.form_submit_button("Save note") and attempt(anomalies.add_note, me, row.id, text):
+                st.rerun()
+
+
+focus = selected_ids[0] if selected_ids else st.session_state.get("anomaly_focus")
+if focus:
+    st.divider()
+    detail_panel(focus)
+else:
+    st.caption("Select a row to see its evidence and act on it.")
+
+pending = st.session_state.get(DIALOG)
+if pending:
+    kind, target = pending
+    {"invoice": invoice_dialog, "crm": crm_dialog, "dismiss": dismiss_dialog}[kind](target)

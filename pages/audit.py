@@ -1,0 +1,48 @@
+"""The audit log: who did what and when, with a check that no entry was edited or removed."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, timedelta
+
+import pandas as pd
+import streamlit as st
+
+from services import activity
+from ui.format import when
+from ui.session import actor, attempt
+
+PAGE_SIZE = 100
+me = actor()
+st.title("Audit log")
+
+left, right = st.columns([1, 3])
+if left.button("Verify the chain", key="audit_verify"):
+    result = attempt(activity.verify_audit, me)
+    if result is not None and result.ok:
+        right.success(f"Chain intact: {result.checked:,} entries verified.")
+    elif result is not None:
+        right.error(f"Chain broken at entry {result.first_broken_seq}: {result.reason}.")
+
+page = st.number_input("Page", min_value=1, value=1, key="audit_page")
+listed = attempt(activity.list_audit, me, limit=PAGE_SIZE, offset=(int(page) - 1) * PAGE_SIZE)
+if listed is None:
+    st.stop()
+rows, total = listed
+st.caption(f"{total:,} entries, newest first")
+st.dataframe(pd.DataFrame([{
+    "#": r.seq, "When": when(r.ts), "Who": r.actor, "What": r.action, "Target": r.target,
+    "Details": json.dumps(r.details, default=str)} for r in rows]), hide_index=True, width="stretch")
+
+with st.expander("Export anomalies, actions and audit log of a period"):
+    span = st.date_input("Period", value=(date.today().replace(day=1), date.today()), key="audit_export_span")
+    fmt = st.radio("Format", ["csv", "parquet"], horizontal=True, key="audit_export_fmt")
+    if st.button("Prepare export", key="audit_export") and isinstance(span, tuple) and len(span) == 2:
+        from services import exports
+
+        result = attempt(exports.export_audit, me, span[0], span[1] + timedelta(days=1), fmt)
+        if result is not None and getattr(result, "url", None):
+            st.success("Uploaded. The link below expires in 15 minutes.")
+            st.link_button("Download export", result.url)
+        elif result is not None:
+            st.download_button("Download export", result.data, file_name=result.filename, key="audit_download")

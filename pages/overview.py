@@ -1,0 +1,103 @@
+"""Overview: how much leaked, where, how sure we are, how much was recovered."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from services import dashboard
+from ui import filters
+from ui.format import money_by_currency, type_label, when
+from ui.session import actor, attempt
+
+REFRESH_WHILE_RUNNING = timedelta(seconds=3)
+
+st.title("Overview")
+me = actor()
+
+
+@st.fragment(run_every=REFRESH_WHILE_RUNNING)
+def live_run_status() -> None:
+    """Shown while a run is active: re-checks it every few seconds, reruns the page when it is over."""
+    run = dashboard.active_run(me)
+    if run is None:
+        st.rerun()
+    st.info(f"Reconciliation run #{run.id} is {run.status}: {run.progress_message or 'waiting for a worker'} "
+            f"({(run.progress or 0):.0%}). This page refreshes itself.")
+
+
+filters.filter_bar("overview", [c.upper() for c in dashboard.currencies(me)])
+summary = attempt(dashboard.summary, me, filters.current())
+if summary is None:
+    st.stop()
+if summary.active_run:
+    live_run_status()
+
+tiles = st.columns(5)
+tiles[0].metric("Open leak", money_by_currency(summary.open_leak), help="Leaks still to recover (open or actioned)")
+tiles[1].metric("Recovered", money_by_currency(summary.recovered))
+tiles[2].metric("Over-billing risk", money_by_currency(summary.over_billing),
+                help="Billed more than usage warrants: a credit risk, kept apart from leaks")
+tiles[3].metric("Accounts affected", f"{summary.accounts_affected:,}", help=f"{summary.open_count:,} open anomalies")
+last = summary.last_run
+tiles[4].metric("Last run", last.status.title() if last else "Never",
+                help=f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet")
+if last and last.status == "failed":
+    st.error(f"The last run failed: {last.error}. See Runs for details.")
+
+if summary.empty:
+    st.info("No anomalies match these filters. With no data yet, connect Stripe and a usage source in "
+            "Settings (admins), or start a run on the Runs page.")
+    st.stop()
+
+if st.button("Open these in the anomaly queue →", help="The queue keeps the filters set here"):
+    st.switch_page("pages/anomalies.py")
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows for plotly: amounts become floats here only to be drawn; every total shown is a Decimal."""
+    data = pd.DataFrame(rows)
+    if "amount" in data:
+        data["amount"] = data["amount"].map(float)
+        data["currency"] = data["currency"].str.upper()
+    return data
+
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Leak by period")
+    if summary.by_period:
+        chart = px.bar(frame(summary.by_period), x="month", y="amount", color="currency", barmode="group",
+                       labels={"amount": "Leak", "month": "Billing period"})
+        st.plotly_chart(chart, width="stretch", key="by_period")
+with right:
+    st.subheader("By type")
+    by_type = frame(summary.by_type)
+    by_type["type"] = by_type["type"].map(type_label)
+    chart = px.bar(by_type, x="amount", y="type", color="currency", orientation="h",
+                   labels={"amount": "Amount", "type": ""})
+    st.plotly_chart(chart, width="stretch", key="by_type")
+
+left, right = st.columns(2)
+with left:
+    st.subheader("By product")
+    if summary.by_product:
+        chart = px.bar(frame(summary.by_product), x="product_key", y="amount", color="currency", barmode="group",
+                       labels={"amount": "Leak", "product_key": "Product"})
+        st.plotly_chart(chart, width="stretch", key="by_product")
+with right:
+    st.subheader("Confidence")
+    chart = px.bar(frame(summary.confidence), x="bucket", y="count",
+                   labels={"bucket": "Confidence", "count": "Anomalies"})
+    st.plotly_chart(chart, width="stretch", key="confidence")
+
+st.subheader("Top accounts")
+st.dataframe(
+    [{"Account": row["name"], "Id": row["account_id"], "Leak": money_by_currency({row["currency"]: row["amount"]}),
+      "Anomalies": row["count"]} for row in summary.top_accounts],
+    hide_index=True, width="stretch",
+)

@@ -1,0 +1,169 @@
+"""Settings (admins): integrations, thresholds and schedule, users, API keys.
+
+The menu hides this page from analysts; every service called here refuses them as well.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+
+import pandas as pd
+import streamlit as st
+
+from services import api_keys, integrations, settings, users
+from ui.format import when
+from ui.session import actor, attempt, is_admin
+
+me = actor()
+st.title("Settings")
+if not is_admin():
+    st.error("Settings are for admins. Ask an admin of your organization for changes.")
+    st.stop()
+
+FIELDS: dict[str, list[tuple[str, str, bool]]] = {  # kind -> (field, label, secret)
+    "stripe": [("api_key", "Restricted API key (rk_… or sk_…)", True), ("api_base", "API base URL (optional)", False)],
+    "salesforce": [("username", "Username", False), ("password", "Password", True),
+                   ("security_token", "Security token", True), ("domain", "Domain: login or test (sandbox)", False),
+                   ("instance_url", "Instance URL (optional)", False)],
+    "hubspot": [("access_token", "Private app token", True), ("host", "API host (optional)", False)],
+    "sql_source": [("url", "SQLAlchemy URL", True), ("table", "Table or view", False), ("schema", "Schema", False)],
+    "s3_parquet": [("bucket", "Bucket", False), ("prefix", "Prefix", False), ("region", "Region", False),
+                   ("access_key_id", "Access key id", False), ("secret_access_key", "Secret access key", True),
+                   ("endpoint_url", "Endpoint URL (optional)", False)],
+}
+USAGE_SOURCES = ("sql_source", "s3_parquet")
+
+tab_integrations, tab_thresholds, tab_users, tab_keys = st.tabs(
+    ["Integrations", "Thresholds & schedule", "Users", "API keys"])
+
+
+def integration_form(kind: str, current: integrations.IntegrationView | None) -> None:
+    stored = current.config if current else {}
+    with st.form(f"integration_{kind}"):
+        config: dict[str, object] = {}
+        for field, label, secret in FIELDS[kind]:
+            value = st.text_input(label, value=str(stored.get(field) or ""), key=f"{kind}_{field}",
+                                  type="password" if secret and not stored.get(field) else "default")
+            if value.strip():
+                config[field] = value.strip()
+        if kind in USAGE_SOURCES:
+            columns = st.text_input("Column mapping (JSON)", key=f"{kind}_columns",
+                                    value=json.dumps(stored.get("columns") or {
+                                        "account_id": "account_id", "product_key": "product_key", "ts": "ts",
+                                        "units": "units"}))
+            config["side"] = st.selectbox("These events are", ["actual", "reported"], key=f"{kind}_side",
+                                          index=1 if stored.get("side") == "reported" else 0)
+            try:
+                config["columns"] = json.loads(columns)
+            except json.JSONDecodeError as exc:
+                config["columns"] = None
+                st.caption(f"Column mapping is not valid JSON: {exc.msg}")
+        saved = st.form_submit_button("Save" if current else "Connect")
+        if saved and attempt(integrations.connect, me, kind, config) is not None:
+            st.success(f"{integrations.LABELS[kind]} saved. Test the connection to check it.")
+            st.rerun()
+
+
+with tab_integrations:
+    connected = {view.kind: view for view in attempt(integrations.list_integrations, me) or []}
+    if not connected:
+        st.info("No integrations yet — connect Stripe below, then a usage source. The demo organization "
+                "reconciles its bundled files without any.")
+    for kind, label in integrations.LABELS.items():
+        view = connected.get(kind)
+        badge = {"ok": "🟢 connected", "error": "🔴 failing", "unchecked": "⚪ not checked"}.get(
+            view.status, view.status) if view else "not connected"
+        with st.expander(f"{label} — {badge}", expanded=False):
+            if view:
+                st.caption(f"Last check {when(view.last_checked_at)}: {view.status_message or 'never checked'} · "
+                           f"last sync {when(view.last_synced_at)}")
+                left, right = st.columns(2)
+                if left.button("Test connection", key=f"test_{kind}"):
+                    result = attempt(integrations.test_connection, me, kind)
+                    if result is not None:
+                        (st.success if result.ok else st.error)(result.message)
+                if right.button("Disconnect", key=f"disconnect_{kind}"):
+                    attempt(integrations.disconnect, me, kind)
+                    st.rerun()
+            integration_form(kind, view)
+
+with tab_thresholds:
+    current = attempt(settings.get_settings, me)
+    if current is not None:
+        with st.form("thresholds"):
+            st.markdown("**Thresholds** — keep rounding and late events from raising anomalies")
+            tolerance = st.text_input("Relative tolerance (share of actual usage)", value=str(current.rel_tolerance))
+            minimum = st.text_input("Minimum leak amount (major units)", value=str(current.min_leak_amount))
+            over = st.text_input("Minimum over-billing amount", value=str(current.over_billing_min))
+            if st.form_submit_button("Save thresholds"):
+                try:
+                    values = Decimal(tolerance), Decimal(minimum), Decimal(over)
+                except InvalidOperation:
+                    st.error("Thresholds must be decimal numbers, e.g. 0.005 and 1.00")
+                else:
+                    if attempt(settings.update_thresholds, me, rel_tolerance=values[0], min_leak_amount=values[1],
+                               over_billing_min=values[2]) is not None:
+                        st.success("Thresholds saved; they apply from the next run.")
+        with st.form("schedule"):
+            st.markdown("**Reconciliation schedule** — run by the scheduler process")
+            kinds = list(settings.SCHEDULE_KINDS)
+            kind = st.selectbox("Schedule", kinds, index=kinds.index(current.schedule_kind),
+                                format_func={"off": "Off", "cron": "Cron expression",
+                                             "interval": "Every N seconds"}.get)
+            expr = st.text_input("Expression", value=current.schedule_expr or "",
+                                 help="cron: `0 6 * * *` (daily at 06:00); interval: seconds, e.g. 3600")
+            zone = st.text_input("Time zone", value=current.schedule_timezone)
+            if st.form_submit_button("Save schedule") and attempt(
+                    settings.update_schedule, me, kind, expr.strip() or None, zone.strip()) is not None:
+                st.success("Schedule saved.")
+
+with tab_users:
+    people = attempt(users.list_users, me) or []
+    st.dataframe(pd.DataFrame([{"Email": u.email, "Name": u.name, "Role": u.role,
+                                "Active": "yes" if u.active else "no"} for u in people]),
+                 hide_index=True, width="stretch")
+    with st.form("invite", clear_on_submit=True):
+        st.markdown("**Invite a user** — share the first password with them privately")
+        cols = st.columns(4)
+        email = cols[0].text_input("Email")
+        name = cols[1].text_input("Name")
+        role = cols[2].selectbox("Role", ["analyst", "admin"])
+        password = cols[3].text_input("First password", type="password")
+        if st.form_submit_button("Add user") and attempt(users.create_user, me, email, name, role, password):
+            st.success(f"{email} can sign in now.")
+            st.rerun()
+    if people:
+        by_email = {u.email: u for u in people}
+        cols = st.columns([3, 1, 1, 1])
+        chosen = by_email[cols[0].selectbox("User", list(by_email), key="user_pick")]
+        new_role = cols[1].selectbox("Role", ["analyst", "admin"], index=0 if chosen.role == "analyst" else 1,
+                                     key="user_role")
+        if cols[2].button("Change role", key="user_set_role") and attempt(users.set_role, me, chosen.id, new_role):
+            st.rerun()
+        label = "Deactivate" if chosen.active else "Reactivate"
+        if cols[3].button(label, key="user_toggle") and attempt(users.set_active, me, chosen.id, not chosen.active):
+            st.rerun()
+
+with tab_keys:
+    st.caption("API keys let your systems send usage to `POST /api/usage/ingest`. A key is shown once.")
+    fresh = st.session_state.pop("new_api_key", None)
+    if fresh:
+        st.success("Copy this key now — it will not be shown again.")
+        st.code(fresh)
+    with st.form("new_key", clear_on_submit=True):
+        key_name = st.text_input("Key name", placeholder="e.g. product-db ingest")
+        if st.form_submit_button("Create key"):
+            created = attempt(api_keys.create_api_key, me, key_name)
+            if created is not None:
+                st.session_state["new_api_key"] = created.plaintext
+                st.rerun()
+    keys = attempt(api_keys.list_api_keys, me) or []
+    for key in keys:
+        cols = st.columns([3, 2, 2, 1])
+        cols[0].write(f"**{key.name}** `{key.masked}`")
+        cols[1].caption(f"created {when(key.created_at)}")
+        cols[2].caption(f"revoked {when(key.revoked_at)}" if key.revoked_at else f"last used {when(key.last_used_at)}")
+        if not key.revoked_at and cols[3].button("Revoke", key=f"revoke_{key.id}"):
+            attempt(api_keys.revoke_api_key, me, key.id)
+            st.rerun()
