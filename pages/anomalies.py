@@ -72,7 +72,8 @@ def invoice_dialog(anomaly_id: int) -> None:
     if preview is None:
         st.button("Close", on_click=close_dialog, key="invoice_close_error")
         return
-    st.write(f"Customer **{preview.customer_id}** · currency **{preview.currency.upper()}**")
+    st.write(f"Customer **{preview.account_name}** (Stripe `{preview.customer}`) · "
+             f"currency **{preview.currency.upper()}**")
     st.dataframe(pd.DataFrame([{"Description": line.description, "Quantity": units(line.quantity),
                                 "Amount": money(line.amount, preview.currency)} for line in preview.lines]),
                  hide_index=True, width="stretch")
@@ -89,7 +90,7 @@ def invoice_dialog(anomaly_id: int) -> None:
         if result is not None:
             st.session_state["invoice_result"] = {"anomaly_id": anomaly_id, "external_id": result.external_id,
                                                   "replayed": result.replayed}
-            st.rerun(scope="fragment")
+            st.rerun()
     right.button("Cancel", on_click=close_dialog, key="invoice_cancel")
 
 

@@ -1,0 +1,207 @@
+"""The Streamlit app under streamlit.testing's AppTest: sign-in, every page for both roles, filters,
+empty states, and the draft-invoice dialog end to end against the fake Stripe."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from core.bundle import load_bundle
+from db.session import get_engine, upgrade
+from services import anomalies, demo, integrations, users
+from services.context import Actor
+from tests.fakes.stripe_server import FakeStripe, serve
+
+ADMIN, ANALYST = demo.DEMO_ADMIN, demo.DEMO_ANALYST
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = ["pages/overview.py", "pages/anomalies.py", "pages/account.py", "pages/runs.py", "pages/actions.py",
+         "pages/audit.py"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def seeded_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One demo database for the module; each test gets a copy (seeding runs a reconciliation)."""
+    folder = tmp_path_factory.mktemp("template")
+    with pytest.MonkeyPatch.context() as patch:
+        url = f"sqlite:///{folder / 'rrc.db'}"
+        patch.setenv("RRC_DATA_DIR", str(folder))
+        patch.setenv("DATABASE_URL", url)
+        upgrade(url)
+        demo.seed_demo(folder / "demo-bundle", accounts=30, seed=5)
+        get_engine(url).dispose()
+    return folder
+
+
+@pytest.fixture
+def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seeded_template: Path) -> Iterator[Path]:
+    data = tmp_path / "data"
+    shutil.copytree(seeded_template, data, ignore=shutil.ignore_patterns("demo-bundle"))
+    monkeypatch.setenv("RRC_DATA_DIR", str(data))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{data / 'rrc.db'}")
+    monkeypatch.setenv("RRC_COOKIE_KEY", "test-cookie-key-0123456789abcdefghijklmnop")
+    st.cache_resource.clear()
+    yield data
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def empty_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("RRC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'rrc.db'}")
+    monkeypatch.setenv("RRC_COOKIE_KEY", "test-cookie-key-0123456789abcdefghijklmnop")
+    monkeypatch.setenv("RRC_DEMO", "0")
+    st.cache_resource.clear()
+    yield tmp_path
+    st.cache_resource.clear()
+
+
+def new_app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=60).run()
+
+
+def sign_in(email: str, password: str) -> AppTest:
+    at = new_app()
+    at.text_input[0].input(email)
+    at.text_input[1].input(password)
+    return at.button[0].click().run()
+
+
+def no_exceptions(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def texts(elements) -> str:  # type: ignore[no-untyped-def]
+    return " ".join(str(e.value) for e in elements)
+
+
+def test_sign_in_shows_the_overview_with_demo_figures(app_env: Path) -> None:
+    at = sign_in(*ADMIN[::2])
+    no_exceptions(at)
+    assert [t.value for t in at.title] == ["Overview"]
+    tiles = {m.label: m.value for m in at.metric}
+    assert tiles["Last run"] == "Succeeded"
+    assert tiles["Open leak"].endswith("USD") and "." in tiles["Open leak"]
+    assert int(tiles["Accounts affected"]) > 0
+    assert len(at.get("plotly_chart")) == 4
+
+
+def test_wrong_password_then_lockout(app_env: Path) -> None:
+    at = sign_in(ANALYST[0], "not-the-password")
+    assert "Wrong email or password" in texts(at.error)
+    for _ in range(4):
+        at = sign_in(ANALYST[0], "still-wrong")
+    assert "locked" in texts(at.error)
+    at = sign_in(ANALYST[0], ANALYST[2])  # the right password no longer works while locked
+    assert "locked" in texts(at.error) and not at.metric
+
+
+@pytest.mark.parametrize(("who", "settings_visible"), [(ADMIN, True), (ANALYST, False)])
+def test_every_page_renders_for_each_role(app_env: Path, who: tuple[str, str, str], settings_visible: bool) -> None:
+    at = sign_in(who[0], who[2])
+    for page in PAGES:
+        at.switch_page(page).run()
+        no_exceptions(at)
+        assert not at.error, (page, texts(at.error))
+    at.switch_page("pages/settings.py").run()
+    no_exceptions(at)
+    if settings_visible:
+        assert [t.label for t in at.tabs] == ["Integrations", "Thresholds & schedule", "Users", "API keys"]
+    else:
+        assert not at.tabs  # not in the analyst's navigation: Streamlit shows the default page instead
+        assert [t.value for t in at.title] != ["Settings"] or "for admins" in texts(at.error)
+
+
+def test_overview_filters_carry_over_to_the_queue(app_env: Path) -> None:
+    at = sign_in(*ANALYST[::2])
+    at.selectbox(key="overview_currency").select("EUR").run()
+    no_exceptions(at)
+    assert all(value.endswith("EUR") or value == "0" for value in
+               (m.value for m in at.metric if m.label in ("Open leak", "Over-billing risk")))
+    at.switch_page("pages/anomalies.py").run()
+    no_exceptions(at)
+    assert at.selectbox(key="queue_currency").value == "EUR"
+    caption = texts(at.caption)
+    user = users.get_user_by_email(ANALYST[0])
+    assert user is not None
+    expected = anomalies.list_anomalies(Actor.user(user.org_id, user.id, "analyst"),
+                                        anomalies.AnomalyFilters(currency="eur", statuses=("open", "actioned")))
+    assert f"{expected.total:,} anomalies" in caption
+
+
+def test_dismiss_requires_a_reason(app_env: Path) -> None:
+    at = sign_in(*ANALYST[::2])
+    at.switch_page("pages/anomalies.py").run()
+    user = users.get_user_by_email(ANALYST[0])
+    assert user is not None
+    me = Actor.user(user.org_id, user.id, "analyst")
+    target = anomalies.list_anomalies(me, anomalies.AnomalyFilters(statuses=("open",))).rows[0]
+    at.session_state["anomaly_dialog"] = ("dismiss", (target.id,))
+    at.run()
+    at.button(key="dismiss_confirm").click().run()
+    assert "reason" in texts(at.error)
+    assert anomalies.get_anomaly(me, target.id).row.status == "open"
+    at.text_area(key="dismiss_reason").input("duplicate of a credit note").run()
+    at.button(key="dismiss_confirm").click().run()
+    no_exceptions(at)
+    assert anomalies.get_anomaly(me, target.id).row.status == "dismissed"
+
+
+def test_draft_invoice_dialog_creates_one_invoice_after_two_clicks(app_env: Path, seeded_template: Path) -> None:
+    admin_user = users.get_user_by_email(ADMIN[0])
+    assert admin_user is not None
+    admin = Actor.user(admin_user.org_id, admin_user.id, "admin")
+    fake = FakeStripe()
+    fake.seed_from_bundle(load_bundle(seeded_template / "demo-bundle"))
+    with serve(fake) as base:
+        integrations.connect(admin, "stripe", {"api_key": next(iter(fake.api_keys)), "api_base": base})
+        leak = anomalies.list_anomalies(admin, anomalies.AnomalyFilters(
+            types=("under_reported_usage",), statuses=("open",))).rows[0]
+        at = sign_in(*ANALYST[::2])
+        at.switch_page("pages/anomalies.py").run()
+        at.session_state["anomaly_focus"] = leak.id
+        at.run()
+        at.button(key="act_invoice").click().run()
+        no_exceptions(at)
+        dialog_text = texts(at.markdown)
+        assert "Total:" in dialog_text and leak.currency.upper() in dialog_text
+        assert fake.draft_invoices() == []  # the preview sends nothing
+        at.button(key="invoice_confirm").click().run()
+        no_exceptions(at)
+        assert "Draft invoice in_" in texts(at.success), (texts(at.error), texts(at.markdown))
+        at.session_state["anomaly_dialog"] = ("invoice", leak.id)
+        at.session_state["invoice_result"] = None
+        at.run()
+        at.button(key="invoice_confirm").click().run()  # a second click: the same invoice, not another
+        no_exceptions(at)
+        assert len(fake.draft_invoices()) == 1
+        assert anomalies.get_anomaly(admin, leak.id).row.status == "actioned"
+        at.switch_page("pages/actions.py").run()
+        no_exceptions(at)
+        assert fake.draft_invoices()[0]["id"] in at.dataframe[0].value.to_string()
+
+
+def test_empty_organization_says_what_to_do_next(empty_env: Path) -> None:
+    at = new_app()
+    no_exceptions(at)
+    assert not users.any_organization()  # RRC_DEMO=0: no demo seeded
+    form = {t.label: t for t in at.text_input}
+    form["Organization name"].input("Globex")
+    form["Short name (used in URLs)"].input("globex")
+    form["Your name"].input("Gina")
+    form["Your work email"].input("gina@globex.example")
+    form["Password (at least 8 characters)"].input("globex-pass-1")
+    at.button(key="FormSubmitter:create_org-Create organization").click().run()
+    assert "Globex is ready" in texts(at.success)
+    at = sign_in("gina@globex.example", "globex-pass-1")
+    no_exceptions(at)
+    assert "No anomalies match" in texts(at.info)
+    at.switch_page("pages/runs.py").run()
+    assert "No run yet" in texts(at.info)
+    at.switch_page("pages/settings.py").run()
+    assert "No integrations yet" in texts(at.info)
