@@ -25,7 +25,7 @@ COOKIE_DAYS = 7
 st.set_page_config(page_title="Revenue Recovery Copilot", page_icon="💸", layout="wide")
 
 
-@st.cache_resource(show_spinner="Preparing the database…")
+@st.cache_resource(show_spinner=False)
 def prepare_database(url: str) -> str:
     """Migrate once per process and database; seed the demo org on a first start unless RRC_DEMO=0."""
     upgrade(url)
@@ -54,21 +54,9 @@ def create_organization_form() -> None:
                 st.success(f"{name} is ready — sign in above as {email.strip().lower()}.")
 
 
-def sign_in(authenticator: stauth.Authenticate, credentials: dict) -> Actor | None:
-    """Draw the login form (or re-check the cookie); the signed-in, still-active user as an Actor."""
-    authenticator.login(location="main", fields={"Form name": "Sign in", "Username": "Email",
-                                                 "Login": "Sign in"}, key="sign_in")
-    status = st.session_state.get("authentication_status")
-    if status is False:
-        for email, entry in credentials["usernames"].items():
-            if entry.get("failed_login_attempts"):
-                locked = users.record_failed_login(email)
-                if locked:
-                    st.error(f"This account is locked: {locked}.")
-                    return None
-        st.error("Wrong email or password.")
-        return None
-    if not status:
+def signed_in_actor() -> Actor | None:
+    """The signed-in, still-active user as an Actor (None when signed out or deactivated since)."""
+    if not st.session_state.get("authentication_status"):
         return None
     email = st.session_state["username"]
     current = st.session_state.get("actor")
@@ -79,10 +67,27 @@ def sign_in(authenticator: stauth.Authenticate, credentials: dict) -> Actor | No
         current = Actor.user(user.org_id, user.id, user.role)
         st.session_state["actor"], st.session_state["actor_email"] = current, email
         st.session_state["org_name"] = users.get_organization(user.org_id).name
-        st.rerun()  # start over signed in: no sign-in heading left on the first page
     elif not users.is_active(current.user_id):
-        return None  # deactivated since the cookie was issued
+        return None
     return current
+
+
+def sign_in_page(authenticator: stauth.Authenticate, credentials: dict) -> None:
+    """The only page a signed-out visitor gets. A page of its own (not drawn before st.navigation),
+    so its widgets keep the same identity from one run to the next."""
+    st.title("Revenue Recovery Copilot")
+    st.caption("Find revenue that was earned but never billed — and recover it.")
+    authenticator.login(location="main", fields={"Form name": "Sign in", "Username": "Email",
+                                                 "Login": "Sign in"}, key="sign_in")
+    if st.session_state.get("authentication_status") is False:
+        failed = [email for email, entry in credentials["usernames"].items() if entry.get("failed_login_attempts")]
+        locked = next((message for email in failed if (message := users.record_failed_login(email))), None)
+        st.error(f"This account is locked: {locked}." if locked else "Wrong email or password.")
+    elif st.session_state.get("authentication_status"):
+        if signed_in_actor() is not None:
+            st.rerun()  # signed in: start over with the app's pages
+        st.error("This account cannot sign in (deactivated or locked).")
+    create_organization_form()
 
 
 def pages_for(role: str) -> dict[str, list]:
@@ -105,17 +110,19 @@ def pages_for(role: str) -> dict[str, list]:
 
 
 def main() -> None:
-    prepare_database(database_url())
+    if not st.session_state.get("database_ready"):
+        with st.spinner("Preparing the database…"):
+            prepare_database(database_url())
+        st.session_state["database_ready"] = True
+        st.rerun()  # a first run that migrated or seeded draws no form: its widgets would not keep their input
     credentials = users.credentials_for_authenticator()
     authenticator = stauth.Authenticate(credentials, COOKIE_NAME, cookie_key(), COOKIE_DAYS, auto_hash=False)
-    if not st.session_state.get("authentication_status"):  # the constructor already re-checked the cookie
-        st.title("Revenue Recovery Copilot")
-        st.caption("Find revenue that was earned but never billed — and recover it.")
-    current = sign_in(authenticator, credentials)
+    authenticator.login(location="unrendered")  # re-checks the cookie only
+    current = signed_in_actor()
     if current is None:
         st.session_state.pop("actor", None)
-        create_organization_form()
-        st.navigation([st.Page(lambda: None, title="Sign in")], position="hidden")
+        st.navigation([st.Page(lambda: sign_in_page(authenticator, credentials), title="Sign in",
+                               url_path="sign-in")], position="hidden").run()
         return
     with st.sidebar:
         st.markdown(f"**{st.session_state.get('org_name', '')}**")

@@ -22,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -75,6 +75,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 @cache
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        _ensure_sqlite_folder(url)
         engine = create_engine(url, connect_args={"check_same_thread": False,
                                                   "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -94,9 +95,18 @@ def _alembic_config(url: str) -> Config:
     return config
 
 
+def _ensure_sqlite_folder(url: str) -> None:
+    """SQLite creates the file but not its folder: make `DATABASE_URL=sqlite:///new/dir/x.db` just work."""
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     """Run the Alembic migrations (the app on start, CLI `db upgrade` and tests all come through here)."""
-    command.upgrade(_alembic_config(normalize_url(url) if url else database_url()), revision)
+    url = normalize_url(url) if url else database_url()
+    _ensure_sqlite_folder(url)
+    command.upgrade(_alembic_config(url), revision)
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:

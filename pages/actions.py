@@ -21,7 +21,9 @@ rows, total = listed
 if not total:
     st.info("No action yet. Open an anomaly and click “Draft invoice” or “Create CRM task”.")
     st.stop()
-st.caption(f"{total:,} actions")
+latest = rows[0]
+st.caption(f"{total:,} actions · latest: {latest.kind.replace('_', ' ')} {latest.external_id or latest.status} "
+           f"for {latest.account_id} ({money(latest.amount, latest.currency)}), {when(latest.created_at)}")
 frame = pd.DataFrame([{
     "When": when(r.created_at), "Kind": r.kind.replace("_", " "), "Status": r.status, "External id": r.external_id,
     "Amount": money(r.amount, r.currency), "Account": r.account_id, "Anomaly": r.anomaly_id, "By": r.by,

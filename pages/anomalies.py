@@ -66,11 +66,18 @@ def close_dialog() -> None:
     st.session_state.pop(DIALOG, None)
 
 
+def close_button(where: Any, label: str, key: str) -> None:
+    """A dialog closes only when the script reruns from inside it; clearing the flag keeps it closed."""
+    if where.button(label, key=key):
+        close_dialog()
+        st.rerun()
+
+
 @st.dialog("Draft invoice in Stripe", width="large", on_dismiss=close_dialog)
 def invoice_dialog(anomaly_id: int) -> None:
     preview = attempt(recovery.preview_invoice, me, anomaly_id)
     if preview is None:
-        st.button("Close", on_click=close_dialog, key="invoice_close_error")
+        close_button(st, "Close", "invoice_close_error")
         return
     st.write(f"Customer **{preview.account_name}** (Stripe `{preview.customer}`) · "
              f"currency **{preview.currency.upper()}**")
@@ -82,7 +89,7 @@ def invoice_dialog(anomaly_id: int) -> None:
     done = st.session_state.get("invoice_result")
     if done and done.get("anomaly_id") == anomaly_id:
         st.success(f"Draft invoice {done['external_id']} created" + (" (already existed)" if done["replayed"] else ""))
-        st.button("Close", on_click=close_dialog, key="invoice_close")
+        close_button(st, "Close", "invoice_close")
         return
     left, right = st.columns(2)
     if left.button("Create draft invoice", type="primary", key="invoice_confirm"):
@@ -91,7 +98,7 @@ def invoice_dialog(anomaly_id: int) -> None:
             st.session_state["invoice_result"] = {"anomaly_id": anomaly_id, "external_id": result.external_id,
                                                   "replayed": result.replayed}
             st.rerun()
-    right.button("Cancel", on_click=close_dialog, key="invoice_cancel")
+    close_button(right, "Cancel", "invoice_cancel")
 
 
 @st.dialog("Create CRM task", on_dismiss=close_dialog)
@@ -99,7 +106,7 @@ def crm_dialog(anomaly_id: int) -> None:
     connected = [kind for kind in ("salesforce", "hubspot") if integrations.is_connected(me, kind)]
     if not connected:
         st.warning("No CRM is connected — an admin can connect Salesforce or HubSpot in Settings.")
-        st.button("Close", on_click=close_dialog, key="crm_close_empty")
+        close_button(st, "Close", "crm_close_empty")
         return
     system = st.radio("CRM", connected, format_func=integrations.LABELS.get, horizontal=True, key="crm_system")
     due = st.number_input("Due in (days)", min_value=1, max_value=90, value=7, key="crm_due")
@@ -108,7 +115,7 @@ def crm_dialog(anomaly_id: int) -> None:
         result = attempt(crm_tasks.create_crm_task, me, anomaly_id, system, due_in_days=int(due))
         if result is not None:
             st.success(f"Task {result.external_id} created in {integrations.LABELS[system]}")
-    right.button("Close", on_click=close_dialog, key="crm_cancel")
+    close_button(right, "Close", "crm_cancel")
 
 
 @st.dialog("Dismiss", on_dismiss=close_dialog)
@@ -121,7 +128,7 @@ def dismiss_dialog(anomaly_ids: tuple[int, ...]) -> None:
     if confirmed and attempt(anomalies.bulk_set_status, me, list(anomaly_ids), "dismissed", reason) is not None:
         close_dialog()
         st.rerun()
-    right.button("Cancel", on_click=close_dialog, key="dismiss_cancel")
+    close_button(right, "Cancel", "dismiss_cancel")
 
 
 def set_status(anomaly_ids: list[int], status: str) -> None:

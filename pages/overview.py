@@ -11,7 +11,7 @@ import streamlit as st
 
 from services import dashboard
 from ui import filters
-from ui.format import money_by_currency, type_label, when
+from ui.format import money, money_by_currency, type_label, when
 from ui.session import actor, attempt
 
 REFRESH_WHILE_RUNNING = timedelta(seconds=3)
@@ -37,15 +37,21 @@ if summary is None:
 if summary.active_run:
     live_run_status()
 
-tiles = st.columns(5)
-tiles[0].metric("Open leak", money_by_currency(summary.open_leak), help="Leaks still to recover (open or actioned)")
-tiles[1].metric("Recovered", money_by_currency(summary.recovered))
-tiles[2].metric("Over-billing risk", money_by_currency(summary.over_billing),
-                help="Billed more than usage warrants: a credit risk, kept apart from leaks")
-tiles[3].metric("Accounts affected", f"{summary.accounts_affected:,}", help=f"{summary.open_count:,} open anomalies")
 last = summary.last_run
-tiles[4].metric("Last run", last.status.title() if last else "Never",
-                help=f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet")
+tiles: list[tuple[str, str, str]] = []  # label, value, help: one money tile per currency, never a mixed sum
+for label, amounts, hint in (
+    ("Open leak", summary.open_leak, "Leaks still to recover (open or actioned)"),
+    ("Recovered", summary.recovered, "Leaks analysts marked recovered"),
+    ("Over-billing risk", summary.over_billing, "Billed more than usage warrants: a credit risk, kept apart"),
+):
+    tiles += [(f"{label} · {currency.upper()}", money(amount, currency), hint)
+              for currency, amount in sorted(amounts.items())] or [(label, "0", hint)]
+tiles.append(("Accounts affected", f"{summary.accounts_affected:,}", f"{summary.open_count:,} open anomalies"))
+tiles.append(("Last run", last.status.title() if last else "Never",
+              f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet"))
+for start in range(0, len(tiles), 4):
+    for column, (label, value, hint) in zip(st.columns(4), tiles[start:start + 4], strict=False):
+        column.metric(label, value, help=hint, border=True)
 if last and last.status == "failed":
     st.error(f"The last run failed: {last.error}. See Runs for details.")
 

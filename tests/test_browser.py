@@ -1,0 +1,156 @@
+"""End to end in a real browser: `streamlit run app.py` on a free port with a temporary database,
+Debian's Chromium driven by Playwright. Sign in, open Anomalies, draft an invoice against the fake
+Stripe, see it in Actions. Screenshots of each page land in test-artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.bundle import load_bundle
+from services import anomalies, demo, integrations, users
+from services.anomalies import LEAK_TYPES, AnomalyFilters
+from services.context import Actor
+from tests.fakes.stripe_server import FakeStripe, free_port, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def wait_for_health(base: str, process: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/_stcore/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+@pytest.fixture
+def running_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    data = tmp_path / "data"
+    env = {**os.environ, "RRC_DATA_DIR": str(data), "DATABASE_URL": f"sqlite:///{data / 'rrc.db'}",
+           "RRC_COOKIE_KEY": "browser-test-cookie-key-0123456789abcdef"}
+    for name in ("RRC_DATA_DIR", "DATABASE_URL", "RRC_COOKIE_KEY"):
+        monkeypatch.setenv(name, env[name])
+    port = free_port()
+    log = (tmp_path / "streamlit.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, process)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def settle(page) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the app is connected and the script has finished running."""
+    page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=60_000)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
+    page.wait_for_timeout(400)
+
+
+def type_into(field, text: str) -> None:  # type: ignore[no-untyped-def]
+    """Type like a user: Streamlit commits a text input on key events and blur, not on fill()."""
+    field.click()
+    field.press_sequentially(text, delay=10)
+    field.press("Tab")
+
+
+def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_sign_in_draft_invoice_and_see_it_in_actions(running_app: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(running_app)
+        settle(page)  # the first session migrated the database and seeded the demo organization
+        # A form drawn in the browser session that seeded the demo does not submit what was typed
+        # (see docs/app.md, known issues); a second session — any later visitor — signs in normally.
+        page.reload()
+        settle(page)
+        shot(page, "0-sign-in")
+
+        fake = FakeStripe()
+        fake.seed_from_bundle(load_bundle(tmp_path / "data" / "demo-bundle"))
+        with serve(fake) as stripe_base:
+            admin = users.get_user_by_email(demo.DEMO_ADMIN[0])
+            analyst_user = users.get_user_by_email(demo.DEMO_ANALYST[0])
+            assert admin is not None and analyst_user is not None
+            analyst = Actor.user(analyst_user.org_id, analyst_user.id, "analyst")
+            integrations.connect(Actor.user(admin.org_id, admin.id, "admin"), "stripe",
+                                 {"api_key": next(iter(fake.api_keys)), "api_base": stripe_base})
+
+            type_into(page.get_by_label("Email", exact=True), demo.DEMO_ANALYST[0])
+            type_into(page.get_by_label("Password", exact=True), demo.DEMO_ANALYST[2])
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
+            settle(page)
+            assert page.get_by_text("Open leak").is_visible()
+            assert page.locator("[data-testid='stException']").count() == 0
+            shot(page, "1-overview")
+
+            page.locator("[data-testid='stSidebarNavLink']", has_text="Anomalies").click()
+            page.get_by_role("heading", name="Anomalies").wait_for()
+            settle(page)
+            shot(page, "2-anomalies")
+            queue = anomalies.list_anomalies(analyst, AnomalyFilters(statuses=("open", "actioned")), page_size=25)
+            row = next(i for i, r in enumerate(queue.rows) if r.type in LEAK_TYPES)  # the largest leak
+            grid = page.locator("[data-testid='stDataFrame']").first
+            box = grid.bounding_box()
+            assert box is not None
+            page.mouse.click(box["x"] + 15, box["y"] + 35 * (row + 1) + 17)  # that row's selection marker
+            page.get_by_role("button", name="Draft invoice").wait_for(timeout=30_000)
+            settle(page)
+            shot(page, "3-anomaly-detail")
+
+            page.get_by_role("button", name="Draft invoice").click()
+            dialog = page.locator("[data-testid='stDialog']")
+            dialog.get_by_text("Total:").wait_for(timeout=30_000)
+            shot(page, "4-draft-invoice-dialog")
+            dialog.get_by_role("button", name="Create draft invoice").click()
+            dialog.get_by_text("Draft invoice in_").wait_for(timeout=30_000)
+            shot(page, "5-draft-invoice-created")
+            invoices = fake.draft_invoices()
+            assert len(invoices) == 1
+            dialog.locator("[data-testid='stBaseButton-secondary']", has_text="Close").click()
+            settle(page)
+
+            page.locator("[data-testid='stSidebarNavLink']", has_text="Actions").click()
+            page.get_by_role("heading", name="Actions").wait_for()
+            settle(page)
+            assert page.get_by_text(invoices[0]["id"]).first.is_visible()
+            shot(page, "6-actions")
+            assert page.locator("[data-testid='stException']").count() == 0
+        browser.close()
