@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench demo
+.PHONY: run test test-fast lint bench demo-cli up
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -11,13 +11,29 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+# The app on the embedded SQLite under ./data/; the first start migrates and loads the demo org.
 run: $(BIN)/.installed
-	$(BIN)/python cli.py demo data/demo-bundle
-	$(BIN)/python cli.py reconcile data/demo-bundle --output data/demo-anomalies.csv
+	$(BIN)/streamlit run app.py
 
+# Everything CI runs: lint, then every test (PostgreSQL, browser and slow ones included).
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+# The quick loop while coding: skips tests marked slow or browser.
+test-fast: $(BIN)/.installed
+	$(BIN)/pytest -q -m "not slow and not browser"
+
+# app + api + scheduler against DATABASE_URL (see docs/deploy.md and .env.example).
+up: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start
+
+# The engine end to end without the app: demo bundle -> reconcile -> anomalies CSV + summary.
+demo-cli: $(BIN)/.installed
+	$(BIN)/python cli.py demo data/demo-bundle
+	$(BIN)/python cli.py reconcile data/demo-bundle --output data/demo-anomalies.csv
+
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_reconcile.py
+	$(BIN)/python bench/bench_pages.py
+	$(BIN)/python bench/bench_ingest.py

@@ -162,6 +162,45 @@ def run_command(org: str = typer.Option(..., help="Organization slug")) -> None:
                f"({counts.get('new', 0)} new, {counts.get('resolved', 0)} resolved) in {counts.get('seconds')} s")
 
 
+@app.command("export-org")
+def export_org_command(
+    out: Path = typer.Argument(..., help="Archive to write (.zip)"),
+    org: str = typer.Option(..., help="Organization slug"),
+) -> None:
+    """Back up one organization (users, settings, encrypted integrations, runs, anomalies, actions, audit log)."""
+    from services.errors import ServiceError
+    from services.orgs_backup import export_org
+
+    try:
+        result = export_org(_org_actor(org, "cli"), out)
+    except ServiceError as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    rows = ", ".join(f"{table} {count}" for table, count in result.rows.items() if count)
+    typer.echo(f"wrote {result.path} (organization {result.slug!r}: {rows}; sha256 {result.sha256})")
+
+
+@app.command("import-org")
+def import_org_command(
+    archive: Path = typer.Argument(..., help="Archive written by export-org"),
+    new_slug: str | None = typer.Option(None, help="Import under this slug instead of the archive's"),
+    new_name: str | None = typer.Option(None, help="Import under this display name instead of the archive's"),
+) -> None:
+    """Restore an organization from an export-org archive (all or nothing; the audit chain is verified)."""
+    from services.errors import ServiceError
+    from services.orgs_backup import import_org
+
+    try:
+        result = import_org(archive, new_slug=new_slug, new_name=new_name)
+    except ServiceError as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    typer.echo(f"imported organization {result.slug!r} as id {result.org_id} "
+               f"({sum(result.rows.values())} rows; audit chain of {result.audit_entries} entries verifies)")
+
+
 def main() -> None:
     try:
         app()

@@ -154,6 +154,8 @@ class Anomaly(OrgScoped, Base):
         Index("ix_anomalies_org_type", "org_id", "type"),
         Index("ix_anomalies_org_account", "org_id", "account_id"),
         Index("ix_anomalies_org_period", "org_id", "period_start"),
+        Index("ix_anomalies_dashboard", "org_id", "status", "type", "currency", "period_start", "product_key",
+              "account_id", "confidence", "leak_amount", "overbilled_amount"),  # migration 0005
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))

@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, cast, func, select
+from sqlalchemy import Integer, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Account, Anomaly, ReconRun
@@ -84,53 +84,78 @@ def _runs(session: Session, org_id: int) -> tuple[RunBrief | None, RunBrief | No
     return _brief(last), _brief(active)
 
 
+def _bucket(session: Session) -> Any:
+    """Confidence decile 0..9 (1.0 falls in the top one)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.least(cast(func.floor(Anomaly.confidence * 10), Integer), 9)
+    return func.min(cast(Anomaly.confidence * 10, Integer), 9)
+
+
+def _add(totals: dict[Any, Decimal], key: Any, amount: Decimal) -> None:
+    totals[key] = totals.get(key, Decimal(0)) + amount
+
+
 def summary(actor: Actor, filters: AnomalyFilters = AnomalyFilters()) -> DashboardSummary:
-    """The Overview in a handful of GROUP BY queries; `filters` are the page's filters."""
+    """The Overview from two grouped scans (index-only on the dashboard index), folded in Python.
+
+    The first groups by every dimension the charts use (type, status, currency, month, product,
+    confidence decile: a few thousand groups at most); the second by account, for the top list
+    and the count of affected accounts.
+    """
     require_role(actor, "admin", "analyst")
     org = actor.org_id
-    amount = func.sum(amount_column())
-
-    def grouped(*columns: Any) -> Any:
-        return apply_filters(select(*columns, amount, func.count(Anomaly.id)), org, filters).group_by(*columns)
-
-    leaks = Anomaly.type.in_(LEAK_TYPES)
+    amount, count = func.sum(amount_column()), func.count(Anomaly.id)
     with org_session(org) as session:
         out = DashboardSummary()
         out.last_run, out.active_run = _runs(session, org)
-        out.currencies = sorted(c for (c,) in session.execute(
-            apply_filters(select(Anomaly.currency).distinct(), org, filters)))
-        out.open_leak = _by_currency(session, apply_filters(select(Anomaly.currency, amount), org, filters)
-                                     .where(leaks, Anomaly.status.in_(TO_RECOVER)).group_by(Anomaly.currency))
-        out.recovered = _by_currency(session, apply_filters(select(Anomaly.currency, amount), org, filters)
-                                     .where(leaks, Anomaly.status == "recovered").group_by(Anomaly.currency))
-        out.over_billing = _by_currency(session, apply_filters(select(Anomaly.currency, amount), org, filters)
-                                        .where(Anomaly.type == "over_billing", Anomaly.status == "open")
-                                        .group_by(Anomaly.currency))
-        to_recover = apply_filters(select(func.count(func.distinct(Anomaly.account_id)), func.count(Anomaly.id)),
-                                   org, filters).where(leaks, Anomaly.status.in_(TO_RECOVER))
-        out.accounts_affected, out.open_count = session.execute(to_recover).one()
-        month = _month(session).label("month")
-        out.by_period = [{"month": m, "currency": c, "amount": Decimal(a), "count": n}
-                         for m, c, a, n in session.execute(grouped(month, Anomaly.currency).where(leaks)
-                                                           .order_by(month))]
-        out.by_type = [{"type": t, "currency": c, "amount": Decimal(a), "count": n}
-                       for t, c, a, n in session.execute(grouped(Anomaly.type, Anomaly.currency))]
-        out.by_product = [{"product_key": p, "currency": c, "amount": Decimal(a), "count": n}
-                          for p, c, a, n in session.execute(grouped(Anomaly.product_key, Anomaly.currency)
-                                                            .where(leaks))]
-        top = (grouped(Anomaly.account_id, Anomaly.currency).where(leaks)
-               .order_by(amount.desc()).limit(TOP_ACCOUNTS))
-        rows = session.execute(top).all()
+        dims = (Anomaly.type, Anomaly.status, Anomaly.currency, _month(session), Anomaly.product_key,
+                _bucket(session))
+        groups = session.execute(apply_filters(select(*dims, amount, count), org, filters).group_by(*dims)).all()
+        by_period: dict[tuple[str, str], Decimal] = {}
+        by_type: dict[tuple[str, str], Decimal] = {}
+        by_product: dict[tuple[str, str], Decimal] = {}
+        counts: dict[tuple[str, ...], int] = defaultdict(int)
+        deciles: dict[int, int] = defaultdict(int)
+        currencies = set()
+        for kind, status, currency, month, product, decile, total, n in groups:
+            total = Decimal(total)
+            currencies.add(currency)
+            deciles[int(decile)] += n
+            _add(by_type, (kind, currency), total)
+            counts[("type", kind, currency)] += n
+            if kind == "over_billing":
+                if status == "open":
+                    _add(out.over_billing, currency, total)
+                continue
+            _add(by_period, (month, currency), total)
+            counts[("month", month, currency)] += n
+            _add(by_product, (product, currency), total)
+            counts[("product", product, currency)] += n
+            if status in TO_RECOVER:
+                _add(out.open_leak, currency, total)
+                out.open_count += n
+            elif status == "recovered":
+                _add(out.recovered, currency, total)
+        out.currencies = sorted(currencies)
+        out.by_period = [{"month": m, "currency": c, "amount": a, "count": counts[("month", m, c)]}
+                         for (m, c), a in sorted(by_period.items())]
+        out.by_type = [{"type": t, "currency": c, "amount": a, "count": counts[("type", t, c)]}
+                       for (t, c), a in sorted(by_type.items())]
+        out.by_product = [{"product_key": p, "currency": c, "amount": a, "count": counts[("product", p, c)]}
+                          for (p, c), a in sorted(by_product.items())]
+        out.confidence = [{"bucket": f"{b / 10:.1f}–{(b + 1) / 10:.1f}", "count": deciles[b]} for b in range(10)]
+
+        leaks = Anomaly.type.in_(LEAK_TYPES)
+        to_recover = func.max(case((Anomaly.status.in_(TO_RECOVER), 1), else_=0))
+        per_account = session.execute(
+            apply_filters(select(Anomaly.account_id, Anomaly.currency, amount, count, to_recover), org, filters)
+            .where(leaks).group_by(Anomaly.account_id, Anomaly.currency)).all()
+        out.accounts_affected = len({acc for acc, _, _, _, recovering in per_account if recovering})
+        top = sorted(per_account, key=lambda row: Decimal(row[2]), reverse=True)[:TOP_ACCOUNTS]
         names = dict(session.execute(select(Account.account_id, Account.name).where(
-            Account.org_id == org, Account.account_id.in_([r[0] for r in rows]))).all())
+            Account.org_id == org, Account.account_id.in_([row[0] for row in top]))).all())
         out.top_accounts = [{"account_id": acc, "name": names.get(acc, acc), "currency": c, "amount": Decimal(a),
-                             "count": n} for acc, c, a, n in rows]
-        bucket = func.min(cast(Anomaly.confidence * 10, Integer), 9).label("bucket")
-        if session.get_bind().dialect.name == "postgresql":
-            bucket = func.least(cast(func.floor(Anomaly.confidence * 10), Integer), 9).label("bucket")
-        counts = defaultdict(int, {b: n for b, n in session.execute(
-            apply_filters(select(bucket, func.count(Anomaly.id)), org, filters).group_by(bucket))})
-        out.confidence = [{"bucket": f"{b / 10:.1f}–{(b + 1) / 10:.1f}", "count": counts[b]} for b in range(10)]
+                             "count": n} for acc, c, a, n, _ in top]
     return out
 
 

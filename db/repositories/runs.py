@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
 
 from db.models import ReconRun
 
@@ -88,6 +89,77 @@ def claim_run(session: Session, org_id: int, run_id: int, worker_id: str) -> boo
     return claimed
 
 
+def claim_run_exclusive(session: Session, org_id: int, run_id: int, worker_id: str) -> bool:
+    """queued -> running only if no other run of the org is running: one statement, so it is atomic.
+
+    On SQLite the statement holds the database's write lock; on PostgreSQL two concurrent claims
+    can both pass the NOT EXISTS, but the partial unique index `ux_recon_runs_one_running`
+    (migration 0004) makes the second fail, which is reported here as "not claimed". The UPDATE
+    runs in a savepoint so a lost race leaves the caller's transaction usable.
+    """
+    now = datetime.now(UTC)
+    other = aliased(ReconRun)
+    busy = exists().where(other.org_id == org_id, other.status == "running")
+    try:
+        with session.begin_nested():
+            result = session.execute(
+                update(ReconRun)
+                .where(ReconRun.org_id == org_id, ReconRun.id == run_id, ReconRun.status == "queued", ~busy)
+                .values(status="running", worker_id=worker_id, started_at=now, heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            )
+    except IntegrityError:
+        return False
+    claimed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if claimed:
+        session.expire_all()
+    return claimed
+
+
+def worker_heartbeat(session: Session, org_id: int, run_id: int, worker_id: str) -> bool:
+    """Heartbeat only while the run is still ours and running; False means someone took it from us."""
+    result = session.execute(
+        update(ReconRun).where(ReconRun.org_id == org_id, ReconRun.id == run_id, ReconRun.status == "running",
+                               ReconRun.worker_id == worker_id)
+        .values(heartbeat_at=datetime.now(UTC)).execution_options(synchronize_session=False))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_interrupted(session: Session, org_id: int, run_id: int, worker_id: str, reason: str) -> bool:
+    """running -> interrupted for a run this worker owns (graceful shutdown that could not wait)."""
+    result = session.execute(
+        update(ReconRun).where(ReconRun.org_id == org_id, ReconRun.id == run_id, ReconRun.status == "running",
+                               ReconRun.worker_id == worker_id)
+        .values(status="interrupted", finished_at=datetime.now(UTC), error=reason[:2000])
+        .execution_options(synchronize_session=False))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def recent_schedule_run_exists(session: Session, org_id: int, since: datetime) -> bool:
+    """A scheduled run is already waiting, or one was queued after `since` (another scheduler fired too)."""
+    query = select(ReconRun.id).where(
+        ReconRun.org_id == org_id, ReconRun.trigger == "schedule",
+        (ReconRun.status == "queued") | (ReconRun.queued_at >= since)).limit(1)
+    return session.execute(query).first() is not None
+
+
+def interrupted_streak(session: Session, org_id: int, limit: int = 20) -> int:
+    """How many of the org's newest runs in a row were interrupted (a crash loop stops auto-retrying)."""
+    statuses = session.scalars(select(ReconRun.status).where(ReconRun.org_id == org_id)
+                               .order_by(ReconRun.id.desc()).limit(limit))
+    streak = 0
+    for status in statuses:
+        if status != "interrupted":
+            break
+        streak += 1
+    return streak
+
+
+def has_waiting_run(session: Session, org_id: int) -> bool:
+    return session.execute(select(ReconRun.id).where(
+        ReconRun.org_id == org_id, ReconRun.status.in_(("queued", "running"))).limit(1)).first() is not None
+
+
 def heartbeat(session: Session, org_id: int, run_id: int, progress: float | None = None,
               message: str | None = None) -> None:
     """Record that the worker is alive (and how far it got): stale heartbeats mean interrupted."""
@@ -113,8 +185,9 @@ def interrupt_stale_runs_all_orgs(session: Session, stale_before: datetime) -> l
     Cross-tenant (system session): the scheduler calls it on start and periodically, so a run
     whose process died does not show "running" forever. Returns the (org_id, run_id) changed.
     """
+    last_sign = func.coalesce(ReconRun.heartbeat_at, ReconRun.started_at, ReconRun.queued_at)
     stale = list(session.execute(select(ReconRun.org_id, ReconRun.id).where(
-        ReconRun.status == "running", ReconRun.heartbeat_at < stale_before)))
+        and_(ReconRun.status == "running", last_sign < stale_before))))
     for org_id, run_id in stale:
         session.execute(
             update(ReconRun).where(ReconRun.org_id == org_id, ReconRun.id == run_id, ReconRun.status == "running")

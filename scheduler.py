@@ -1,0 +1,475 @@
+"""The scheduler process (`python scheduler.py`): scheduled reconciliations, daily syncs, queued runs.
+
+What it guarantees, and how:
+
+- **Schedules survive restarts.** Each organization's schedule (Settings: cron or interval, with a
+  time zone) is an APScheduler job in the app database (`apscheduler_jobs`, migration 0004). The
+  job is replaced only when the admin changed the schedule (its signature differs), so a restart
+  keeps the stored next fire time; fires missed while no scheduler ran are coalesced into one
+  (`coalesce`, `misfire_grace_time`). Admins' edits are picked up by re-reading the settings every
+  RRC_SCHEDULER_SETTINGS_POLL_SECONDS.
+- **A schedule only queues a run.** The job records a queued run (through
+  `services.reconciliation.queue_run`, so it is audited) and the worker loop runs queued runs,
+  whoever queued them (the schedule, the app's "Run now", the API). APScheduler 3 does not
+  coordinate processes sharing a job store, so two schedulers may both fire one job: the enqueue
+  is serialized per org and skipped when a scheduled run is already waiting or was just queued.
+- **Never two runs of one org at once**, even across processes: the worker holds a per-org lock
+  for the whole run (PostgreSQL: a session advisory lock, released by the server if the process
+  dies; SQLite: an flock on a file next to the database, released by the kernel), and claims the
+  run with one conditional UPDATE that also requires no other running run of the org, backed by a
+  partial unique index (one `running` row per org, migration 0004).
+- **No run is lost.** The worker heartbeats while a run executes (the run itself is in a thread so
+  the main thread stays free for heartbeats and signals). A run whose worker stopped
+  heartbeating for RRC_SCHEDULER_STALE_AFTER_SECONDS is marked interrupted by any scheduler and
+  queued again (up to RRC_SCHEDULER_MAX_RETRIES times in a row, so a run that kills its process
+  does not loop forever).
+- **SIGTERM/SIGINT**: no new run starts; the current one may finish within
+  RRC_SCHEDULER_SHUTDOWN_GRACE_SECONDS, else it is marked interrupted (and retried by the next
+  scheduler); the process exits 0.
+
+Configuration: `config.Settings` (RRC_SCHEDULER_*, RRC_SYNC_CRON, DATABASE_URL). The database must
+be migrated first (`python cli.py db upgrade`); the scheduler waits until it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from importlib import import_module, util
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import text
+
+from config import ConfigError, Settings, load_settings
+from core.logging import correlation, ensure_logging, get_logger
+from db.repositories import runs as runs_repo
+from db.repositories.schedules import OrgSchedule, orgs_with_integrations, schedules_all_orgs
+from db.session import get_engine, is_current, org_session, system_session
+from services import reconciliation
+from services.context import Actor
+from services.errors import ServiceError
+from services.settings import validate_schedule
+
+log = get_logger("scheduler")
+
+JOBS_TABLE = "apscheduler_jobs"
+JOB_PREFIX = "reconcile-org-"
+SYNC_JOB = "sync-daily"
+ENQUEUE_FUNC = "scheduler:enqueue_scheduled_run"  # textual references: stored jobs outlive this process
+SYNC_FUNC = "scheduler:sync_all_orgs"
+RUN_LOCK = 0x52520001  # advisory lock namespaces (int4): one reconciliation or sync per org
+ENQUEUE_LOCK = 0x52520002  # queuing scheduled runs and retries per org
+DEDUP_SECONDS = 30.0
+ACTOR_NAME = "scheduler"
+
+_WAKE = threading.Event()  # set when there may be work now (a job queued a run, a signal arrived)
+_LOCAL_LOCKS: dict[tuple[int, int], threading.Lock] = {}
+
+
+# --- per-org locks ------------------------------------------------------------------------------
+
+def _lock_dir() -> Path | None:
+    database = get_engine().url.database
+    if not database or database == ":memory:":
+        return None
+    folder = Path(database).resolve().parent / ".rrc-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def org_lock(namespace: int, org_id: int, *, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive per-org lock shared by every process on this database; yields False if busy.
+
+    PostgreSQL: a session-level advisory lock on a connection kept for the whole block, so the
+    server drops it when the process dies. SQLite (one machine by nature): flock on a file beside
+    the database, which the kernel drops when the process dies.
+    """
+    engine = get_engine()
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            args = {"ns": namespace, "org": org_id}
+            if wait:
+                conn.execute(text("SELECT pg_advisory_lock(:ns, :org)"), args)
+                got = True
+            else:
+                got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:ns, :org)"), args).scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    with contextlib.suppress(Exception):  # a broken connection has released it already
+                        conn.execute(text("SELECT pg_advisory_unlock(:ns, :org)"), args)
+                        conn.commit()
+        return
+    folder = _lock_dir()
+    if folder is None:  # in-memory SQLite: only this process can see the database anyway
+        lock = _LOCAL_LOCKS.setdefault((namespace, org_id), threading.Lock())
+        got = lock.acquire(blocking=wait)
+        try:
+            yield got
+        finally:
+            if got:
+                lock.release()
+        return
+    fd = os.open(folder / f"{namespace:x}-{org_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = True
+        except BlockingIOError:
+            got = False
+        yield got
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+# --- jobs (module-level so the job store can reference them by name) ------------------------------
+
+def enqueue_scheduled_run(org_id: int, signature: str = "", dedup_seconds: float = DEDUP_SECONDS) -> int | None:
+    """The schedule fired: queue one run for the worker loop, unless one is waiting or was just queued."""
+    with correlation(f"schedule-{org_id}-{uuid.uuid4().hex[:8]}", org_id=org_id, job=f"{JOB_PREFIX}{org_id}"):
+        try:
+            with org_lock(ENQUEUE_LOCK, org_id, wait=True):
+                since = datetime.now(UTC) - timedelta(seconds=dedup_seconds)
+                with org_session(org_id) as session:
+                    if runs_repo.recent_schedule_run_exists(session, org_id, since):
+                        log.info("schedule.coalesced", schedule=signature)
+                        return None
+                run = reconciliation.queue_run(Actor.system(org_id, ACTOR_NAME), trigger="schedule")
+        except Exception as exc:  # a job must not take the scheduler down (e.g. the org was just deleted)
+            log.error("schedule.enqueue_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        log.info("schedule.queued", run_id=run.id, schedule=signature)
+        _WAKE.set()
+        return run.id
+
+
+def sync_all_orgs(signature: str = "") -> dict[int, str]:
+    """Daily sync of every org with connected systems (services/sync.py, when installed).
+
+    `signature` is the crontab the job was created with, so a changed RRC_SYNC_CRON replaces it.
+    """
+    if util.find_spec("services.sync") is None:
+        log.info("sync.unavailable", reason="services.sync is not part of this installation")
+        return {}
+    sync_module = import_module("services.sync")
+    with system_session() as session:
+        org_ids = orgs_with_integrations(session)
+    outcome: dict[int, str] = {}
+    for org_id in org_ids:
+        # the run lock: a sync rewrites the bundle a reconciliation of the same org would be reading
+        with correlation(f"sync-{org_id}-{uuid.uuid4().hex[:8]}", org_id=org_id, job=SYNC_JOB), \
+                org_lock(RUN_LOCK, org_id, wait=True):
+            try:
+                result = sync_module.sync(Actor.system(org_id, ACTOR_NAME))
+                outcome[org_id] = "ok"
+                log.info("sync.done", result=str(result)[:500])
+            except Exception as exc:
+                outcome[org_id] = f"{type(exc).__name__}: {exc}"
+                log.error("sync.failed", error=outcome[org_id][:500])
+    return outcome
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_days(item: str) -> list[int]:
+    """The standard-cron days (0 or 7 = Sunday) one day-of-week item selects: 5, 1-5, */2, 1-5/2."""
+    base, _, step = item.partition("/")
+    first, last = (0, 6) if base == "*" else (int(base.split("-")[0]), int(base.split("-")[-1]))
+    days = range(first, last + 1, int(step) if step else 1)
+    return sorted({day % 7 for day in days})
+
+
+def crontab_trigger(expr: str, timezone: str) -> CronTrigger:
+    """A CronTrigger that reads day-of-week numbers as crontab does (1 = Monday, 0 and 7 = Sunday).
+
+    APScheduler 3 counts day-of-week from Monday = 0, so `from_crontab("0 6 * * 1")` would fire on
+    Tuesdays; numeric day items are translated to day names, which mean the same to both.
+    """
+    fields = expr.split()
+    if len(fields) == 5 and fields[4] != "*" and not any(ch.isalpha() for ch in fields[4]):
+        try:
+            days = sorted({day for item in fields[4].split(",") for day in _cron_days(item)})
+        except ValueError:
+            days = []
+        if days:
+            fields[4] = ",".join(CRON_DAYS[day] for day in days)
+    return CronTrigger.from_crontab(" ".join(fields), timezone=timezone)
+
+
+def trigger_for(schedule: OrgSchedule) -> BaseTrigger | None:
+    """The APScheduler trigger of an org's schedule; None when off; ServiceError when invalid."""
+    if schedule.kind == "off":
+        return None
+    validate_schedule(schedule.kind, schedule.expr, schedule.timezone)
+    if schedule.kind == "cron":
+        return crontab_trigger(schedule.expr or "", schedule.timezone)
+    return IntervalTrigger(seconds=int(schedule.expr or "0"), timezone=schedule.timezone)
+
+
+def build_scheduler(settings: Settings) -> BackgroundScheduler:
+    store = SQLAlchemyJobStore(engine=get_engine(), tablename=JOBS_TABLE)
+    return BackgroundScheduler(
+        jobstores={"default": store},
+        executors={"default": ThreadPoolExecutor(4)},
+        job_defaults={"coalesce": True, "max_instances": 1,
+                      "misfire_grace_time": settings.scheduler_misfire_grace_seconds},
+        timezone=UTC,
+    )
+
+
+def sync_schedules(scheduler: BackgroundScheduler, settings: Settings) -> Counter[str]:
+    """Make the stored jobs match the orgs' settings; unchanged schedules keep their next fire time."""
+    with system_session() as session:
+        wanted = schedules_all_orgs(session)
+    jobs = {job.id: job for job in scheduler.get_jobs()}
+    changes: Counter[str] = Counter()
+    keep: set[str] = set()
+    for schedule in wanted:
+        job_id = f"{JOB_PREFIX}{schedule.org_id}"
+        try:
+            trigger = trigger_for(schedule)
+        except (ServiceError, ValueError) as exc:
+            log.error("schedule.invalid", org_id=schedule.org_id, error=str(exc))
+            continue
+        if trigger is None:
+            continue
+        keep.add(job_id)
+        job = jobs.get(job_id)
+        if job is not None and job.kwargs.get("signature") == schedule.signature:
+            continue
+        dedup = min(DEDUP_SECONDS, int(schedule.expr or "0") / 2) if schedule.kind == "interval" else DEDUP_SECONDS
+        scheduler.add_job(ENQUEUE_FUNC, trigger, id=job_id, name=f"reconcile org {schedule.org_id}",
+                          kwargs={"org_id": schedule.org_id, "signature": schedule.signature, "dedup_seconds": dedup},
+                          replace_existing=True)
+        changes["replaced" if job else "added"] += 1
+        log.info("schedule.set", org_id=schedule.org_id, schedule=schedule.signature)
+    for job_id in jobs:
+        if job_id.startswith(JOB_PREFIX) and job_id not in keep:
+            with contextlib.suppress(JobLookupError):  # another scheduler removed it first
+                scheduler.remove_job(job_id)
+            changes["removed"] += 1
+            log.info("schedule.removed", job=job_id)
+    sync_job = jobs.get(SYNC_JOB)
+    if settings.sync_enabled:
+        if sync_job is None or sync_job.kwargs.get("signature") != settings.sync_cron:
+            scheduler.add_job(SYNC_FUNC, crontab_trigger(settings.sync_cron, "UTC"), id=SYNC_JOB,
+                              name="daily sync of connected sources", kwargs={"signature": settings.sync_cron},
+                              replace_existing=True)
+            changes["sync"] += 1
+    elif sync_job is not None:
+        with contextlib.suppress(JobLookupError):
+            scheduler.remove_job(SYNC_JOB)
+        changes["sync"] += 1
+    if changes:
+        scheduler.wakeup()
+    return changes
+
+
+# --- the worker --------------------------------------------------------------------------------
+
+class Worker:
+    """One scheduler process: the APScheduler thread plus a main loop that runs queued runs one at a time."""
+
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = (worker_id or settings.scheduler_worker_id
+                          or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")[:100]
+        self.stop = threading.Event()
+        self.abandoned = False
+        self.scheduler: BackgroundScheduler | None = None
+
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """Signal handler: no new run starts; the main loop decides about the current one."""
+        self.stop.set()
+        _WAKE.set()
+
+    def wait_for_database(self) -> bool:
+        """Wait until the database answers and is migrated (the API and the migration may start together)."""
+        waited = False
+        while not self.stop.is_set():
+            try:
+                if is_current():
+                    return True
+            except Exception as exc:
+                log.warning("database.unavailable", error=type(exc).__name__)
+            if not waited:
+                log.info("database.waiting", hint="run `python cli.py db upgrade`")
+                waited = True
+            self.stop.wait(min(self.settings.scheduler_poll_seconds, 2.0))
+        return False
+
+    def start_scheduler(self) -> None:
+        self.scheduler = build_scheduler(self.settings)
+        self.scheduler.start()
+        sync_schedules(self.scheduler, self.settings)
+
+    def recover_stale(self) -> list[tuple[int, int]]:
+        """Mark runs whose worker went silent as interrupted, and queue them again."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.scheduler_stale_after_seconds)
+        with system_session() as session:
+            stale = runs_repo.interrupt_stale_runs_all_orgs(session, cutoff)
+        for org_id, run_id in stale:
+            log.warning("run.interrupted", org_id=org_id, run_id=run_id, reason="no heartbeat")
+            self._retry(org_id, run_id)
+        return stale
+
+    def _retry(self, org_id: int, run_id: int) -> int | None:
+        with org_lock(ENQUEUE_LOCK, org_id, wait=True):
+            with org_session(org_id) as session:
+                streak = runs_repo.interrupted_streak(session, org_id)
+                waiting = runs_repo.has_waiting_run(session, org_id)
+                run = runs_repo.get_run(session, org_id, run_id)
+            if run is None or waiting or streak > self.settings.scheduler_max_retries:
+                log.info("run.not_retried", org_id=org_id, run_id=run_id, interrupted_in_a_row=streak,
+                         other_run_waiting=waiting)
+                return None
+            retry = reconciliation.queue_run(Actor.system(org_id, ACTOR_NAME), trigger=run.trigger)
+        log.info("run.retry_queued", org_id=org_id, run_id=run_id, retry_run_id=retry.id)
+        return retry.id
+
+    def run_pending(self) -> bool:
+        """Claim and run one queued run (oldest first, skipping orgs busy elsewhere); False when none could be."""
+        with system_session() as session:
+            queued = runs_repo.queued_runs_all_orgs(session)
+        for org_id, run_id in queued:
+            if self.stop.is_set():
+                return False
+            with org_lock(RUN_LOCK, org_id, wait=False) as got:
+                if not got:
+                    continue
+                with org_session(org_id) as session:
+                    claimed = runs_repo.claim_run_exclusive(session, org_id, run_id, self.worker_id)
+                if not claimed:
+                    continue
+                self._execute(org_id, run_id)
+                return True
+        return False
+
+    def _execute(self, org_id: int, run_id: int) -> None:
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            with correlation(f"run-{run_id}", org_id=org_id, run_id=run_id):
+                log.info("run.started", worker=self.worker_id)
+                try:
+                    run = reconciliation.run_reconciliation(Actor.system(org_id, ACTOR_NAME), run_id=run_id,
+                                                            trigger="schedule")
+                    outcome["status"] = run.status
+                    log.info("run.finished", status=run.status, error=run.error)
+                except Exception as exc:  # run_reconciliation marked it failed already
+                    outcome["status"] = "failed"
+                    log.error("run.crashed", error=f"{type(exc).__name__}: {exc}"[:1000])
+
+        thread = threading.Thread(target=target, name=f"run-{run_id}", daemon=True)
+        thread.start()
+        beat = self.settings.scheduler_heartbeat_seconds
+        next_beat = time.monotonic() + beat
+        deadline: float | None = None
+        while thread.is_alive():
+            thread.join(0.1)
+            now = time.monotonic()
+            if now >= next_beat and thread.is_alive():
+                next_beat = now + beat
+                try:
+                    with org_session(org_id) as session:
+                        runs_repo.worker_heartbeat(session, org_id, run_id, self.worker_id)
+                except Exception as exc:  # the next beat will try again; the stale timeout is the backstop
+                    log.warning("run.heartbeat_failed", run_id=run_id, error=type(exc).__name__)
+            if self.stop.is_set() and thread.is_alive():
+                if deadline is None:
+                    deadline = now + self.settings.scheduler_shutdown_grace_seconds
+                    log.info("shutdown.waiting_for_run", run_id=run_id,
+                             grace_seconds=self.settings.scheduler_shutdown_grace_seconds)
+                elif now >= deadline:
+                    self._abandon(org_id, run_id)
+                    return
+
+    def _abandon(self, org_id: int, run_id: int) -> None:
+        reason = "the scheduler was stopped (SIGTERM) before the run finished; it will be retried"
+        try:
+            with org_session(org_id) as session:
+                runs_repo.mark_interrupted(session, org_id, run_id, self.worker_id, reason)
+            log.warning("run.interrupted", org_id=org_id, run_id=run_id, reason="shutdown")
+        except Exception as exc:  # the stale timeout will catch it instead
+            log.error("run.interrupt_failed", run_id=run_id, error=type(exc).__name__)
+        self.abandoned = True
+
+    def tick(self, refresh_schedules: bool) -> None:
+        if refresh_schedules and self.scheduler is not None:
+            sync_schedules(self.scheduler, self.settings)
+        self.recover_stale()
+        while not self.stop.is_set() and self.run_pending():
+            pass
+
+    def serve(self) -> int:
+        """The main loop; returns the exit code (0 after a requested stop)."""
+        if not self.wait_for_database():
+            return 0
+        self.start_scheduler()
+        log.info("scheduler.started", worker=self.worker_id)
+        next_refresh = time.monotonic() + self.settings.scheduler_settings_poll_seconds
+        try:
+            while not self.stop.is_set():
+                refresh = time.monotonic() >= next_refresh
+                if refresh:
+                    next_refresh = time.monotonic() + self.settings.scheduler_settings_poll_seconds
+                try:
+                    self.tick(refresh)
+                except Exception as exc:  # database gone for a moment: log, wait, try again
+                    log.error("scheduler.tick_failed", error=f"{type(exc).__name__}: {exc}"[:1000])
+                if self.abandoned:
+                    break
+                _WAKE.wait(self.settings.scheduler_poll_seconds)
+                _WAKE.clear()
+        finally:
+            if self.scheduler is not None and self.scheduler.running:
+                self.scheduler.shutdown(wait=False)
+        log.info("scheduler.stopped", worker=self.worker_id)
+        return 0
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    ensure_logging(settings.log_level)
+    worker = Worker(settings)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    return worker.serve()
+
+
+if __name__ == "__main__":
+    import scheduler as _self  # run as the `scheduler` module, the name stored jobs refer to
+
+    code = _self.main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # a run thread or a sync may still be inside C code; both are safe to drop (see above)

@@ -1,0 +1,440 @@
+"""Backups of one organization: export to a zip archive, import into another (or an empty) database.
+
+The archive is one JSON-lines file per table plus `manifest.json` (format, schema revision, row
+counts and a SHA-256 per file), so it can be read without this code and a damaged or edited
+archive is refused before anything is written. What it holds: the organization, its settings,
+users (with password hashes: they keep signing in), integrations (still encrypted: the target
+must run with the same RRC_SECRET_KEYS to use them), accounts, runs, anomalies, actions, the
+audit log, API keys (hashes only: the keys keep working, nobody learns them) and ingested usage
+events. Files on disk (synced bundles under the data dir) are not in it: the next sync rebuilds them.
+
+Import is one transaction: all or nothing. Row ids are kept when they are free in the target
+(always the case in an empty database); otherwise every id of a table is shifted past the
+target's ids and the references follow. The audit log's hash chain is verified from the archive
+first. With unchanged ids it is inserted byte for byte (same hashes, `verify` passes). When the
+org id or referenced ids had to change, the hashes (which cover the org id, target id and actor)
+no longer match, so the chain is re-sealed over the new ids, and the entry
+`organization.imported` records the original chain's head hash and the archive's checksum, which
+ties the new chain to the verified old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Float, Numeric, func, insert, select, text
+from sqlalchemy.orm import Session
+
+from db import crypto
+from db.models import (
+    Account,
+    Action,
+    Anomaly,
+    ApiKey,
+    AuditEntry,
+    Base,
+    Integration,
+    Organization,
+    OrgSettings,
+    ReconRun,
+    UsageEvent,
+    User,
+    UTCDateTime,
+)
+from db.session import current_revision, head_revision, org_session, system_session
+from services import audit
+from services.context import Actor, require_role
+from services.errors import Conflict, InvalidInput
+from services.users import SLUG
+
+FORMAT = "rrc-org-export"
+VERSION = 1
+MANIFEST = "manifest.json"
+CHUNK = 2_000
+# insertion order (parents first); the file of each table is <name>.jsonl
+TABLES: tuple[tuple[str, type[Base]], ...] = (
+    ("organizations", Organization), ("org_settings", OrgSettings), ("users", User), ("integrations", Integration),
+    ("accounts", Account), ("recon_runs", ReconRun), ("anomalies", Anomaly), ("actions", Action),
+    ("audit_log", AuditEntry), ("api_keys", ApiKey), ("usage_events", UsageEvent),
+)
+MODELS = dict(TABLES)
+# column -> the table whose id it holds
+REFERENCES: dict[str, dict[str, str]] = {
+    "recon_runs": {"created_by": "users"},
+    "anomalies": {"first_run_id": "recon_runs", "last_run_id": "recon_runs", "status_changed_by": "users"},
+    "actions": {"anomaly_id": "anomalies", "created_by": "users"},
+    "api_keys": {"created_by": "users"},
+}
+# audit target_type -> the table whose id target_id holds; actor label prefix -> table
+AUDIT_TARGETS = {"organization": "organizations", "org_settings": "organizations", "user": "users",
+                 "recon_run": "recon_runs", "anomaly": "anomalies", "action": "actions", "api_key": "api_keys",
+                 "integration": "integrations"}
+ACTOR_PREFIXES = {"user": "users", "api_key": "api_keys"}
+# unique across the whole database, not per org: an import must not collide on them
+GLOBAL_UNIQUE = {"users": ("email", "email"), "api_keys": ("key_hash", "API key"),
+                 "actions": ("idempotency_key", "action idempotency key")}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    org_id: int
+    slug: str
+    rows: dict[str, int]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    org_id: int
+    slug: str
+    rows: dict[str, int]
+    ids_kept: bool  # False: ids were shifted and the audit chain re-sealed
+    audit_entries: int
+    undecryptable_integrations: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# --- values <-> JSON -----------------------------------------------------------------------------
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def _from_json(table: str, column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    col_type = MODELS[table].__table__.c[column].type
+    try:
+        if isinstance(col_type, UTCDateTime):
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is None:
+                raise ValueError("no UTC offset")
+            return parsed
+        if isinstance(col_type, Float):
+            return float(value)
+        if isinstance(col_type, Numeric):
+            return Decimal(str(value))
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise InvalidInput(f"{table}.jsonl: column {column}: bad value {value!r} ({exc})") from None
+    return value
+
+
+def _columns(table: str) -> list[str]:
+    return [column.name for column in MODELS[table].__table__.columns]
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def _rows_of(session: Session, table: str, org_id: int) -> Iterator[dict[str, Any]]:
+    model_table = MODELS[table].__table__
+    key = model_table.c.id if table == "organizations" else model_table.c.org_id
+    order = model_table.c.org_id if table == "org_settings" else model_table.c.id
+    result = session.execute(select(model_table).where(key == org_id).order_by(order).execution_options(
+        yield_per=CHUNK))
+    for row in result:
+        yield {name: _to_json(value) for name, value in row._mapping.items()}
+
+
+def export_org(actor: Actor, out: Path | str) -> ExportResult:
+    """Write the organization's archive to `out` (.zip), atomically; admins only; audited."""
+    require_role(actor, "admin")
+    out = Path(out)
+    if out.suffix.lower() != ".zip":
+        raise InvalidInput(f"output {out}: expected a .zip file name")
+    if not out.parent.is_dir():
+        raise InvalidInput(f"output {out}: folder {out.parent} does not exist")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    counts: dict[str, int] = {}
+    files: dict[str, dict[str, Any]] = {}
+    try:
+        with org_session(actor.org_id) as session:
+            audit.append(session, actor, "organization.exported", "organization", actor.org_id, {"file": out.name})
+            org = session.get(Organization, actor.org_id)
+            if org is None:
+                raise InvalidInput(f"organization {actor.org_id} not found")
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for table, _model in TABLES:
+                    digest, count = hashlib.sha256(), 0
+                    with archive.open(f"{table}.jsonl", "w", force_zip64=True) as handle:
+                        for row in _rows_of(session, table, actor.org_id):
+                            line = (json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n").encode()
+                            handle.write(line)
+                            digest.update(line)
+                            count += 1
+                    counts[table] = count
+                    files[f"{table}.jsonl"] = {"rows": count, "sha256": digest.hexdigest()}
+                manifest = {
+                    "format": FORMAT, "version": VERSION, "exported_at": datetime.now(UTC).isoformat(),
+                    "schema_revision": current_revision(), "source": {"org_id": org.id, "slug": org.slug},
+                    "files": files,
+                }
+                archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    return ExportResult(out, org.id, org.slug, counts, sha)
+
+
+# --- reading an archive --------------------------------------------------------------------------
+
+class _Archive:
+    """An opened archive whose manifest and checksums were verified."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise InvalidInput(f"archive {path}: no such file")
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise InvalidInput(f"archive {path}: not a zip file") from None
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            self.manifest = json.loads(self.zip.read(MANIFEST))
+        except KeyError:
+            raise InvalidInput(f"archive {path}: {MANIFEST} is missing (not an organization export)") from None
+        except ValueError as exc:
+            raise InvalidInput(f"archive {path}: {MANIFEST} is not valid JSON ({exc})") from None
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise InvalidInput(f"archive {path}: {MANIFEST}: expected format {FORMAT!r} version {VERSION}, got "
+                               f"{self.manifest.get('format')!r} version {self.manifest.get('version')!r}")
+        revision, head = self.manifest.get("schema_revision"), head_revision()
+        if revision != head:
+            raise InvalidInput(f"archive {path}: exported at schema revision {revision}, this installation is at "
+                               f"{head}; import it with the version of the app that exported it")
+        files = self.manifest.get("files") or {}
+        expected = {f"{table}.jsonl" for table, _ in TABLES}
+        if set(files) != expected:
+            raise InvalidInput(f"archive {path}: {MANIFEST}: files {sorted(files)} do not match {sorted(expected)}")
+        for name, meta in files.items():
+            digest, count = hashlib.sha256(), 0
+            try:
+                with self.zip.open(name) as handle:
+                    for line in handle:
+                        digest.update(line)
+                        count += 1
+            except KeyError:
+                raise InvalidInput(f"archive {path}: {name} is listed in the manifest but missing") from None
+            if digest.hexdigest() != meta.get("sha256") or count != meta.get("rows"):
+                raise InvalidInput(f"archive {path}: {name} does not match its checksum in {MANIFEST} "
+                                   "(damaged or edited)")
+        self.source_org_id = int(self.manifest["source"]["org_id"])
+
+    def rows(self, table: str) -> Iterator[dict[str, Any]]:
+        columns = set(_columns(table))
+        with self.zip.open(f"{table}.jsonl") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    raw = json.loads(line)
+                except ValueError as exc:
+                    raise InvalidInput(f"{table}.jsonl line {number}: not JSON ({exc})") from None
+                if not isinstance(raw, dict) or set(raw) != columns:
+                    raise InvalidInput(f"{table}.jsonl line {number}: expected the columns {sorted(columns)}")
+                yield {name: _from_json(table, name, value) for name, value in raw.items()}
+
+
+def _verify_chain(org_id: int, entries: list[dict[str, Any]]) -> str:
+    """The archive's audit chain must be intact; returns its head hash."""
+    previous, expected_seq = audit.GENESIS, 1
+    for entry in entries:
+        if entry["seq"] != expected_seq or entry["prev_hash"] != previous:
+            raise InvalidInput(f"audit_log.jsonl: the audit chain is broken at entry {expected_seq}")
+        digest = audit._digest(org_id, entry["seq"], entry["ts"], entry["actor"], entry["action"], entry["target_type"],
+                               entry["target_id"], entry["details"], entry["prev_hash"])
+        if digest != entry["hash"]:
+            raise InvalidInput(f"audit_log.jsonl: entry {entry['seq']} was changed after it was written")
+        previous, expected_seq = entry["hash"], expected_seq + 1
+    return previous
+
+
+# --- import --------------------------------------------------------------------------------------
+
+def _id_span(archive: _Archive, table: str) -> tuple[int, int] | None:
+    ids = [row["org_id" if table == "org_settings" else "id"] for row in archive.rows(table)]
+    return (min(ids), max(ids)) if ids else None
+
+
+def _offset(session: Session, table: str, span: tuple[int, int] | None) -> int:
+    """0 when the archive's ids are free here, else the shift that puts them after every existing id."""
+    if span is None:
+        return 0
+    column = MODELS[table].__table__.c.id
+    taken = session.execute(select(func.count()).where(column.between(*span))).scalar_one()
+    if not taken:
+        return 0
+    highest = session.execute(select(func.max(column))).scalar_one() or 0
+    return highest + 1 - span[0]
+
+
+def _lock_tables(session: Session) -> None:
+    """Keep concurrent writers out while ids are chosen and rows written (SQLite: its one write lock)."""
+    if session.get_bind().dialect.name == "postgresql":
+        names = ", ".join(table for table, _ in TABLES)
+        session.execute(text(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE"))
+    else:
+        session.execute(text("UPDATE organizations SET id = id WHERE 0 = 1"))
+
+
+def _check_conflicts(session: Session, archive: _Archive, slug: str) -> None:
+    if session.execute(select(Organization.id).where(Organization.slug == slug)).first():
+        raise Conflict(f"slug: an organization {slug!r} already exists here; import with a new slug")
+    for table, (column, label) in GLOBAL_UNIQUE.items():
+        values = [row[column] for row in archive.rows(table)]
+        db_column = MODELS[table].__table__.c[column]
+        clashes: list[str] = []
+        for start in range(0, len(values), 500):
+            clashes += session.scalars(select(db_column).where(db_column.in_(values[start:start + 500]))).all()
+        if clashes:
+            shown = ", ".join(sorted(clashes)[:3]) if table == "users" else f"{len(clashes)} of them"
+            raise Conflict(f"{table}: {label} already in use in this database ({shown}); an organization can be "
+                           "imported once per database (sign-in emails and keys are unique across organizations)")
+
+
+def _remap(table: str, row: dict[str, Any], org_id: int, offsets: dict[str, int]) -> dict[str, Any]:
+    row = dict(row)
+    if table == "organizations":
+        row["id"] = org_id
+    else:
+        row["org_id"] = org_id
+        if "id" in row:
+            row["id"] += offsets[table]
+    for column, target in REFERENCES.get(table, {}).items():
+        if row[column] is not None:
+            row[column] += offsets[target]
+    return row
+
+
+def _remap_text_id(value: str | None, table: str | None, offsets: dict[str, int], org_id: int) -> str | None:
+    if value is None or table is None or not value.isdigit():
+        return value
+    return str(org_id) if table == "organizations" else str(int(value) + offsets[table])
+
+
+def _remap_actor(label: str, offsets: dict[str, int]) -> str:
+    kind, _, ident = label.partition(":")
+    table = ACTOR_PREFIXES.get(kind)
+    return f"{kind}:{int(ident) + offsets[table]}" if table and ident.isdigit() else label
+
+
+def _insert(session: Session, table: str, rows: Iterable[dict[str, Any]]) -> int:
+    model_table = MODELS[table].__table__
+    batch: list[dict[str, Any]] = []
+    count = 0
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= CHUNK:
+            session.execute(insert(model_table), batch)
+            count, batch = count + len(batch), []
+    if batch:
+        session.execute(insert(model_table), batch)
+        count += len(batch)
+    return count
+
+
+def _reseal(entries: list[dict[str, Any]], org_id: int, offsets: dict[str, int]) -> list[dict[str, Any]]:
+    previous, sealed = audit.GENESIS, []
+    for entry in entries:
+        entry = dict(entry)
+        entry["target_id"] = _remap_text_id(entry["target_id"], AUDIT_TARGETS.get(entry["target_type"] or ""),
+                                            offsets, org_id)
+        entry["actor"] = _remap_actor(entry["actor"], offsets)
+        entry["prev_hash"] = previous
+        entry["hash"] = audit._digest(org_id, entry["seq"], entry["ts"], entry["actor"], entry["action"],
+                                      entry["target_type"], entry["target_id"], entry["details"], previous)
+        previous = entry["hash"]
+        sealed.append(entry)
+    return sealed
+
+
+def _bump_sequences(session: Session) -> None:
+    """PostgreSQL: explicit ids do not advance a serial column's sequence; move each past the highest id."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for table, _model in TABLES:
+        if table == "org_settings":
+            continue
+        sequence = session.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table}).scalar()
+        if sequence:
+            session.execute(text(f"SELECT setval(:s, GREATEST((SELECT coalesce(max(id), 0) FROM {table}), "
+                                 f"(SELECT last_value FROM {sequence}), 1))"), {"s": sequence})
+
+
+def import_org(path: Path | str, *, new_slug: str | None = None, new_name: str | None = None) -> ImportResult:
+    """Create the archive's organization in this database (one transaction; nothing is written on error)."""
+    archive = _Archive(Path(path))
+    source = archive.manifest["source"]
+    slug = (new_slug or source["slug"]).strip()
+    if not SLUG.match(slug):
+        raise InvalidInput("slug: lower-case letters, digits and dashes, 2 to 63 characters")
+    entries = list(archive.rows("audit_log"))
+    head = _verify_chain(archive.source_org_id, entries)
+    spans = {table: _id_span(archive, table) for table, _ in TABLES if table != "org_settings"}
+    rows: dict[str, int] = {}
+    with system_session() as session:
+        _lock_tables(session)
+        _check_conflicts(session, archive, slug)
+        offsets = {table: _offset(session, table, span) for table, span in spans.items()}
+        org_id = archive.source_org_id + offsets.pop("organizations")
+        offsets["organizations"] = org_id - archive.source_org_id
+        ids_kept = not any(offsets.values())
+        for table, _model in TABLES:
+            if table == "audit_log":
+                sealed = entries if ids_kept else _reseal(entries, org_id, offsets)
+                rows[table] = _insert(session, table, (_remap(table, e, org_id, offsets) for e in sealed))
+                continue
+            source_rows: Iterable[dict[str, Any]] = archive.rows(table)
+            if table == "organizations":
+                source_rows = ({**row, "slug": slug, "name": (new_name or row["name"]).strip()} for row in source_rows)
+            rows[table] = _insert(session, table, (_remap(table, row, org_id, offsets) for row in source_rows))
+        _bump_sequences(session)
+        audit.append(session, Actor.system(org_id, "import"), "organization.imported", "organization", org_id, {
+            "source_org_id": archive.source_org_id, "source_slug": source["slug"], "source_audit_head": head,
+            "archive_sha256": archive.sha256, "exported_at": archive.manifest.get("exported_at"),
+            "ids_kept": ids_kept, "id_offsets": {t: o for t, o in offsets.items() if o},
+        })
+        result = audit.verify(session, org_id)
+        if not result.ok:  # cannot happen unless this code is wrong: refuse rather than store a broken chain
+            raise InvalidInput(f"audit_log: the imported chain does not verify at entry {result.first_broken_seq}")
+        undecryptable = _undecryptable(session, org_id)
+    notes = []
+    if undecryptable:
+        notes.append(f"{undecryptable} integration secret(s) cannot be decrypted with this installation's "
+                     "RRC_SECRET_KEYS: add the exporting installation's key, or reconnect them in Settings")
+    if not ids_kept:
+        notes.append("ids were shifted to fit this database; the audit chain was re-sealed over the new ids and "
+                     "the entry organization.imported records the original chain's head hash")
+    return ImportResult(org_id, slug, rows, ids_kept, result.checked, undecryptable, notes)
+
+
+def _undecryptable(session: Session, org_id: int) -> int:
+    failures = 0
+    for token in session.scalars(select(Integration.config_encrypted).where(Integration.org_id == org_id)):
+        try:
+            crypto.decrypt_json(token)
+        except crypto.SecretKeyMissing:
+            failures += 1
+    return failures
+
+
+def archive_summary(path: Path | str) -> dict[str, Any]:
+    """The verified manifest of an archive (what the CLI prints before importing)."""
+    archive = _Archive(Path(path))
+    return dict(archive.manifest)
+

@@ -1,0 +1,214 @@
+"""Turn a confirmed leak into a Stripe draft invoice, exactly once.
+
+Exactly once, in two layers. Locally: the action's idempotency key is a hash of (org, anomaly
+fingerprint, leak amount), unique in `actions`, and the row is claimed (status pending) before
+Stripe is called, so a double click or 20 concurrent requests make one caller do the work while
+the others wait for its result (services/actions_common.py). Remotely: Stripe gets Idempotency-Keys
+derived from the same hash, so a retry after a timeout, a crash or an outage finds the invoice
+the first attempt created instead of creating a second one.
+
+Everything that can be checked here (role, anomaly type and status, the account's Stripe
+customer, the Stripe integration) is checked before anything is written: a refused request
+leaves no action row and sends nothing to Stripe. The connector then checks the customer and the
+price in Stripe before its first write. A failure after the claim marks the action failed (the
+retry reuses the row and the keys); the invoice stays a draft whatever happens — this product
+never finalizes or sends one, finance does that in Stripe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+
+from connectors import stripe as stripe_connector
+from core.money import format_money, round_money
+from db.models import Account, Action, Anomaly
+from db.session import org_session
+from services import integrations
+from services.actions_common import (
+    ActionFailed,
+    ActionResult,
+    anomaly_link,
+    claim_action,
+    fail_action,
+    result_of,
+    succeed_action,
+)
+from services.context import Actor, require_role
+from services.errors import Conflict, InvalidInput, NotFound
+
+KIND = "draft_invoice"
+LEAK_TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage")
+CLOSED_STATUSES = ("dismissed", "resolved", "recovered")  # nothing (left) to invoice
+RETRYABLE = ("rate_limited", "unavailable")
+
+
+@dataclass(frozen=True)
+class PreviewLine:
+    description: str
+    quantity: Decimal
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class InvoicePreview:
+    """What "Draft invoice" will put in Stripe, shown before the analyst confirms."""
+
+    anomaly_id: int
+    account_id: str
+    account_name: str
+    customer: str  # Stripe customer id
+    currency: str
+    lines: tuple[PreviewLine, ...]
+    total: Decimal
+    already_drafted: str | None = None  # invoice id when this exact draft exists already
+
+
+@dataclass(frozen=True)
+class _Plan:
+    anomaly_id: int
+    key: str
+    stripe_key: str
+    preview: InvoicePreview
+    lines: tuple[stripe_connector.DraftLine, ...]
+    metadata: dict[str, str]
+    description: str
+
+
+def _units(value: Decimal) -> str:
+    text = f"{Decimal(value).normalize():f}"
+    return text if "." not in text else text.rstrip("0").rstrip(".")
+
+
+def idempotency_key(org_id: int, fingerprint: str, leak_amount: Decimal, currency: str) -> str:
+    """Same org, same gap, same amount -> same key; a changed amount is a different invoice."""
+    amount = round_money(Decimal(leak_amount), currency)
+    digest = hashlib.sha256(f"{org_id}|{fingerprint}|{amount}|{currency.lower()}".encode()).hexdigest()
+    return f"{KIND}:{digest[:48]}"
+
+
+def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
+    """The invoice item's description (product, period, units, anomaly) and its quantity."""
+    last_day = (anomaly.period_end - timedelta(days=1)).date().isoformat()
+    period = f"{anomaly.period_start.date().isoformat()} to {last_day}"
+    actual, leak = Decimal(anomaly.actual_units), Decimal(anomaly.leak_units)
+    product = anomaly.product_key
+    what = {
+        "unbilled_usage": (f"{product}: {_units(actual)} units used {period} with no subscription billing them",
+                           actual),
+        "under_reported_usage": (f"{product}: {_units(leak)} units used {period} that never reached billing", leak),
+        "renewal_drift": (f"{product}: {_units(actual)} units {period} billed below the contracted price "
+                          f"({anomaly.price_id})", actual),
+        "missed_overage": (f"{product}: usage above the allowance {period} not charged "
+                           f"({_units(actual)} units used)", actual),
+    }[anomaly.type]
+    return f"{what[0]} — anomaly #{anomaly.id} ({anomaly.fingerprint[:12]})", what[1]
+
+
+def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan | ActionResult:
+    """Read and check everything locally; an existing identical draft comes back as a replay."""
+    if isinstance(anomaly_id, bool) or not isinstance(anomaly_id, int):
+        raise InvalidInput(f"anomaly_id: expected an integer id, got {anomaly_id!r}")
+    with org_session(actor.org_id) as session:
+        anomaly = session.scalars(select(Anomaly).where(Anomaly.org_id == actor.org_id,
+                                                        Anomaly.id == anomaly_id)).one_or_none()
+        if anomaly is None:
+            raise NotFound(f"anomaly {anomaly_id} not found")
+        if anomaly.type not in LEAK_TYPES:
+            raise InvalidInput(f"anomaly {anomaly_id} is {anomaly.type}: only unbilled revenue can be invoiced "
+                               "(over-billing is a credit risk; handle it with a credit note in Stripe)")
+        leak = Decimal(anomaly.leak_amount)
+        if leak <= 0:
+            raise InvalidInput(f"anomaly {anomaly_id} has no amount to invoice (leak_amount {leak})")
+        key = idempotency_key(actor.org_id, anomaly.fingerprint, leak, anomaly.currency)
+        done = session.scalars(select(Action).where(Action.org_id == actor.org_id, Action.anomaly_id == anomaly.id,
+                                                    Action.kind == KIND, Action.status == "succeeded")
+                              .order_by(Action.id)).all()
+        same = next((a for a in done if a.idempotency_key == key), None)
+        if same is not None and not for_preview:
+            return result_of(same, replayed=True)
+        if done and same is None:
+            earlier = done[-1]
+            raise Conflict(f"anomaly {anomaly_id} already has draft invoice {earlier.external_id} for "
+                           f"{format_money(Decimal(earlier.amount or 0), anomaly.currency)}; the gap is now "
+                           f"{format_money(leak, anomaly.currency)}: adjust that draft in Stripe instead")
+        if anomaly.status in CLOSED_STATUSES and same is None:
+            raise Conflict(f"anomaly {anomaly_id} is {anomaly.status}: reopen it before drafting an invoice "
+                           "(a recovered gap was already paid)")
+        account = session.scalars(select(Account).where(Account.org_id == actor.org_id,
+                                                        Account.account_id == anomaly.account_id)).one_or_none()
+        if account is None:
+            raise InvalidInput(f"account {anomaly.account_id} is unknown: run a reconciliation or sync first")
+        if not account.stripe_customer_id:
+            raise InvalidInput(f"account {account.account_id} ({account.name}) has no stripe_customer_id: map it to "
+                               "its Stripe customer before drafting an invoice")
+        description, quantity = _line_text(anomaly)
+        amount = round_money(leak, anomaly.currency)
+        preview = InvoicePreview(anomaly.id, account.account_id, account.name, account.stripe_customer_id,
+                                 anomaly.currency, (PreviewLine(description, quantity, amount),), amount,
+                                 same.external_id if same is not None else None)
+        line = stripe_connector.DraftLine(
+            description, amount, anomaly.period_start, anomaly.period_end, anomaly.price_id or None,
+            {"product_key": anomaly.product_key, "anomaly_id": str(anomaly.id), "rrc_type": anomaly.type})
+        metadata = {"rrc_anomaly_id": str(anomaly.id), "rrc_fingerprint": anomaly.fingerprint,
+                    "rrc_account_id": account.account_id, "rrc_link": anomaly_link(anomaly.id)}
+        invoice_text = (f"Usage not billed for {account.name}, {anomaly.product_key}, "
+                        f"{anomaly.period_start.date().isoformat()} (Revenue Recovery Copilot)")
+        return _Plan(anomaly.id, key, "rrc-" + key.split(":", 1)[1], preview, (line,), metadata, invoice_text)
+
+
+def preview_invoice(actor: Actor, anomaly_id: int) -> InvoicePreview:
+    """The draft invoice "Draft invoice" would create, without calling Stripe."""
+    require_role(actor, "admin", "analyst")
+    plan = _plan(actor, anomaly_id, for_preview=True)
+    assert isinstance(plan, _Plan)
+    return plan.preview
+
+
+def _dashboard_url(config: dict[str, Any], invoice_id: str) -> str:
+    mode = "" if "_live_" in str(config.get("api_key", "")) else "test/"
+    return f"https://dashboard.stripe.com/{mode}invoices/{invoice_id}"
+
+
+def draft_invoice(actor: Actor, anomaly_id: int) -> ActionResult:
+    """Create the draft invoice for a leak; repeating the request returns the same invoice."""
+    require_role(actor, "admin", "analyst")
+    plan = _plan(actor, anomaly_id)
+    if isinstance(plan, ActionResult):
+        return plan
+    config = integrations.get_config(actor, "stripe")
+    preview = plan.preview
+    request = {"customer": preview.customer, "currency": preview.currency, "total": str(preview.total),
+               "lines": [{"description": line.description, "quantity": str(line.quantity),
+                          "amount": str(line.amount)} for line in preview.lines]}
+    claim = claim_action(actor, key=plan.key, kind=KIND, anomaly_id=plan.anomaly_id, amount=preview.total,
+                         currency=preview.currency, request=request)
+    if claim.replay is not None:
+        return claim.replay
+    assert claim.action_id is not None
+    try:
+        invoice_id = stripe_connector.create_draft_invoice(
+            config, preview.customer, preview.currency, list(plan.lines), plan.stripe_key, plan.metadata,
+            description=plan.description)
+    except stripe_connector.StripeConnectorError as exc:
+        retryable = exc.kind in RETRYABLE
+        fail_action(actor, claim.action_id, error=exc.message, audit_action="draft_invoice.failed",
+                    details={"customer": preview.customer, "amount": preview.total, "currency": preview.currency,
+                             "retryable": retryable})
+        raise ActionFailed(exc.message, retryable=retryable, action_id=claim.action_id) from None
+    except Exception as exc:
+        fail_action(actor, claim.action_id, error=type(exc).__name__, audit_action="draft_invoice.failed",
+                    details={"customer": preview.customer})
+        raise
+    url = _dashboard_url(config, invoice_id)
+    return succeed_action(actor, claim.action_id, external_id=invoice_id,
+                          response={"invoice_id": invoice_id, "url": url, "status": "draft",
+                                    "total": str(preview.total)},
+                          audit_action="draft_invoice.created",
+                          details={"customer": preview.customer, "account_id": preview.account_id,
+                                   "lines": len(preview.lines)})

@@ -1,0 +1,314 @@
+"""A local Salesforce that speaks the HTTP API `simple-salesforce` uses, for contract tests and the demo.
+
+Implemented: the SOAP partner `login` (sessionId + serverUrl pointing back here, SOAP faults for bad
+credentials), the OAuth 2.0 client credentials token endpoint, REST `limits`, `sobjects/<type>/describe`,
+`sobjects/<type>` create, `sobjects/<type>/<id>` read, and `query` for the small SOQL subset the
+connector sends (`SELECT f, ... FROM T [WHERE a = 'x' [AND b LIKE '%y']] [LIMIT n]`). Errors use
+Salesforce's envelope: a JSON list of `{"message", "errorCode"}` (401 INVALID_SESSION_ID, 400
+INVALID_FIELD / MALFORMED_QUERY / INVALID_CROSS_REFERENCE_KEY, 404 NOT_FOUND).
+
+Fault injection (`FakeSalesforce.fail_next`): the next matching requests answer 429/5xx (with
+Retry-After), or are processed and then either answered only after a delay longer than the client's
+timeout or cut off mid-answer — what a connection lost after the server did the work looks like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+from xml.sax.saxutils import escape
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+ORG_ID = "00DFAKE0000000001"
+TASK_FIELDS = {"Id", "Subject", "Description", "ActivityDate", "Status", "Priority", "WhatId", "WhoId", "OwnerId",
+               "Type", "CreatedDate", "IsClosed"}
+ACCOUNT_FIELDS = {"Id", "Name", "Type", "Industry", "OwnerId", "CreatedDate"}
+FIELDS = {"Task": TASK_FIELDS, "Account": ACCOUNT_FIELDS}
+READ_ONLY = {"Id", "CreatedDate", "IsClosed"}
+TASK_STATUSES = {"Not Started", "In Progress", "Completed", "Waiting on someone else", "Deferred"}
+TASK_PRIORITIES = {"High", "Normal", "Low"}
+
+
+@dataclass
+class Fault:
+    """What to do to the next request whose method and path match (`path_pattern`, a regex searched in the path)."""
+
+    method: str
+    path_pattern: str
+    status: int | None = None  # answer this status without processing
+    retry_after: int | None = None
+    delay_after: float = 0.0  # process, then hold the answer this long (client times out)
+    drop: bool = False  # process, then cut the connection in the middle of the answer
+
+
+@dataclass
+class FakeSalesforce:
+    username: str = "ops@example.com"
+    password: str = "s3cret-pass"
+    security_token: str = "TOKEN123"
+    consumer_key: str = "3MVG9fake.consumer.key"
+    client_secret: str = "fake-client-secret-0042"
+    accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sessions: set[str] = field(default_factory=set)
+    faults: list[Fault] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every API call
+    task_createable: bool = True
+    base_url: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def add_account(self, account_id: str, name: str) -> None:
+        self.accounts[account_id] = {"Id": account_id, "Name": name, "Type": "Customer"}
+
+    def fail_next(self, method: str, path_pattern: str, *, status: int | None = None, retry_after: int | None = None,
+                  delay_after: float = 0.0, drop: bool = False, times: int = 1) -> None:
+        for _ in range(times):
+            self.faults.append(Fault(method, path_pattern, status, retry_after, delay_after, drop))
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.method == method and re.search(fault.path_pattern, path):
+                    self.faults.remove(fault)
+                    return fault
+        return None
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}FAKE{next(self._ids):011d}"[:18]
+
+
+def _errors(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse([{"message": message, "errorCode": code}], status_code=status, headers=headers)
+
+
+def _soap_fault(code: str, message: str) -> Response:
+    body = f"""<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"
+ xmlns:sf="urn:fault.partner.soap.sforce.com" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+<soapenv:Body><soapenv:Fault><faultcode>sf:{code}</faultcode><faultstring>{code}: {escape(message)}</faultstring>
+<detail><sf:LoginFault xsi:type="sf:LoginFault"><sf:exceptionCode>{code}</sf:exceptionCode>
+<sf:exceptionMessage>{escape(message)}</sf:exceptionMessage></sf:LoginFault></detail>
+</soapenv:Fault></soapenv:Body></soapenv:Envelope>"""
+    return Response(body, status_code=500, media_type="text/xml")
+
+
+def _xml_value(body: str, tag: str) -> str | None:
+    match = re.search(rf"<(?:\w+:)?{tag}>(.*?)</(?:\w+:)?{tag}>", body, re.S)
+    if match is None:
+        return None
+    return (match.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"')
+            .replace("&#x27;", "'").replace("&amp;", "&"))
+
+
+SOQL = re.compile(r"^\s*SELECT\s+(?P<fields>[\w\s,]+?)\s+FROM\s+(?P<sobject>\w+)"
+                  r"(?:\s+WHERE\s+(?P<where>.+?))?(?:\s+LIMIT\s+(?P<limit>\d+))?\s*$", re.I | re.S)
+CONDITION = re.compile(r"^\s*(?P<field>\w+)\s*(?P<op>=|LIKE)\s*'(?P<value>(?:[^'\\]|\\.)*)'\s*$", re.I)
+
+
+class SoqlError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _like(pattern: str, value: str) -> bool:
+    """SOQL LIKE: `%` and `_` are wildcards unless escaped with a backslash; case-insensitive."""
+    parts = re.findall(r"\\.|.", pattern, re.S)
+    regex = "".join(re.escape(p[1]) if len(p) == 2 else ".*" if p == "%" else "." if p == "_" else re.escape(p)
+                    for p in parts)
+    return re.fullmatch(regex, value or "", re.S | re.I) is not None
+
+
+def run_soql(fake: FakeSalesforce, soql: str) -> list[dict[str, Any]]:
+    match = SOQL.match(soql)
+    if match is None:
+        raise SoqlError("MALFORMED_QUERY", f"unexpected token in query: {soql[:80]}")
+    sobject = match["sobject"]
+    if sobject not in FIELDS:
+        raise SoqlError("INVALID_TYPE", f"sObject type '{sobject}' is not supported.")
+    wanted = [name.strip() for name in match["fields"].split(",")]
+    conditions = []
+    if match["where"]:
+        for part in re.split(r"\s+AND\s+", match["where"], flags=re.I):
+            cond = CONDITION.match(part)
+            if cond is None:
+                raise SoqlError("MALFORMED_QUERY", f"unexpected condition: {part[:80]}")
+            value = cond["value"] if cond["op"].upper() == "LIKE" else re.sub(r"\\(.)", r"\1", cond["value"])
+            conditions.append((cond["field"], cond["op"].upper(), value))
+    for name in wanted + [c[0] for c in conditions]:
+        if name not in FIELDS[sobject]:
+            raise SoqlError("INVALID_FIELD", f"No such column '{name}' on entity '{sobject}'.")
+    table = fake.tasks if sobject == "Task" else fake.accounts
+    rows = []
+    for record in table.values():
+        if all(_like(v, str(record.get(f) or "")) if op == "LIKE" else str(record.get(f) or "") == v
+               for f, op, v in conditions):
+            rows.append({"attributes": {"type": sobject, "url": f"/services/data/v59.0/sobjects/{sobject}/"
+                                        f"{record['Id']}"}, **{name: record.get(name) for name in wanted}})
+    return rows[: int(match["limit"])] if match["limit"] else rows
+
+
+def create_app(fake: FakeSalesforce) -> FastAPI:
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def faults_and_auth(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        fault = fake.take_fault(request.method, path)
+        if fault is not None and fault.status is not None:
+            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
+            if fault.status == 429:
+                return _errors(429, "REQUEST_LIMIT_EXCEEDED", "Too many requests", headers)
+            return _errors(fault.status, "SERVER_UNAVAILABLE", "The server is temporarily unavailable", headers)
+        if path.startswith("/services/data/"):
+            fake.requests.append((request.method, path))
+            auth = request.headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in fake.sessions:
+                return _errors(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        response = await call_next(request)
+        if fault is not None and fault.delay_after:
+            await asyncio.sleep(fault.delay_after)
+        if fault is not None and fault.drop:  # fewer bytes than Content-Length: the server closes mid-answer
+            return Response(b'{"', status_code=response.status_code, media_type="application/json",
+                            headers={"content-length": "512"})
+        return response
+
+    @app.post("/services/Soap/u/{version}")
+    async def login(version: str, request: Request) -> Response:
+        body = (await request.body()).decode()
+        username, password = _xml_value(body, "username"), _xml_value(body, "password")
+        if username != fake.username or password != fake.password + fake.security_token:
+            return _soap_fault("INVALID_LOGIN", "Invalid username, password, security token; or user locked out.")
+        session_id = f"{ORG_ID}!{secrets.token_hex(16)}"
+        fake.sessions.add(session_id)
+        server_url = f"{fake.base_url}/services/Soap/u/{version}/{ORG_ID}"
+        return Response(f"""<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns="urn:partner.soap.sforce.com">
+<soapenv:Body><loginResponse><result><metadataServerUrl>{fake.base_url}/services/Soap/m/{version}/{ORG_ID}
+</metadataServerUrl><passwordExpired>false</passwordExpired><sandbox>false</sandbox>
+<serverUrl>{server_url}</serverUrl><sessionId>{session_id}</sessionId><userId>005FAKE0000000001</userId>
+<userInfo><organizationId>{ORG_ID}</organizationId><userName>{escape(username)}</userName></userInfo>
+</result></loginResponse></soapenv:Body></soapenv:Envelope>""", media_type="text/xml")
+
+    @app.post("/services/oauth2/token")
+    async def oauth_token(request: Request) -> Response:
+        form = parse_qs((await request.body()).decode())
+        expected = base64.b64encode(f"{fake.consumer_key}:{fake.client_secret}".encode()).decode()
+        if form.get("grant_type") != ["client_credentials"]:
+            return JSONResponse({"error": "unsupported_grant_type", "error_description": "grant type not supported"},
+                                status_code=400)
+        if request.headers.get("authorization") != f"Basic {expected}":
+            return JSONResponse({"error": "invalid_client", "error_description": "invalid client credentials"},
+                                status_code=400)
+        session_id = f"{ORG_ID}!{secrets.token_hex(16)}"
+        fake.sessions.add(session_id)
+        return JSONResponse({"access_token": session_id, "instance_url": fake.base_url, "token_type": "Bearer",
+                             "id": f"{fake.base_url}/id/{ORG_ID}/005FAKE0000000001", "scope": "api",
+                             "issued_at": str(int(time.time() * 1000)), "signature": "fake"})
+
+    @app.get("/services/data/v{version}/limits")
+    @app.get("/services/data/v{version}/limits/")
+    async def limits(version: str) -> dict[str, Any]:
+        used = len(fake.requests)
+        return {"DailyApiRequests": {"Max": 15000, "Remaining": 15000 - used},
+                "DataStorageMB": {"Max": 5, "Remaining": 5}}
+
+    @app.get("/services/data/v{version}/sobjects/{sobject}/describe")
+    async def describe(version: str, sobject: str) -> Response:
+        if sobject not in FIELDS:
+            return _errors(404, "NOT_FOUND", f"The requested resource does not exist: {sobject}")
+        createable = fake.task_createable if sobject == "Task" else True
+        return JSONResponse({"name": sobject, "createable": createable, "queryable": True,
+                             "fields": [{"name": name, "createable": name not in READ_ONLY, "type": "string"}
+                                        for name in sorted(FIELDS[sobject])]})
+
+    @app.get("/services/data/v{version}/query")
+    @app.get("/services/data/v{version}/query/")
+    async def query(version: str, q: str = "") -> Response:
+        try:
+            records = run_soql(fake, q)
+        except SoqlError as exc:
+            return _errors(400, exc.code, str(exc))
+        return JSONResponse({"totalSize": len(records), "done": True, "records": records})
+
+    @app.post("/services/data/v{version}/sobjects/{sobject}")
+    @app.post("/services/data/v{version}/sobjects/{sobject}/")
+    async def create(version: str, sobject: str, request: Request) -> Response:
+        if sobject != "Task":
+            return _errors(404, "NOT_FOUND", f"The requested resource does not exist: {sobject}")
+        if not fake.task_createable:
+            return _errors(403, "INSUFFICIENT_ACCESS_OR_READONLY", "insufficient access rights on object Task")
+        try:
+            data = await request.json()
+        except ValueError:
+            return _errors(400, "JSON_PARSER_ERROR", "The request body is not valid JSON")
+        if not isinstance(data, dict):
+            return _errors(400, "JSON_PARSER_ERROR", "Expected a JSON object")
+        for name in data:
+            if name not in TASK_FIELDS or name in READ_ONLY:
+                return _errors(400, "INVALID_FIELD", f"No such column '{name}' on sobject of type Task")
+        what_id = data.get("WhatId")
+        if what_id is not None and what_id not in fake.accounts:
+            return _errors(400, "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id")
+        if data.get("ActivityDate") and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(data["ActivityDate"])):
+            return _errors(400, "JSON_PARSER_ERROR", f"Cannot deserialize instance of date from VALUE_STRING value "
+                                                     f"{data['ActivityDate']}")
+        if data.get("Status", "Not Started") not in TASK_STATUSES:
+            return _errors(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", "Status: bad value for restricted picklist")
+        if data.get("Priority", "Normal") not in TASK_PRIORITIES:
+            return _errors(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                           "Priority: bad value for restricted picklist")
+        if not data.get("Subject"):
+            return _errors(400, "REQUIRED_FIELD_MISSING", "Required fields are missing: [Subject]")
+        with fake.lock:
+            task_id = fake.new_id("00T")
+            fake.tasks[task_id] = {"Status": "Not Started", "Priority": "Normal", **data, "Id": task_id,
+                                   "CreatedDate": time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime()),
+                                   "IsClosed": False}
+        return JSONResponse({"id": task_id, "success": True, "errors": []}, status_code=201)
+
+    @app.get("/services/data/v{version}/sobjects/{sobject}/{record_id}")
+    async def read(version: str, sobject: str, record_id: str) -> Response:
+        table = fake.tasks if sobject == "Task" else fake.accounts if sobject == "Account" else None
+        if table is None or record_id not in table:
+            return _errors(404, "NOT_FOUND", "The requested resource does not exist")
+        return JSONResponse({"attributes": {"type": sobject}, **table[record_id]})
+
+    return app
+
+
+@contextmanager
+def running(fake: FakeSalesforce | None = None) -> Iterator[FakeSalesforce]:
+    """Serve `fake` with uvicorn on a free loopback port in a thread; `fake.base_url` says where."""
+    fake = fake or FakeSalesforce()
+    config = uvicorn.Config(create_app(fake), host="127.0.0.1", port=0, log_level="warning",
+                            timeout_graceful_shutdown=1, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("fake Salesforce did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    fake.base_url = f"http://127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        server.should_exit = True
+        thread.join(5)

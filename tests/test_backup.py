@@ -1,0 +1,242 @@
+"""export-org / import-org round trips on SQLite and PostgreSQL, with the audit chain intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+import cli
+from core.demo import generate_demo_bundle
+from db.models import Action, Anomaly, AuditEntry, Organization, ReconRun
+from db.session import get_engine, org_session, system_session, upgrade
+from services import api_keys, audit, ingest, integrations, orgs_backup, reconciliation, settings, users
+from services.anomalies import set_status
+from services.context import Actor
+from services.errors import Conflict, InvalidInput, PermissionDenied
+
+STRIPE = {"api_key": "sk_test_abcdefghijklmnop1234"}
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo bundle (every anomaly type) shared by the module's tests."""
+    folder = tmp_path_factory.mktemp("bundle") / "demo"
+    generate_demo_bundle(folder, accounts=6, seed=3)
+    return folder
+
+
+@dataclass
+class Populated:
+    admin: Actor
+    analyst: Actor
+    api_key: str
+
+
+def populate(slug: str, bundle: Path) -> Populated:
+    """An organization with something in every table an export covers."""
+    org, admin_user = users.create_organization(slug.title(), slug, f"admin@{slug}.example", "Ann", "password-1")
+    admin = Actor.user(org.id, admin_user.id, "admin")
+    analyst_user = users.create_user(admin, f"analyst@{slug}.example", "Al", "analyst", "password-2")
+    analyst = Actor.user(org.id, analyst_user.id, "analyst")
+    integrations.connect(admin, "stripe", STRIPE)
+    key = api_keys.create_api_key(admin, "warehouse")
+    events = ingest.parse_events([{"event_id": f"e{i}", "account_id": "acct-1", "product_key": "api_calls",
+                                   "ts": "2026-10-01T10:00:00Z", "units": "12.5"} for i in range(3)])
+    ingest.ingest(api_keys.authenticate_key(key.plaintext), events)
+    settings.set_data_source(admin, {"kind": "bundle", "path": str(bundle)})
+    settings.update_schedule(admin, "cron", "0 6 * * 1", "Europe/Paris")
+    reconciliation.run_reconciliation(analyst)
+    with org_session(org.id) as session:
+        anomaly_ids = list(session.scalars(sa.select(Anomaly.id).order_by(Anomaly.id)))
+    set_status(analyst, anomaly_ids[0], "dismissed", "known contract exception")
+    with org_session(org.id) as session:
+        session.add(Action(org_id=org.id, anomaly_id=anomaly_ids[1], kind="draft_invoice", status="succeeded",
+                           idempotency_key=f"{slug}-{uuid.uuid4().hex}", external_id="in_123",
+                           amount=Decimal("120.50"), currency="usd", request={"lines": 1}, response={"id": "in_123"},
+                           created_by=analyst.user_id))
+        audit.append(session, analyst, "action.draft_invoice", "anomaly", anomaly_ids[1], {"amount": "120.50"})
+    return Populated(admin, analyst, key.plaintext)
+
+
+@pytest.fixture
+def other_db(app_db: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A second, migrated, empty app database next to `app_db` (same secret keys: same installation)."""
+    if app_db.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path / 'data' / 'other.db'}"
+        upgrade(url)
+        yield url
+        return
+    base = request.getfixturevalue("pg_url")
+    name = f"rrc_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    get_engine(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def jsonl(path: Path, table: str) -> list[dict]:
+    with zipfile.ZipFile(path) as archive:
+        return [json.loads(line) for line in archive.read(f"{table}.jsonl").splitlines()]
+
+
+def chain_ok(org_id: int) -> audit.VerifyResult:
+    with org_session(org_id) as session:
+        return audit.verify(session, org_id)
+
+
+@pytest.mark.slow
+def test_round_trip_into_an_empty_database_keeps_everything(app_db: str, other_db: str, demo_bundle: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = populate("acme", demo_bundle)
+    archive = tmp_path / "acme.zip"
+    exported = orgs_backup.export_org(source.admin, archive)
+    assert exported.rows["users"] == 2 and exported.rows["usage_events"] == 3 and exported.rows["anomalies"] > 2
+    assert all(exported.rows[t] >= 1 for t, _ in orgs_backup.TABLES)
+    assert "password-1" not in archive.read_bytes().decode("latin-1")
+    assert STRIPE["api_key"] not in json.dumps(jsonl(archive, "integrations")), "secrets stay encrypted"
+    assert source.api_key not in json.dumps(jsonl(archive, "api_keys")), "only key hashes"
+
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    result = orgs_backup.import_org(archive)
+    assert result.ids_kept and result.org_id == source.admin.org_id and result.slug == "acme"
+    assert result.rows == exported.rows and result.undecryptable_integrations == 0
+    assert chain_ok(result.org_id).ok
+    again = orgs_backup.export_org(Actor.system(result.org_id, "test"), tmp_path / "again.zip")
+    for table, _model in orgs_backup.TABLES:
+        if table != "audit_log":
+            assert jsonl(again.path, table) == jsonl(archive, table), table
+    before, after = jsonl(archive, "audit_log"), jsonl(again.path, "audit_log")
+    assert after[:len(before)] == before, "the chain is the same, hash for hash"
+    assert [e["action"] for e in after[len(before):]] == ["organization.imported", "organization.exported"]
+    assert after[len(before)]["details"]["source_audit_head"] == before[-1]["hash"]
+    # the restored organization works: sign-in, API key, decrypted integration, new audit entries, new rows
+    assert users.authenticate("analyst@acme.example", "password-2").org_id == result.org_id
+    assert api_keys.authenticate_key(source.api_key).org_id == result.org_id
+    assert integrations.get_config(source.admin, "stripe") == STRIPE
+    run = reconciliation.run_reconciliation(source.admin)
+    assert run.status == "succeeded" and run.id > max(r["id"] for r in jsonl(archive, "recon_runs"))
+    assert chain_ok(result.org_id).ok
+
+
+@pytest.mark.slow
+def test_import_next_to_other_organizations_shifts_ids_and_reseals_the_chain(
+        app_db: str, other_db: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = populate("acme", demo_bundle)
+    archive = orgs_backup.export_org(source.admin, tmp_path / "acme.zip").path
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    other = populate("other", demo_bundle)  # takes the same ids the archive uses
+    result = orgs_backup.import_org(archive, new_slug="acme-restored", new_name="Acme (restored)")
+    assert not result.ids_kept and result.org_id != source.admin.org_id and result.notes
+    assert chain_ok(result.org_id).ok and chain_ok(other.admin.org_id).ok
+    with system_session() as session:
+        org = session.get(Organization, result.org_id)
+        assert (org.slug, org.name) == ("acme-restored", "Acme (restored)")
+        runs = {r.id for r in session.scalars(sa.select(ReconRun).where(ReconRun.org_id == result.org_id))}
+        anomalies = list(session.scalars(sa.select(Anomaly).where(Anomaly.org_id == result.org_id)))
+        assert anomalies and all(a.first_run_id in runs and a.last_run_id in runs for a in anomalies)
+        action = session.scalars(sa.select(Action).where(Action.org_id == result.org_id)).one()
+        assert action.anomaly_id in {a.id for a in anomalies}
+        dismissed = next(a for a in anomalies if a.status == "dismissed")
+        analyst = users.get_user_by_email("analyst@acme.example")
+        assert analyst is not None and analyst.org_id == result.org_id
+        assert dismissed.status_changed_by == analyst.id
+        entries = list(session.scalars(sa.select(AuditEntry).where(AuditEntry.org_id == result.org_id)
+                                       .order_by(AuditEntry.seq)))
+    dismissal = next(e for e in entries if e.action == "anomaly.dismissed")
+    assert (dismissal.target_id, dismissal.actor) == (str(dismissed.id), f"user:{analyst.id}"), "references follow"
+    imported = entries[-1]
+    assert imported.action == "organization.imported" and imported.details["ids_kept"] is False
+    assert imported.details["source_audit_head"] == jsonl(archive, "audit_log")[-1]["hash"]
+    assert users.authenticate("admin@acme.example", "password-1").org_id == result.org_id
+
+
+def test_a_conflicting_or_altered_archive_is_refused_and_nothing_is_written(
+        app_db: str, other_db: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = populate("acme", demo_bundle)
+    archive = orgs_backup.export_org(source.admin, tmp_path / "acme.zip").path
+    with pytest.raises(Conflict, match="slug"):
+        orgs_backup.import_org(archive)
+    with pytest.raises(Conflict, match=r"users: email already in use.*admin@acme\.example"):
+        orgs_backup.import_org(archive, new_slug="acme-copy")
+    with pytest.raises(InvalidInput, match="slug"):
+        orgs_backup.import_org(archive, new_slug="Not A Slug")
+
+    def altered(name: str, edit, fix_checksum: bool) -> Path:  # type: ignore[no-untyped-def]
+        out = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
+            manifest = json.loads(src.read("manifest.json"))
+            for item in src.namelist():
+                data = src.read(item)
+                if item == "audit_log.jsonl":
+                    data = edit(data)
+                    if fix_checksum:
+                        manifest["files"][item]["sha256"] = hashlib.sha256(data).hexdigest()
+                        manifest["files"][item]["rows"] = len(data.splitlines())
+                if item != "manifest.json":
+                    dst.writestr(item, data)
+            dst.writestr("manifest.json", json.dumps(manifest))
+        return out
+
+    def tamper(data: bytes) -> bytes:
+        lines = data.splitlines(keepends=True)
+        entry = json.loads(lines[2])
+        entry["details"] = {"email": "mallory@evil.example", "role": "admin"}
+        lines[2] = (json.dumps(entry) + "\n").encode()
+        return b"".join(lines)
+
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    with pytest.raises(InvalidInput, match="checksum"):
+        orgs_backup.import_org(altered("damaged", tamper, fix_checksum=False))
+    with pytest.raises(InvalidInput, match="entry 3 was changed"):
+        orgs_backup.import_org(altered("forged", tamper, fix_checksum=True))
+    with pytest.raises(InvalidInput, match="broken at entry 2"):
+        orgs_backup.import_org(altered("cut", lambda d: b"".join(d.splitlines(keepends=True)[0:1] +
+                                                                    d.splitlines(keepends=True)[2:]), True))
+    not_zip = tmp_path / "x.zip"
+    not_zip.write_text("hello")
+    with pytest.raises(InvalidInput, match="not a zip file"):
+        orgs_backup.import_org(not_zip)
+    with system_session() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Organization)) == 0
+
+
+def test_only_admins_export_and_output_must_be_a_zip(app_db: str, demo_bundle: Path, tmp_path: Path) -> None:
+    source = populate("acme", demo_bundle)
+    with pytest.raises(PermissionDenied):
+        orgs_backup.export_org(source.analyst, tmp_path / "a.zip")
+    with pytest.raises(InvalidInput, match="zip"):
+        orgs_backup.export_org(source.admin, tmp_path / "a.tar")
+    assert list(tmp_path.glob("*.zip")) == [] and list(tmp_path.glob(".*tmp")) == []
+
+
+def test_cli_export_and_import(app_db: str, other_db: str, demo_bundle: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    populate("acme", demo_bundle)
+    runner = CliRunner()
+    out = tmp_path / "acme.zip"
+    result = runner.invoke(cli.app, ["export-org", "--org", "acme", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and out.exists()
+    assert runner.invoke(cli.app, ["export-org", "--org", "nope", str(out)]).exit_code == 2
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    result = runner.invoke(cli.app, ["import-org", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "imported organization 'acme'" in result.output and "verifies" in result.output
+    again = runner.invoke(cli.app, ["import-org", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output

@@ -1,0 +1,198 @@
+"""Running it for real: configuration reference, compose/Docker/Procfile, and the stack under honcho."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import yaml
+from cryptography.fernet import Fernet
+
+import config
+from core.demo import generate_demo_bundle
+from db.models import ReconRun
+from db.session import system_session
+from services import settings, users
+from services.context import Actor
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+COMPOSE_ONLY = {"POSTGRES_PASSWORD"}
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo bundle (every anomaly type) shared by the module's tests."""
+    folder = tmp_path_factory.mktemp("bundle") / "demo"
+    generate_demo_bundle(folder, accounts=6, seed=3)
+    return folder
+
+
+def documented() -> dict[str, str]:
+    """VAR -> default shown in .env.example (commented or not)."""
+    text = (ROOT / ".env.example").read_text()
+    return dict(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=(.*)$", text, re.M))
+
+
+def test_env_example_documents_exactly_the_settings() -> None:
+    expected = {config.env_name(name) for name in config.Settings.model_fields}
+    assert set(documented()) - COMPOSE_ONLY == expected
+    for name, info in config.Settings.model_fields.items():
+        assert info.description, f"{config.env_name(name)} needs a description"
+
+
+def test_env_example_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in documented().items():
+        monkeypatch.delenv(name, raising=False)
+        if value:
+            monkeypatch.setenv(name, value)
+    loaded = config.load_settings()
+    assert loaded == config.Settings.model_validate({})  # the file shows the real defaults
+
+
+def _env_names_read_by_code() -> set[str]:
+    """Every RRC_* / DATABASE_URL name the code reads with os.environ, plus api.py's RRC_API_* settings."""
+    names: set[str] = set()
+    files = [*ROOT.glob("*.py"), *(ROOT / "services").glob("*.py"), *(ROOT / "db").glob("*.py"),
+             *(ROOT / "core").glob("*.py"), *(ROOT / "connectors").glob("*.py"), *(ROOT / "pages").glob("*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and re.fullmatch(r"RRC_[A-Z0-9_]*[A-Z0-9]|DATABASE_URL", node.value):
+                names.add(node.value)
+    try:
+        from api import ApiSettings
+    except ImportError:  # pragma: no cover - api.py is optional for this check
+        return names
+    names |= {f"RRC_API_{field.upper()}" for field in ApiSettings.model_fields}
+    return names
+
+
+def test_every_variable_the_code_reads_is_documented() -> None:
+    missing = _env_names_read_by_code() - set(documented())
+    assert not missing, f"add to config.Settings and .env.example: {sorted(missing)}"
+
+
+def test_compose_runs_app_api_scheduler_against_postgres() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "migrate", "app", "api", "scheduler"} <= set(services)
+    commands = {name: " ".join(services[name]["command"]) for name in ("migrate", "app", "api", "scheduler")}
+    assert "streamlit run app.py" in commands["app"]
+    assert "uvicorn api:app" in commands["api"]
+    assert commands["scheduler"] == "python scheduler.py"
+    assert commands["migrate"] == "python cli.py db upgrade"
+    for name in ("app", "api", "scheduler"):
+        service = services[name]
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert service["environment"]["DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert "appdata:/app/data" in service["volumes"]
+    grace = int(services["scheduler"]["stop_grace_period"].rstrip("s"))
+    assert grace > config.Settings.model_fields["scheduler_shutdown_grace_seconds"].default
+    assert "/ready" in " ".join(services["api"]["healthcheck"]["test"])
+    assert "/_stcore/health" in " ".join(services["app"]["healthcheck"]["test"])
+
+
+def test_dockerfile_copies_every_part_of_the_application() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = {word.rstrip("/") for line in dockerfile.splitlines() if line.startswith("COPY")
+              for word in line.split()[1:-1]}
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    modules = {p.name for p in ROOT.glob("*.py")}
+    assert packages | modules | {"alembic.ini", ".streamlit", "requirements.txt"} <= copied
+    assert "USER rrc" in dockerfile, "the processes must not run as root"
+
+
+def test_procfile_starts_the_three_processes() -> None:
+    entries = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert set(entries) == {"api", "app", "scheduler"}
+    assert "db upgrade" in entries["api"] and "uvicorn api:app" in entries["api"]
+    assert "streamlit run app.py" in entries["app"] and "scheduler.py" in entries["scheduler"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def poll(url: str, timeout: float, log: Path) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
+            last = response.status_code
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not ready after {timeout} s ({last}); honcho log:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_honcho_starts_the_stack_and_a_scheduled_run_happens(fresh_pg_url: str, demo_bundle: Path,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api_port, app_port = free_port(), free_port()
+    env = {
+        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DATABASE_URL": fresh_pg_url, "RRC_SECRET_KEYS": Fernet.generate_key().decode(),
+        "RRC_DATA_DIR": str(tmp_path / "data"), "RRC_DEMO": "0",
+        "RRC_API_PORT": str(api_port), "RRC_APP_PORT": str(app_port),
+        "RRC_SCHEDULER_POLL_SECONDS": "0.5", "RRC_SCHEDULER_SETTINGS_POLL_SECONDS": "1", "RRC_SYNC_CRON": "off",
+    }
+    (tmp_path / "data").mkdir()
+    (tmp_path / "empty.env").write_text("")
+    log = tmp_path / "honcho.log"
+    with open(log, "wb") as out:
+        honcho = subprocess.Popen(
+            [str(BIN / "honcho"), "start", "--no-colour", "-f", str(ROOT / "Procfile"), "-d", str(ROOT),
+             "-e", str(tmp_path / "empty.env")],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert poll(f"http://127.0.0.1:{api_port}/ready", 90, log).json()["status"] == "ready"
+        # an admin sets a schedule in the freshly migrated database the stack created
+        for name in ("DATABASE_URL", "RRC_SECRET_KEYS", "RRC_DATA_DIR"):
+            monkeypatch.setenv(name, env[name])
+        org, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
+        actor = Actor.user(org.id, admin.id, "admin")
+        settings.set_data_source(actor, {"kind": "bundle", "path": str(demo_bundle)})
+        settings.update_schedule(actor, "interval", "3", "UTC")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with system_session() as session:
+                done = session.scalars(sa.select(ReconRun).where(
+                    ReconRun.org_id == org.id, ReconRun.trigger == "schedule", ReconRun.status == "succeeded")).first()
+            if done:
+                break
+            time.sleep(0.5)
+        assert done, f"no scheduled run; honcho log:\n{log.read_text()[-4000:]}"
+        assert done.counts and done.counts["anomalies"] > 0
+        assert poll(f"http://127.0.0.1:{app_port}/_stcore/health", 90, log).text == "ok"
+        assert httpx.get(f"http://127.0.0.1:{api_port}/health", timeout=5).json()["status"] == "ok"
+    finally:
+        if honcho.poll() is None:
+            honcho.send_signal(signal.SIGTERM)  # honcho passes it on to the three processes
+            try:
+                honcho.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(honcho.pid, signal.SIGKILL)
+                honcho.wait(10)
+    output = log.read_text()
+    assert "scheduler.stopped" in output, output[-4000:]
+    for port in (api_port, app_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served after shutdown"

@@ -1,0 +1,165 @@
+"""connectors/salesforce.py through the real simple-salesforce SDK against the local fake Salesforce."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from datetime import date
+from typing import Any
+
+import pytest
+import requests
+from simple_salesforce import Salesforce, SalesforceLogin
+from simple_salesforce.exceptions import SalesforceMalformedRequest
+
+from connectors import salesforce
+from connectors.salesforce import SalesforceFailure, task_marker
+from tests.fakes.salesforce_server import FakeSalesforce, running
+
+ACME = "001ACME00000001"
+TASK_POST = r"/sobjects/Task/?$"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSalesforce]:
+    with running() as server:
+        server.add_account(ACME, "Acme Corp")
+        yield server
+
+
+def config_for(fake: FakeSalesforce, **overrides: Any) -> dict[str, Any]:
+    return {"username": fake.username, "password": fake.password, "security_token": fake.security_token,
+            "domain": "login", "instance_url": fake.base_url, "timeout": 5, **overrides}
+
+
+def make_task(config: dict[str, Any], key: str = "key-1", record_id: str = ACME) -> str:
+    return salesforce.create_task(config, record_id=record_id, subject="Recover 40.00 USD from Acme Corp",
+                                  description="Evidence: 1000 used, 600 reported\nhttp://app/anomalies?id=1",
+                                  due_date=date(2026, 12, 4), idempotency_key=key)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_check_reports_login_quota_and_task_permission(fake: FakeSalesforce) -> None:
+    result = salesforce.check(config_for(fake))
+    assert result.ok, result.message
+    assert result.message == f"Connected to Salesforce as {fake.username}"
+    assert result.details is not None and result.details["task_createable"] == "yes"
+    assert int(result.details["api_requests_remaining"]) > 0
+    fake.task_createable = False
+    denied = salesforce.check(config_for(fake))
+    assert not denied.ok and "cannot create Tasks" in denied.message
+
+
+def test_check_never_raises_and_never_leaks_a_secret(fake: FakeSalesforce) -> None:
+    wrong = salesforce.check(config_for(fake, password="not-the-password"))
+    assert not wrong.ok and "INVALID_LOGIN" in wrong.message
+    assert "not-the-password" not in wrong.message and fake.security_token not in wrong.message
+    unreachable = salesforce.check(config_for(fake, instance_url=f"http://127.0.0.1:{free_port()}", max_attempts=1))
+    assert not unreachable.ok and "could not be reached" in unreachable.message
+    missing = salesforce.check({"username": "ops@example.com"})
+    assert not missing.ok and missing.message == "Salesforce password: required"
+    sandbox = salesforce.check(config_for(fake, domain="staging"))
+    assert not sandbox.ok and "domain" in sandbox.message
+    remote_http = salesforce.check(config_for(fake, instance_url="http://acme.my.salesforce.com"))
+    assert not remote_http.ok and "https" in remote_http.message
+
+
+def test_create_task_sets_fields_and_is_idempotent_per_key(fake: FakeSalesforce) -> None:
+    config = config_for(fake)
+    first = make_task(config)
+    assert make_task(config) == first  # same key: found, not created again
+    assert len(fake.tasks) == 1
+    task = fake.tasks[first]
+    assert task["WhatId"] == ACME and task["ActivityDate"] == "2026-12-04"
+    assert task["Status"] == "Not Started" and task["Priority"] == "High"
+    assert task["Subject"] == f"Recover 40.00 USD from Acme Corp {task_marker('key-1')}"
+    assert "http://app/anomalies?id=1" in task["Description"]
+    second = make_task(config, key="key-2")
+    assert second != first and len(fake.tasks) == 2
+    assert salesforce.task_url(config, first) == f"{fake.base_url}/lightning/r/Task/{first}/view"
+
+
+def test_long_subject_keeps_its_marker(fake: FakeSalesforce) -> None:
+    task_id = salesforce.create_task(config_for(fake), record_id=ACME, subject="x" * 400, description="d",
+                                     due_date=date(2026, 12, 4), idempotency_key="long")
+    subject = fake.tasks[task_id]["Subject"]
+    assert len(subject) <= 255 and subject.endswith(task_marker("long"))
+
+
+def test_unknown_or_malformed_record_id_is_a_clear_error(fake: FakeSalesforce) -> None:
+    with pytest.raises(SalesforceFailure, match=r"no record 001ACME00000099 .*INVALID_CROSS_REFERENCE_KEY"):
+        make_task(config_for(fake), record_id="001ACME00000099")
+    calls = len(fake.requests)
+    with pytest.raises(SalesforceFailure, match="not a 15 or 18 character Salesforce Id"):
+        make_task(config_for(fake), record_id="001' OR Id != '")
+    assert len(fake.requests) == calls and not fake.tasks  # refused before any call
+
+
+def test_rate_limit_is_retried_honouring_retry_after(fake: FakeSalesforce) -> None:
+    fake.fail_next("GET", r"/query", status=429, retry_after=0, times=2)
+    fake.fail_next("POST", TASK_POST, status=503, retry_after=0)
+    task_id = make_task(config_for(fake))
+    assert list(fake.tasks) == [task_id]
+    fake.fail_next("GET", r"/query", status=500, times=3)
+    with pytest.raises(SalesforceFailure, match="unavailable") as failure:
+        make_task(config_for(fake, max_attempts=3), key="key-3")
+    assert failure.value.retryable and len(fake.tasks) == 1
+
+
+def test_answer_lost_after_create_is_found_not_repeated(fake: FakeSalesforce) -> None:
+    """The fake stores the task, then answers after the client gave up; the retry finds it by its marker."""
+    fake.fail_next("POST", TASK_POST, delay_after=1.5)
+    task_id = make_task(config_for(fake, timeout=0.5))
+    assert list(fake.tasks) == [task_id]
+    posts = [r for r in fake.requests if r[0] == "POST"]
+    assert len(posts) == 1
+
+
+def test_fake_speaks_salesforce_error_envelopes(fake: FakeSalesforce) -> None:
+    base = f"{fake.base_url}/services/data/v{salesforce.API_VERSION}"
+    expired = requests.get(f"{base}/limits/", headers={"Authorization": "Bearer nope"}, timeout=5)
+    assert expired.status_code == 401
+    assert expired.json() == [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
+    session_id, instance = SalesforceLogin(username=fake.username, password=fake.password,
+                                           security_token=fake.security_token, scratch_url=fake.base_url)
+    assert instance == fake.base_url[len("http://"):]
+    sdk = Salesforce(session_id=session_id, instance=instance, session=salesforce._Session(5, instance))
+    with pytest.raises(SalesforceMalformedRequest) as bad_field:
+        sdk.Task.create({"Subject": "x", "Amount__c": 5})
+    assert bad_field.value.content[0]["errorCode"] == "INVALID_FIELD"
+    with pytest.raises(SalesforceMalformedRequest) as bad_query:
+        sdk.query("SELECT Nope FROM Account")
+    assert bad_query.value.content[0]["errorCode"] == "INVALID_FIELD"
+    found = sdk.query(f"SELECT Id, Name FROM Account WHERE Id = '{ACME}'")
+    assert found["totalSize"] == 1 and found["records"][0]["Name"] == "Acme Corp"
+
+
+def test_connection_dropped_after_create_is_found_not_repeated(fake: FakeSalesforce) -> None:
+    fake.fail_next("POST", TASK_POST, drop=True)
+    task_id = make_task(config_for(fake))
+    assert list(fake.tasks) == [task_id]
+    fake.fail_next("POST", TASK_POST, drop=True)
+    with pytest.raises(SalesforceFailure, match="connection to Salesforce broke") as failure:
+        make_task(config_for(fake, max_attempts=1), key="key-2")
+    assert failure.value.retryable and len(fake.tasks) == 2
+    assert make_task(config_for(fake), key="key-2") in fake.tasks and len(fake.tasks) == 2
+
+
+def test_oauth_client_credentials_login(fake: FakeSalesforce) -> None:
+    oauth = {"consumer_key": fake.consumer_key, "client_secret": fake.client_secret, "instance_url": fake.base_url,
+             "timeout": 5}
+    result = salesforce.check(oauth)
+    assert result.ok and result.message == "Connected to Salesforce as the connected app"
+    task_id = make_task(oauth)
+    assert list(fake.tasks) == [task_id]
+    wrong = salesforce.check({**oauth, "client_secret": "nope-nope"})
+    assert not wrong.ok and "invalid_client" in wrong.message and "nope-nope" not in wrong.message
+    half = salesforce.check({"consumer_key": fake.consumer_key, "instance_url": fake.base_url})
+    assert not half.ok and "give both" in half.message
+    no_url = salesforce.check({"consumer_key": fake.consumer_key, "client_secret": fake.client_secret})
+    assert not no_url.ok and no_url.message.startswith("Salesforce instance_url: required")

@@ -1,0 +1,260 @@
+"""sync: fake Stripe + SQL + S3 Parquet (moto) -> the org's bundle -> reconciliation, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal as D
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from core.bundle import load_bundle
+from db.models import Anomaly, AuditEntry
+from db.session import org_session
+from services import integrations, reconciliation, settings, sync, users
+from services.context import Actor
+from services.errors import InvalidInput, NotFound, PermissionDenied
+from tests.bundles import FEB, JAN, MAR, Scenario
+from tests.fakes.stripe_server import DEFAULT_KEY, FakeStripe, serve
+from tests.test_s3_parquet import KEYS, s3_client, start_moto
+
+pytestmark = pytest.mark.slow  # a fresh migrated database, a fake Stripe and moto per test (~2-4 s)
+AS_OF = datetime(2026, 4, 15, tzinfo=UTC)  # window: January 1 to April 16, 2026
+COLUMNS = {"account_id": "account", "product_key": "product", "ts": "ts", "units": "units", "event_id": "id"}
+# Actual usage: acme under-reported in January (1500 used, 1000 reported), beta used the API in March
+# without any subscription, gamma is not a Stripe customer at all.
+SQL_EVENTS = [
+    ("e1", "acme", "api", datetime(2026, 1, 10, 10), D("1000")),
+    ("e2", "acme", "api", datetime(2026, 1, 20, 10), D("500")),
+    ("e3", "acme", "api", datetime(2026, 2, 10, 10), D("2000")),
+    ("e4", "gamma", "api", datetime(2026, 3, 2, 10), D("15")),
+    ("e0", "acme", "api", datetime(2025, 12, 31, 23), D("999")),  # before the window: not read
+]
+S3_EVENTS = [("s1", "beta", "api", datetime(2026, 3, 5, 10, tzinfo=UTC), D("300"))]
+
+
+def _scenario() -> Scenario:
+    scenario = Scenario()
+    scenario.sub("acme", "api", "p_api", JAN, FEB).sub("acme", "api", "p_api", FEB, MAR)
+    scenario.invoice("acme", "api", "1000", "100.00", JAN, FEB).invoice("acme", "api", "2000", "200.00", FEB, MAR)
+    scenario.use("acme", "api", "2026-01-10T10:00:00Z", "1000")
+    scenario.use("acme", "api", "2026-02-10T10:00:00Z", "2000")
+    return scenario
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "recording.jsonl")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def fake_stripe(tmp_path: Path) -> Iterator[tuple[FakeStripe, str, Path]]:
+    folder = _scenario().write(tmp_path / "scenario")
+    fake = FakeStripe()
+    fake.seed_from_bundle(load_bundle(folder))
+    with serve(fake) as url:
+        yield fake, url, folder
+
+
+def _product_db(path: Path, events: list[tuple[Any, ...]]) -> str:
+    url = f"sqlite:///{path}"
+    engine = sa.create_engine(url)
+    table = sa.Table("events", sa.MetaData(), sa.Column("id", sa.String), sa.Column("account", sa.String),
+                     sa.Column("product", sa.String), sa.Column("ts", sa.DateTime), sa.Column("units", sa.Numeric))
+    with engine.begin() as conn:
+        table.create(conn, checkfirst=True)
+        conn.execute(table.insert(), [dict(zip(("id", "account", "product", "ts", "units"), e, strict=True))
+                                      for e in events])
+    engine.dispose()
+    return url
+
+
+def _s3_usage(endpoint: str, bucket: str) -> dict[str, Any]:
+    client = s3_client(endpoint)
+    client.create_bucket(Bucket=bucket)
+    table = pa.table({"id": [e[0] for e in S3_EVENTS], "account": [e[1] for e in S3_EVENTS],
+                      "product": [e[2] for e in S3_EVENTS],
+                      "ts": pa.array([e[3] for e in S3_EVENTS], pa.timestamp("us", tz="UTC")),
+                      "units": pa.array([e[4] for e in S3_EVENTS], pa.decimal128(18, 6))})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    client.put_object(Bucket=bucket, Key="usage/dt=2026-03-05/part-0.parquet", Body=sink.getvalue())
+    return {"bucket": bucket, "prefix": "usage", "region": "us-east-1", "endpoint_url": endpoint,
+            "access_key_id": KEYS["aws_access_key_id"], "secret_access_key": KEYS["aws_secret_access_key"],
+            "hive_partitioned": True, "columns": COLUMNS}
+
+
+@pytest.fixture
+def org(app_db: str) -> tuple[Actor, Actor]:
+    organization, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
+    admin_actor = Actor.user(organization.id, admin.id, "admin")
+    analyst = users.create_user(admin_actor, "analyst@acme.example", "Al", "analyst", "password-2")
+    return admin_actor, Actor.user(organization.id, analyst.id, "analyst")
+
+
+@pytest.fixture
+def connected(org: tuple[Actor, Actor], fake_stripe: tuple[FakeStripe, str, Path], moto_endpoint: str,
+              tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Stripe, a SQL source and an S3 Parquet source connected for the org."""
+    admin, analyst = org
+    _, url, folder = fake_stripe
+    integrations.connect(admin, "stripe", {"api_key": DEFAULT_KEY, "api_base": url})
+    db_url = _product_db(tmp_path / "product.db", SQL_EVENTS)
+    integrations.connect(admin, "sql_source", {"url": db_url, "table": "events", "columns": COLUMNS})
+    bucket = f"sync-{abs(hash(request.node.name)) % 10**8}"
+    integrations.connect(admin, "s3_parquet", _s3_usage(moto_endpoint, bucket))
+    return {"admin": admin, "analyst": analyst, "db_url": db_url, "scenario": folder, "fake": fake_stripe[0]}
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _last_audit(actor: Actor) -> AuditEntry:
+    with org_session(actor.org_id) as session:
+        entry = session.query(AuditEntry).where(AuditEntry.org_id == actor.org_id) \
+            .order_by(AuditEntry.seq.desc()).first()
+    assert entry is not None
+    return entry
+
+
+def test_sync_then_reconcile_finds_the_leaks(connected: dict[str, Any]) -> None:
+    analyst: Actor = connected["analyst"]
+    report = sync.sync(analyst, as_of=AS_OF)  # an analyst may sync
+    assert report.window_start == datetime(2026, 1, 1, tzinfo=UTC)
+    assert report.window_end == datetime(2026, 4, 16, tzinfo=UTC)
+    by_source = {s.source: s for s in report.sources}
+    assert set(by_source) == {"stripe", "sql_source", "s3_parquet"}
+    assert by_source["sql_source"].counts == {"buckets": 4, "accounts": 2, "days": 4}
+    assert by_source["s3_parquet"].counts["buckets"] == 1 and by_source["s3_parquet"].role == "actual"
+    assert by_source["stripe"].counts["invoice_lines"] == 2
+    assert all(s.seconds >= 0 for s in report.sources)
+    assert any("'gamma'" in w for w in report.warnings)
+
+    folder = Path(report.bundle_path)
+    assert folder == sync.bundle_dir(analyst.org_id) and (folder / "actual_usage.parquet").exists()
+    bundle = load_bundle(folder)
+    assert set(bundle.accounts) == {"acme", "beta", "gamma"}
+    assert bundle.accounts["gamma"].stripe_customer_id is None
+    assert report.counts["actual_buckets"] == 5 and report.counts["invoice_lines"] == 2
+    assert settings.get_settings(analyst).data_source == {"kind": "bundle", "path": str(folder)}
+    entry = _last_audit(analyst)
+    assert entry.action == "sync.completed" and entry.actor == analyst.label
+    assert {s["source"] for s in entry.details["sources"]} == {"stripe", "sql_source", "s3_parquet"}
+    assert DEFAULT_KEY not in str(entry.details) and KEYS["aws_secret_access_key"] not in str(entry.details)
+    assert all(view.last_synced_at is not None for view in integrations.list_integrations(analyst))
+
+    run = reconciliation.run_reconciliation(analyst)
+    assert run.status == "succeeded", run.error
+    with org_session(analyst.org_id) as session:
+        found = {(a.account_id, a.type, a.period_start.month): a.leak_amount
+                 for a in session.query(Anomaly).where(Anomaly.org_id == analyst.org_id)}
+    assert found[("acme", "under_reported_usage", 1)] == D("50.00")
+    assert found[("beta", "unbilled_usage", 3)] == D("30.00")
+    assert ("acme", "under_reported_usage", 2) not in found
+
+
+def test_bad_source_data_leaves_the_previous_bundle_intact(connected: dict[str, Any]) -> None:
+    admin: Actor = connected["admin"]
+    first = sync.sync(admin, as_of=AS_OF)
+    before = _fingerprint(Path(first.bundle_path))
+    _product_db(Path(sa.make_url(connected["db_url"]).database or ""),
+                [("e9", "acme", "api", datetime(2026, 2, 11, 9), D("-40"))])
+    with pytest.raises(sync.SyncFailed, match=r"SQL usage source: negative units \(-40\).*'acme'.*2026-02-11"):
+        sync.sync(admin, as_of=AS_OF)
+    assert _fingerprint(Path(first.bundle_path)) == before
+    assert not [p for p in Path(first.bundle_path).parent.iterdir() if p.name.startswith(".bundle")]
+    entry = _last_audit(admin)
+    assert entry.action == "sync.failed" and "negative units" in entry.details["error"]
+
+
+def test_unknown_product_is_refused_with_the_product_named(connected: dict[str, Any], tmp_path: Path) -> None:
+    admin: Actor = connected["admin"]
+    _product_db(Path(sa.make_url(connected["db_url"]).database or ""),
+                [("e9", "acme", "storage_gb", datetime(2026, 2, 11, 9), D("4"))])
+    with pytest.raises(sync.SyncFailed, match="product_key 'storage_gb' that Stripe does not know"):
+        sync.sync(admin, as_of=AS_OF)
+    assert not sync.bundle_dir(admin.org_id).exists()
+
+
+def test_second_sync_is_incremental_and_keeps_earlier_data(connected: dict[str, Any]) -> None:
+    admin: Actor = connected["admin"]
+    first = sync.sync(admin, as_of=AS_OF)
+    assert not first.incremental
+    fake: FakeStripe = connected["fake"]
+    fake.add_customer("cus_delta", name="Delta", metadata={"account_id": "delta"}, created=fake.now() + 60)
+    second = sync.sync(admin, as_of=AS_OF)
+    assert second.incremental
+    stripe_counts = next(s for s in second.sources if s.source == "stripe").counts
+    assert stripe_counts["accounts"] == 1 and stripe_counts["invoice_lines"] == 0  # only what is new
+    bundle = load_bundle(second.bundle_path)
+    assert {"acme", "beta", "delta"} <= set(bundle.accounts) and len(bundle.invoice_lines) == 2
+    assert second.counts["reported_buckets"] == first.counts["reported_buckets"]
+    full = sync.sync(admin, as_of=AS_OF, full=True)
+    assert not full.incremental and full.counts == second.counts
+
+
+def test_without_stripe_a_base_bundle_supplies_billing(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    admin, _ = org
+    with pytest.raises(NotFound, match="No Stripe integration — connect Stripe in Settings"):
+        sync.sync(admin, as_of=AS_OF)
+    folder = _scenario().write(tmp_path / "base")
+    seat_readings = [("s1", "acme", "seats", datetime(2026, 2, 3, 9), D("5")),
+                     ("s2", "acme", "seats", datetime(2026, 2, 3, 15), D("7"))]  # two snapshots of one day
+    integrations.connect(admin, "sql_source", {"url": _product_db(tmp_path / "p.db", SQL_EVENTS[:3] + seat_readings),
+                                               "table": "events", "columns": COLUMNS})
+    report = sync.sync(admin, as_of=AS_OF, base_bundle=folder)
+    assert [s.source for s in report.sources] == ["base_bundle", "sql_source"]
+    bundle = load_bundle(report.bundle_path)
+    assert set(bundle.accounts) == {"acme", "beta"} and len(bundle.subscriptions) == 2
+    assert report.counts["actual_buckets"] == 4 and report.counts["reported_buckets"] == 2
+    seats = [r for r in pq.read_table(Path(report.bundle_path) / "actual_usage.parquet").to_pylist()
+             if r["product_key"] == "seats"]
+    assert [(r["ts"].day, r["units"].normalize()) for r in seats] == [(3, D(7))]  # the day's maximum, not 12
+
+
+def test_bad_arguments_and_roles(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    admin, _ = org
+    for kwargs, field in (({"months": 0}, "months"), ({"months": "3"}, "months"),
+                          ({"as_of": datetime(2026, 4, 1)}, "as_of"), ({"base_bundle": tmp_path / "nope"},
+                                                                       "base_bundle")):
+        with pytest.raises(InvalidInput, match=f"^{field}"):
+            sync.sync(admin, **kwargs)
+    with pytest.raises(PermissionDenied):
+        sync.sync(Actor(admin.org_id, "viewer", None, "user:x"))
+
+
+def test_reported_side_source_replaces_stripe_usage_and_ingested_events_count(org: tuple[Actor, Actor],
+                                                                              tmp_path: Path) -> None:
+    from services import ingest
+
+    admin, _ = org
+    folder = _scenario().write(tmp_path / "base")
+    integrations.connect(admin, "sql_source", {"url": _product_db(tmp_path / "p.db", SQL_EVENTS[:3]),
+                                               "table": "events", "columns": COLUMNS, "side": "reported"})
+    ingest.ingest(Actor.system(admin.org_id, "api"), ingest.parse_events([
+        {"event_id": "i1", "account_id": "acme", "product_key": "api", "ts": "2026-01-10T10:00:00Z", "units": "1500"},
+        {"event_id": "i2", "account_id": "beta", "product_key": "api", "ts": "2026-03-05T10:00:00Z", "units": "7"},
+    ]))
+    report = sync.sync(admin, as_of=AS_OF, base_bundle=folder)
+    roles = {s.source: s.role for s in report.sources}
+    assert roles == {"base_bundle": "billing", "sql_source": "reported", "ingest": "actual"}
+    assert any("side=reported" in w for w in report.warnings)
+    assert report.counts["actual_buckets"] == 2 and report.counts["reported_buckets"] == 3
+
+
+def test_one_sync_per_org_at_a_time(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    from services.errors import Conflict
+
+    admin, _ = org
+    with sync._sync_lock(admin.org_id), pytest.raises(Conflict, match="already running"):
+        sync.sync(admin, base_bundle=_scenario().write(tmp_path / "base"))
