@@ -8,7 +8,7 @@ from datetime import date, timedelta
 import pandas as pd
 import streamlit as st
 
-from services import activity
+from services import activity, exports
 from ui.format import when
 from ui.session import actor, attempt
 
@@ -38,11 +38,9 @@ with st.expander("Export anomalies, actions and audit log of a period"):
     span = st.date_input("Period", value=(date.today().replace(day=1), date.today()), key="audit_export_span")
     fmt = st.radio("Format", ["csv", "parquet"], horizontal=True, key="audit_export_fmt")
     if st.button("Prepare export", key="audit_export") and isinstance(span, tuple) and len(span) == 2:
-        from services import exports
-
         result = attempt(exports.export_audit, me, span[0], span[1] + timedelta(days=1), fmt)
-        if result is not None and getattr(result, "url", None):
-            st.success("Uploaded. The link below expires in 15 minutes.")
+        if result is not None and result.url:
+            st.success(f"Uploaded. The link below expires at {when(result.expires_at)}.")
             st.link_button("Download export", result.url)
         elif result is not None:
             st.download_button("Download export", result.data, file_name=result.filename, key="audit_download")

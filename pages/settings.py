@@ -30,7 +30,8 @@ FIELDS: dict[str, list[tuple[str, str, bool]]] = {  # kind -> (field, label, sec
     "sql_source": [("url", "SQLAlchemy URL", True), ("table", "Table or view", False), ("schema", "Schema", False)],
     "s3_parquet": [("bucket", "Bucket", False), ("prefix", "Prefix", False), ("region", "Region", False),
                    ("access_key_id", "Access key id", False), ("secret_access_key", "Secret access key", True),
-                   ("endpoint_url", "Endpoint URL (optional)", False)],
+                   ("endpoint_url", "Endpoint URL (optional)", False),
+                   ("export_prefix", "Prefix for audit exports (optional)", False)],
 }
 USAGE_SOURCES = ("sql_source", "s3_parquet")
 

@@ -31,7 +31,7 @@ LABELS = {"stripe": "Stripe", "salesforce": "Salesforce", "hubspot": "HubSpot", 
 KINDS = tuple(LABELS)
 REQUIRED: dict[str, tuple[str, ...]] = {
     "stripe": ("api_key",),
-    "salesforce": ("username", "password"),
+    "salesforce": (),  # username + password, or consumer_key + client_secret + instance_url: see _validate
     "hubspot": ("access_token",),
     "sql_source": ("url", "table", "columns"),
     "s3_parquet": ("bucket", "columns"),
@@ -81,6 +81,13 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
     if kind not in LABELS:
         raise InvalidInput(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     missing = [field for field in REQUIRED[kind] if not config.get(field)]
+    if kind == "salesforce":
+        oauth = ("consumer_key", "client_secret", "instance_url")
+        login = ("username", "password")
+        if not any(config.get(field) for field in oauth):
+            missing = [field for field in login if not config.get(field)]
+        else:
+            missing = [field for field in oauth if not config.get(field)]
     if missing:
         raise InvalidInput(f"{LABELS[kind]}: missing {', '.join(missing)}")
     if kind in ("sql_source", "s3_parquet"):

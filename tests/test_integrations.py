@@ -43,6 +43,15 @@ def test_masked_value_sent_back_keeps_the_stored_secret(app_db: str, actors: tup
     assert integrations.get_config(admin, "stripe") == {"api_key": KEY, "api_base": "http://127.0.0.1:1"}
 
 
+def test_salesforce_accepts_password_login_or_client_credentials(app_db: str, actors: tuple[Actor, Actor]) -> None:
+    admin, _ = actors
+    integrations.connect(admin, "salesforce", {"username": "ops@acme.example", "password": "pw-123456789"})
+    view = integrations.connect(admin, "salesforce", {"consumer_key": "3MVG9", "client_secret": "s3cret-value-123",
+                                                      "instance_url": "https://acme.my.salesforce.com"})
+    assert view.config["client_secret"] == "…-123"
+    assert integrations.get_config(admin, "salesforce")["client_secret"] == "s3cret-value-123"
+
+
 def test_sql_url_password_is_masked(app_db: str, actors: tuple[Actor, Actor]) -> None:
     admin, _ = actors
     config = {"url": "postgresql+psycopg://reader:s3cret-pw@db.internal/prod", "table": "events",
@@ -55,6 +64,8 @@ def test_sql_url_password_is_masked(app_db: str, actors: tuple[Actor, Actor]) ->
     ("stripe", {}, "missing api_key"),
     ("zapier", {"x": 1}, "kind: expected one of"),
     ("sql_source", {"url": "sqlite://", "table": "t", "columns": {"account_id": "a"}}, "map product_key, ts, units"),
+    ("salesforce", {"username": "ops@acme.example"}, "missing password"),
+    ("salesforce", {"consumer_key": "3MVG9", "client_secret": "s3cret"}, "missing instance_url"),
 ])
 def test_bad_config_is_refused_and_nothing_stored(app_db: str, actors: tuple[Actor, Actor], kind: str,
                                                   config: dict[str, object], message: str) -> None:
