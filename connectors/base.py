@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+USAGE_COLUMNS = ("account_id", "product_key", "ts", "units")
+OPTIONAL_USAGE_COLUMNS = ("event_id",)
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -12,3 +15,27 @@ class CheckResult:
     ok: bool
     message: str  # one sentence fit to show an admin; never contains a secret
     details: dict[str, str] | None = None
+
+
+def usage_column_mapping(columns: object, error: type[Exception], holder: str) -> dict[str, str]:
+    """Validate an admin's mapping of the usage fields to the source's column names.
+
+    `holder` names what a column is in this source ("column", "Parquet column") for the message;
+    `error` is the connector's own error type, so callers keep catching what they already catch.
+    """
+    names = USAGE_COLUMNS + OPTIONAL_USAGE_COLUMNS
+    if not isinstance(columns, dict):
+        raise error(f"columns: expected a mapping of {', '.join(USAGE_COLUMNS)} (and optional event_id) "
+                    f"to {holder} names")
+    unknown = sorted(set(columns) - set(names))
+    if unknown:
+        raise error(f"columns: unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(names)}")
+    mapping: dict[str, str] = {}
+    for key in names:
+        value = columns.get(key)
+        if value in (None, "") and key in OPTIONAL_USAGE_COLUMNS:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise error(f"columns.{key}: required, the name of the {holder} holding {key}")
+        mapping[key] = value
+    return mapping

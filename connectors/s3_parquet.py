@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from connectors.base import CheckResult
+from connectors.base import OPTIONAL_USAGE_COLUMNS, USAGE_COLUMNS, CheckResult, usage_column_mapping
 
 BUCKET_SCHEMA = pa.schema([
     pa.field("account_id", pa.string()),
@@ -40,8 +40,7 @@ BUCKET_SCHEMA = pa.schema([
     pa.field("ts", pa.timestamp("us", tz="UTC")),
     pa.field("units", pa.decimal128(38, 12)),
 ])
-REQUIRED_COLUMNS = ("account_id", "product_key", "ts", "units")
-OPTIONAL_COLUMNS = ("event_id",)
+REQUIRED_COLUMNS, OPTIONAL_COLUMNS = USAGE_COLUMNS, OPTIONAL_USAGE_COLUMNS
 PARTITION_KEY = "dt"
 PARTITION = re.compile(rf"(?:^|/){PARTITION_KEY}=([^/]*)/")
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -109,22 +108,7 @@ def parse_config(config: dict[str, Any]) -> S3Config:
     hive = config.get("hive_partitioned", False)
     if not isinstance(hive, bool):
         raise S3SourceError("hive_partitioned: expected true or false")
-    columns = config.get("columns")
-    if not isinstance(columns, dict):
-        raise S3SourceError(f"columns: expected a mapping of {', '.join(REQUIRED_COLUMNS)} (and optional "
-                            "event_id) to Parquet column names")
-    unknown = sorted(set(columns) - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS))
-    if unknown:
-        raise S3SourceError(f"columns: unknown key(s) {', '.join(map(repr, unknown))}; expected "
-                            f"{', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-    mapping: dict[str, str] = {}
-    for key in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
-        value = columns.get(key)
-        if value in (None, "") and key in OPTIONAL_COLUMNS:
-            continue
-        if not isinstance(value, str) or not value.strip():
-            raise S3SourceError(f"columns.{key}: required, the name of the Parquet column holding {key}")
-        mapping[key] = value
+    mapping = usage_column_mapping(config.get("columns"), S3SourceError, "Parquet column")
     return S3Config(bucket, prefix, region, key_id, secret, endpoint, hive, mapping)
 
 

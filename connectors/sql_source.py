@@ -36,7 +36,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
-from connectors.base import CheckResult
+from connectors.base import OPTIONAL_USAGE_COLUMNS, USAGE_COLUMNS, CheckResult, usage_column_mapping
 
 BUCKET_SCHEMA = pa.schema([
     pa.field("account_id", pa.string()),
@@ -45,8 +45,7 @@ BUCKET_SCHEMA = pa.schema([
     pa.field("units", pa.decimal128(38, 12)),
 ])
 UNITS_SCALE = Decimal(1).scaleb(-12)
-REQUIRED_COLUMNS = ("account_id", "product_key", "ts", "units")
-OPTIONAL_COLUMNS = ("event_id",)
+REQUIRED_COLUMNS, OPTIONAL_COLUMNS = USAGE_COLUMNS, OPTIONAL_USAGE_COLUMNS
 FETCH_BATCH = 50_000
 
 
@@ -79,22 +78,7 @@ def parse_config(config: dict[str, Any]) -> SqlSourceConfig:
     schema = config.get("schema") or None
     if schema is not None and not isinstance(schema, str):
         raise SqlSourceError("schema: expected a schema name or nothing")
-    columns = config.get("columns")
-    if not isinstance(columns, dict):
-        raise SqlSourceError(f"columns: expected a mapping of {', '.join(REQUIRED_COLUMNS)} (and optional "
-                             "event_id) to column names")
-    unknown = sorted(set(columns) - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS))
-    if unknown:
-        raise SqlSourceError(f"columns: unknown key(s) {', '.join(map(repr, unknown))}; expected "
-                             f"{', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-    mapping: dict[str, str] = {}
-    for key in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
-        value = columns.get(key)
-        if value in (None, "") and key in OPTIONAL_COLUMNS:
-            continue
-        if not isinstance(value, str) or not value.strip():
-            raise SqlSourceError(f"columns.{key}: required, the name of the column holding {key}")
-        mapping[key] = value
+    mapping = usage_column_mapping(config.get("columns"), SqlSourceError, "column")
     return SqlSourceConfig(url, table, schema, mapping)
 
 

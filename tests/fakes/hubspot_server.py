@@ -20,7 +20,6 @@ import asyncio
 import itertools
 import re
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +27,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from tests.fakes.serving import serve_app
 
 TASK_TO_COMPANY = 192  # HUBSPOT_DEFINED association type id, task -> company
 STANDARD_TASK_PROPERTIES = {"hs_task_subject", "hs_task_body", "hs_timestamp", "hs_task_status", "hs_task_priority",
@@ -256,20 +256,6 @@ def create_app(fake: FakeHubSpot) -> FastAPI:
 def running(fake: FakeHubSpot | None = None) -> Iterator[FakeHubSpot]:
     """Serve `fake` with uvicorn on a free loopback port in a thread; `fake.base_url` says where."""
     fake = fake or FakeHubSpot()
-    config = uvicorn.Config(create_app(fake), host="127.0.0.1", port=0, log_level="warning",
-                            timeout_graceful_shutdown=1, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("fake HubSpot did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    fake.base_url = f"http://127.0.0.1:{port}"
-    try:
+    with serve_app(create_app(fake), "fake HubSpot") as port:
+        fake.base_url = f"http://127.0.0.1:{port}"
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(5)

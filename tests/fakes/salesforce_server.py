@@ -28,9 +28,10 @@ from typing import Any
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from tests.fakes.serving import serve_app
 
 ORG_ID = "00DFAKE0000000001"
 TASK_FIELDS = {"Id", "Subject", "Description", "ActivityDate", "Status", "Priority", "WhatId", "WhoId", "OwnerId",
@@ -295,20 +296,6 @@ def create_app(fake: FakeSalesforce) -> FastAPI:
 def running(fake: FakeSalesforce | None = None) -> Iterator[FakeSalesforce]:
     """Serve `fake` with uvicorn on a free loopback port in a thread; `fake.base_url` says where."""
     fake = fake or FakeSalesforce()
-    config = uvicorn.Config(create_app(fake), host="127.0.0.1", port=0, log_level="warning",
-                            timeout_graceful_shutdown=1, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("fake Salesforce did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    fake.base_url = f"http://127.0.0.1:{port}"
-    try:
+    with serve_app(create_app(fake), "fake Salesforce") as port:
+        fake.base_url = f"http://127.0.0.1:{port}"
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(5)

@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from core.model import Bundle
 from core.money import currency_exponent
 from core.pricing import Price
+from tests.fakes.serving import serve_app
 
 DEFAULT_KEY = "sk_test_fake_4242424242424242"
 DROP_HEADER = "X-Fake-Drop-Connection"
@@ -1131,25 +1132,13 @@ def serve(fake: FakeStripe, *, drop_proxy: bool = False) -> Iterator[str]:
 
     With `drop_proxy`, the URL is a relay's that can drop connections (see `FakeStripe.drop_next`).
     """
-    port = free_port()
-    config = uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            limit_concurrency=200)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True, name=f"fake-stripe-{port}")
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("fake Stripe did not start")
-        time.sleep(0.01)
-    proxy = _DropProxy(port) if drop_proxy else None
-    try:
-        yield f"http://127.0.0.1:{proxy.port if proxy else port}"
-    finally:
-        if proxy:
-            proxy.close()
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_app(fake.app, "fake Stripe", access_log=False, limit_concurrency=200) as port:
+        proxy = _DropProxy(port) if drop_proxy else None
+        try:
+            yield f"http://127.0.0.1:{proxy.port if proxy else port}"
+        finally:
+            if proxy:
+                proxy.close()
 
 
 def at(text: str) -> int:
