@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from core.bundle import load_bundle
 from db.models import Anomaly, AuditEntry
 from db.session import org_session
-from services import integrations, reconciliation, settings, sync, users
+from services import anomalies, audit, integrations, reconciliation, recovery, settings, sync, users
+from services.actions_common import ActionFailed
+from services.anomalies import AnomalyFilters
 from services.context import Actor
 from services.errors import InvalidInput, NotFound, PermissionDenied
 from tests.bundles import FEB, JAN, MAR, Scenario
@@ -258,3 +260,34 @@ def test_one_sync_per_org_at_a_time(org: tuple[Actor, Actor], tmp_path: Path) ->
     admin, _ = org
     with sync._sync_lock(admin.org_id), pytest.raises(Conflict, match="already running"):
         sync.sync(admin, base_bundle=_scenario().write(tmp_path / "base"))
+
+
+def test_end_to_end_sync_reconcile_and_one_draft_invoice(connected: dict[str, Any]) -> None:
+    """Fake Stripe + SQL source -> sync -> reconcile -> draft invoice: one draft with the right line
+    and amount after a timeout and a double submit; the audit chain verifies."""
+    admin: Actor = connected["admin"]
+    analyst: Actor = connected["analyst"]
+    fake: FakeStripe = connected["fake"]
+    sync.sync(analyst, as_of=AS_OF)
+    assert reconciliation.run_reconciliation(analyst).status == "succeeded"
+    leak = next(row for row in anomalies.list_anomalies(analyst, AnomalyFilters(types=("under_reported_usage",))).rows
+                if row.account_id == "acme")
+    assert leak.amount == D("50.00")
+
+    integrations.connect(admin, "stripe", {"api_key": DEFAULT_KEY, "api_base": integrations.get_config(
+        admin, "stripe")["api_base"], "timeout": 0.5, "max_network_retries": 0})
+    fake.delay_next(1, 1.5, path_contains="/v1/invoices", method="POST")  # Stripe works, the answer is late
+    with pytest.raises(ActionFailed):
+        recovery.draft_invoice(analyst, leak.id)
+    first = recovery.draft_invoice(analyst, leak.id)  # the retry
+    second = recovery.draft_invoice(analyst, leak.id)  # a double submit
+    assert first.status == "succeeded" and second.replayed and second.external_id == first.external_id
+
+    (invoice,) = fake.draft_invoices()
+    items = [item for item in fake.invoiceitems.values() if item.get("invoice") == invoice["id"]]
+    assert invoice["id"] == first.external_id and invoice["currency"] == "usd" and invoice["total"] == 5000
+    assert len(items) == 1 and items[0]["amount"] == 5000
+    assert leak.product_key in items[0]["description"] and f"#{leak.id}" in items[0]["description"]
+    assert anomalies.get_anomaly(analyst, leak.id).row.status == "actioned"
+    with org_session(analyst.org_id) as session:
+        assert audit.verify(session, analyst.org_id).ok
