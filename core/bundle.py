@@ -12,6 +12,7 @@ import csv
 import itertools
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -382,3 +383,23 @@ def load_bundle(folder: Path | str) -> Bundle:
     _check(c)
     assert actual is not None and reported is not None
     return Bundle(accounts, products, prices, subscriptions, contracts, invoice_lines, actual, reported, notes)
+
+
+def with_list_prices(bundle: Bundle, price_map: dict[str, str]) -> Bundle:
+    """The bundle with an admin's product-to-price mapping applied as the products' default prices.
+
+    The mapping decides what usage with no subscription is valued at (it outranks the product's own
+    default price; an account's earlier subscription price still comes first, see
+    docs/reconciliation.md). Every problem is reported; nothing is applied when one exists.
+    """
+    problems = []
+    for product_key, price_id in sorted(price_map.items()):
+        if product_key not in bundle.products:
+            problems.append(Problem("price map", "a product of the data source", None, "product_key", product_key))
+        elif price_id not in bundle.prices or bundle.prices[price_id].product_key != product_key:
+            problems.append(Problem("price map", f"a price of product {product_key}", None, "price_id", price_id))
+    if problems:
+        raise BundleError(problems)
+    products = {key: replace(product, default_price_id=price_map.get(key, product.default_price_id))
+                for key, product in bundle.products.items()}
+    return replace(bundle, products=products)

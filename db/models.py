@@ -114,6 +114,7 @@ class OrgSettings(Base):
     schedule_expr: Mapped[str | None] = mapped_column(String(100))
     schedule_timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     data_source: Mapped[dict[str, Any] | None]
+    price_map: Mapped[dict[str, Any] | None]  # product_key -> price_id for unsubscribed usage (0006)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

@@ -11,7 +11,7 @@ from decimal import Decimal, InvalidOperation
 import pandas as pd
 import streamlit as st
 
-from services import api_keys, integrations, settings, users
+from services import api_keys, catalog, integrations, settings, users
 from ui.format import when
 from ui.session import actor, attempt, is_admin
 
@@ -35,8 +35,8 @@ FIELDS: dict[str, list[tuple[str, str, bool]]] = {  # kind -> (field, label, sec
 }
 USAGE_SOURCES = ("sql_source", "s3_parquet")
 
-tab_integrations, tab_thresholds, tab_users, tab_keys = st.tabs(
-    ["Integrations", "Thresholds & schedule", "Users", "API keys"])
+tab_integrations, tab_pricing, tab_thresholds, tab_users, tab_keys = st.tabs(
+    ["Integrations", "Pricing", "Thresholds & schedule", "Users", "API keys"])
 
 
 def integration_form(kind: str, current: integrations.IntegrationView | None) -> None:
@@ -88,6 +88,26 @@ with tab_integrations:
                     attempt(integrations.disconnect, me, kind)
                     st.rerun()
             integration_form(kind, view)
+
+with tab_pricing:
+    st.caption("Which price values usage of a product that no subscription covers (unbilled usage). "
+               "An account's own earlier subscription price still comes first.")
+    products = attempt(catalog.price_catalog, me)
+    if not products:
+        st.info("No products yet — they come from the data source (Stripe after a sync, or the demo bundle).")
+    else:
+        with st.form("price_map"):
+            choices: dict[str, str | None] = {}
+            for product in products:
+                options = [None, *(choice.price_id for choice in product.prices)]
+                labels = {choice.price_id: choice.label for choice in product.prices}
+                automatic = f"Automatic ({product.default_price_id or 'first listed price'})"
+                choices[product.product_key] = st.selectbox(
+                    f"{product.name} ({product.product_key})", options, key=f"price_{product.product_key}",
+                    index=options.index(product.mapped_price_id) if product.mapped_price_id in options else 0,
+                    format_func=lambda value, labels=labels, automatic=automatic: labels[value] if value else automatic)
+            if st.form_submit_button("Save mapping") and attempt(catalog.set_price_map, me, choices) is not None:
+                st.success("Mapping saved; it applies from the next run.")
 
 with tab_thresholds:
     current = attempt(settings.get_settings, me)

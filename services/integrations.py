@@ -84,7 +84,7 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
     if kind == "salesforce":
         oauth = ("consumer_key", "client_secret", "instance_url")
         login = ("username", "password")
-        if not any(config.get(field) for field in oauth):
+        if not (config.get("consumer_key") or config.get("client_secret")):
             missing = [field for field in login if not config.get(field)]
         else:
             missing = [field for field in oauth if not config.get(field)]

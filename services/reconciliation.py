@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.bundle import load_bundle
+from core.bundle import load_bundle, with_list_prices
 from core.errors import BundleError
 from core.model import Bundle
 from core.reconcile import Anomaly as Finding
@@ -89,12 +89,14 @@ def _progress_writer(org_id: int, run_id: int, extra: Progress | None) -> Progre
 
 
 def _bundle_for(actor: Actor, bundle_dir: Path | None) -> Bundle:
+    """The org's data source (or `bundle_dir`) with the admins' product-to-price mapping applied."""
+    org_settings = get_settings(actor)
     if bundle_dir is None:
-        source = get_settings(actor).data_source or {}
+        source = org_settings.data_source or {}
         if source.get("kind") != "bundle":
             raise InvalidInput("no data source yet: connect Stripe and a usage source in Settings, or load the demo")
         bundle_dir = Path(source["path"])
-    return load_bundle(bundle_dir)
+    return with_list_prices(load_bundle(bundle_dir), org_settings.price_map or {})
 
 
 def _columns(finding: Finding) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy.orm import Session
 
 from core.reconcile import ReconcileParams
 from db.models import OrgSettings
@@ -18,7 +19,8 @@ from services.errors import InvalidInput
 SCHEDULE_KINDS = ("off", "cron", "interval")
 
 
-def _load(session, org_id: int) -> OrgSettings:  # type: ignore[no-untyped-def]
+def settings_row(session: Session, org_id: int) -> OrgSettings:
+    """The org's settings row in `session`, created with the defaults on first use."""
     settings = session.get(OrgSettings, org_id)
     if settings is None:
         settings = OrgSettings(org_id=org_id)
@@ -29,7 +31,7 @@ def _load(session, org_id: int) -> OrgSettings:  # type: ignore[no-untyped-def]
 
 def get_settings(actor: Actor) -> OrgSettings:
     with org_session(actor.org_id) as session:
-        return _load(session, actor.org_id)
+        return settings_row(session, actor.org_id)
 
 
 def reconcile_params(settings: OrgSettings) -> ReconcileParams:
@@ -47,7 +49,7 @@ def update_thresholds(actor: Actor, *, rel_tolerance: Decimal, min_leak_amount: 
         if value < 0:
             raise InvalidInput(f"{name}: expected an amount >= 0")
     with org_session(actor.org_id) as session:
-        settings = _load(session, actor.org_id)
+        settings = settings_row(session, actor.org_id)
         settings.rel_tolerance, settings.min_leak_amount = rel_tolerance, min_leak_amount
         settings.over_billing_min = over_billing_min
         audit.append(session, actor, "settings.thresholds_changed", "org_settings", actor.org_id,
@@ -76,7 +78,7 @@ def update_schedule(actor: Actor, kind: str, expr: str | None, timezone: str = "
     require_role(actor, "admin")
     validate_schedule(kind, expr, timezone)
     with org_session(actor.org_id) as session:
-        settings = _load(session, actor.org_id)
+        settings = settings_row(session, actor.org_id)
         settings.schedule_kind, settings.schedule_expr, settings.schedule_timezone = kind, expr, timezone
         audit.append(session, actor, "settings.schedule_changed", "org_settings", actor.org_id,
                      {"kind": kind, "expr": expr, "timezone": timezone})
@@ -89,7 +91,7 @@ def set_data_source(actor: Actor, source: dict[str, Any]) -> OrgSettings:
     if source.get("kind") != "bundle" or not source.get("path"):
         raise InvalidInput('data source: expected {"kind": "bundle", "path": "<folder>"}')
     with org_session(actor.org_id) as session:
-        settings = _load(session, actor.org_id)
+        settings = settings_row(session, actor.org_id)
         settings.data_source = dict(source)
         audit.append(session, actor, "settings.data_source_changed", "org_settings", actor.org_id, source)
         return settings

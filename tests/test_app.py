@@ -13,8 +13,9 @@ from streamlit.testing.v1 import AppTest
 
 from core.bundle import load_bundle
 from db.session import get_engine, upgrade
-from services import anomalies, demo, integrations, users
+from services import anomalies, demo, integrations, settings, users
 from services.context import Actor
+from tests.fakes.salesforce_server import running
 from tests.fakes.stripe_server import FakeStripe, serve
 
 ADMIN, ANALYST = demo.DEMO_ADMIN, demo.DEMO_ANALYST
@@ -111,7 +112,7 @@ def test_every_page_renders_for_each_role(app_env: Path, who: tuple[str, str, st
     at.switch_page("pages/settings.py").run()
     no_exceptions(at)
     if settings_visible:
-        assert [t.label for t in at.tabs] == ["Integrations", "Thresholds & schedule", "Users", "API keys"]
+        assert [t.label for t in at.tabs] == ["Integrations", "Pricing", "Thresholds & schedule", "Users", "API keys"]
     else:
         assert not at.tabs  # not in the analyst's navigation: Streamlit shows the default page instead
         assert [t.value for t in at.title] != ["Settings"] or "for admins" in texts(at.error)
@@ -205,3 +206,41 @@ def test_empty_organization_says_what_to_do_next(empty_env: Path) -> None:
     assert "No run yet" in texts(at.info)
     at.switch_page("pages/settings.py").run()
     assert "No integrations yet" in texts(at.info)
+
+
+def test_crm_task_dialog_creates_a_salesforce_task(app_env: Path) -> None:
+    admin_user = users.get_user_by_email(ADMIN[0])
+    assert admin_user is not None
+    admin = Actor.user(admin_user.org_id, admin_user.id, "admin")
+    target = anomalies.list_anomalies(admin, anomalies.AnomalyFilters(statuses=("open",))).rows[0]
+    crm_id = anomalies.get_anomaly(admin, target.id).crm_id
+    assert crm_id
+    with running() as salesforce:
+        salesforce.add_account(crm_id, target.account_name or target.account_id)
+        integrations.connect(admin, "salesforce", {
+            "username": salesforce.username, "password": salesforce.password,
+            "security_token": salesforce.security_token, "domain": "login", "instance_url": salesforce.base_url})
+        at = sign_in(*ANALYST[::2])
+        at.switch_page("pages/anomalies.py").run()
+        at.session_state["anomaly_focus"] = target.id
+        at.run()
+        at.button(key="act_crm").click().run()
+        at.button(key="crm_confirm").click().run()
+        no_exceptions(at)
+        assert "created in Salesforce" in texts(at.success), (texts(at.error), texts(at.warning))
+        (task,) = salesforce.tasks.values()
+        assert task["WhatId"] == crm_id and f"/anomalies?id={target.id}" in task["Description"]
+        assert anomalies.get_anomaly(admin, target.id).row.status == "actioned"
+
+
+def test_admin_maps_a_product_to_a_price(app_env: Path) -> None:
+    at = sign_in(*ADMIN[::2])
+    at.switch_page("pages/settings.py").run()
+    at.selectbox(key="price_api_calls").select("price_api_usd_2026")
+    at.button(key="FormSubmitter:price_map-Save mapping").click().run()
+    no_exceptions(at)
+    assert "Mapping saved" in texts(at.success)
+    admin_user = users.get_user_by_email(ADMIN[0])
+    assert admin_user is not None
+    assert settings.get_settings(Actor.user(admin_user.org_id, admin_user.id, "admin")).price_map == {
+        "api_calls": "price_api_usd_2026"}
