@@ -11,8 +11,10 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-# The app on the embedded SQLite under ./data/; the first start migrates and loads the demo org.
+# The app on the embedded SQLite under ./data/; the first start migrates and loads the demo org
+# (`db prepare` does it before the server starts; `streamlit run app.py` alone does it too).
 run: $(BIN)/.installed
+	$(BIN)/python cli.py db prepare
 	$(BIN)/streamlit run app.py
 
 # Everything CI runs: lint, then every test (PostgreSQL, browser and slow ones included).

@@ -14,7 +14,7 @@ import streamlit as st
 import streamlit_authenticator as stauth
 
 from db.crypto import local_key
-from db.session import database_url, upgrade
+from db.session import database_url
 from services import demo, users
 from services.context import Actor
 from services.errors import ServiceError
@@ -28,9 +28,7 @@ st.set_page_config(page_title="Revenue Recovery Copilot", page_icon="💸", layo
 @st.cache_resource(show_spinner=False)
 def prepare_database(url: str) -> str:
     """Migrate once per process and database; seed the demo org on a first start unless RRC_DEMO=0."""
-    upgrade(url)
-    if os.environ.get("RRC_DEMO", "1") != "0" and not users.any_organization():
-        demo.seed_demo()
+    demo.prepare_first_start(url)
     return url
 
 

@@ -105,6 +105,18 @@ def db_upgrade() -> None:
     typer.echo(f"database at the newest migration: {database_url().split('@')[-1]}")
 
 
+@db_app.command("prepare")
+def db_prepare() -> None:
+    """What the app does on its first start: migrate, and seed the demo on an empty database."""
+    from services.demo import DEMO_ADMIN, DEMO_ANALYST, prepare_first_start
+
+    if prepare_first_start():
+        typer.echo(f"demo organization ready; sign in as {DEMO_ADMIN[0]} / {DEMO_ADMIN[2]} "
+                   f"or {DEMO_ANALYST[0]} / {DEMO_ANALYST[2]}")
+    else:
+        typer.echo("database migrated")
+
+
 @db_app.command("seed-demo")
 def db_seed_demo() -> None:
     """Create the demo organization with its users and a finished reconciliation (once)."""

@@ -6,11 +6,12 @@ existing organization, and does nothing when that org already exists.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from core.demo import generate_demo_bundle
 from db.models import Organization
-from db.session import data_dir
+from db.session import data_dir, upgrade
 from services import reconciliation, settings, users
 from services.context import Actor
 
@@ -32,3 +33,16 @@ def seed_demo(bundle_dir: Path | None = None, accounts: int = 60, seed: int = 7)
     settings.set_data_source(actor, {"kind": "bundle", "path": str(bundle_dir.resolve())})
     reconciliation.run_reconciliation(actor, trigger="manual")
     return org
+
+
+def prepare_first_start(url: str | None = None) -> bool:
+    """Migrate; on a database with no organization at all, seed the demo unless RRC_DEMO=0.
+
+    What the app does on its first start, also offered as `cli.py db prepare` so `make run` has
+    the demo ready before the first browser session opens. True when the demo was seeded now.
+    """
+    upgrade(url)
+    if os.environ.get("RRC_DEMO", "1") == "0" or users.any_organization():
+        return False
+    seed_demo()
+    return True

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import cli
 from core.demo import generate_demo_bundle
-from db.models import Action, Anomaly, AuditEntry, Organization, ReconRun
+from db.models import TENANT_TABLES, Action, Anomaly, AuditEntry, Organization, ReconRun
 from db.session import get_engine, org_session, system_session, upgrade
 from services import api_keys, audit, ingest, integrations, orgs_backup, reconciliation, settings, users
 from services.anomalies import set_status
@@ -240,3 +240,8 @@ def test_cli_export_and_import(app_db: str, other_db: str, demo_bundle: Path, tm
     assert "imported organization 'acme'" in result.output and "verifies" in result.output
     again = runner.invoke(cli.app, ["import-org", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_every_tenant_table_is_in_the_archive() -> None:
+    """A new tenant table must be added to the backup, or restores would silently lose it."""
+    assert {table for table, _ in orgs_backup.TABLES} == {"organizations", *TENANT_TABLES}
