@@ -91,7 +91,7 @@ def test_compose_runs_app_api_scheduler_against_postgres() -> None:
     assert "streamlit run app.py" in commands["app"]
     assert "uvicorn api:app" in commands["api"]
     assert commands["scheduler"] == "python scheduler.py"
-    assert commands["migrate"] == "python cli.py db upgrade"
+    assert commands["migrate"] == "python cli.py db prepare"
     for name in ("app", "api", "scheduler"):
         service = services[name]
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -117,7 +117,7 @@ def test_procfile_starts_the_three_processes() -> None:
     entries = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines()
                    if line and not line.startswith("#"))
     assert set(entries) == {"api", "app", "scheduler"}
-    assert "db upgrade" in entries["api"] and "uvicorn api:app" in entries["api"]
+    assert "cli.py db prepare &&" in entries["api"] and "uvicorn api:app" in entries["api"]
     assert "streamlit run app.py" in entries["app"] and "scheduler.py" in entries["scheduler"]
 
 
