@@ -32,7 +32,8 @@ def fuzz(operation: Any, headers: dict[str, str], statuses: Counter[int]) -> Non
     strategy = st.one_of(operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
                          operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
     @given(case=strategy)
     def call(case: schemathesis.Case) -> None:
         response = case.call(headers=headers)
