@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,35 +31,77 @@ def pg_url() -> str:
     return url
 
 
-@pytest.fixture
-def fresh_pg_url(pg_url: str) -> Iterator[str]:
-    """A brand-new PostgreSQL database for one test, dropped afterwards."""
-    name = f"rrc_test_{uuid.uuid4().hex[:12]}"
+def _create_database(pg_url: str, name: str, template: str | None = None) -> str:
     admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    yield url
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    admin.dispose()
+    return sa.engine.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_database(pg_url: str, url: str) -> None:
     from db.session import get_engine
 
     get_engine(url).dispose()
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{sa.engine.make_url(url).database}" WITH (FORCE)'))
     admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def app_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The app database migrated to head, on the embedded SQLite default and on PostgreSQL."""
+@pytest.fixture
+def fresh_pg_url(pg_url: str) -> Iterator[str]:
+    """A brand-new, empty PostgreSQL database for one test, dropped afterwards."""
+    url = _create_database(pg_url, f"rrc_test_{uuid.uuid4().hex[:12]}")
+    yield url
+    _drop_database(pg_url, url)
+
+
+@pytest.fixture(scope="session")
+def migrated_pg_template(pg_url: str) -> Iterator[str]:
+    """A PostgreSQL database migrated to head once per test session, cloned for each test.
+
+    CREATE DATABASE ... TEMPLATE copies it in a fraction of the time the migrations take; the
+    migrations themselves are still run from scratch by tests/test_db.py.
+    """
     from db.session import upgrade
 
+    url = _create_database(pg_url, f"rrc_template_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    from db.session import get_engine
+
+    get_engine(url).dispose()
+    yield sa.engine.make_url(url).database or ""
+    _drop_database(pg_url, url)
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An embedded database migrated to head once per test session; each test copies the file."""
+    from db.session import get_engine, upgrade
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "rrc.db"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    get_engine(url).dispose()  # checkpoints the WAL into the file
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def app_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The app database migrated to head, on the embedded SQLite default and on PostgreSQL."""
     (tmp_path / "data").mkdir()
     monkeypatch.setenv("RRC_DATA_DIR", str(tmp_path / "data"))
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'data' / 'rrc.db'}"
-    else:
-        url = request.getfixturevalue("fresh_pg_url")
-        monkeypatch.setenv("RRC_SECRET_KEYS", Fernet.generate_key().decode())
+        path = tmp_path / "data" / "rrc.db"
+        shutil.copyfile(request.getfixturevalue("migrated_sqlite_template"), path)
+        url = f"sqlite:///{path}"
+        monkeypatch.setenv("DATABASE_URL", url)
+        yield url
+        return
+    pg = request.getfixturevalue("pg_url")
+    url = _create_database(pg, f"rrc_test_{uuid.uuid4().hex[:12]}", request.getfixturevalue("migrated_pg_template"))
+    monkeypatch.setenv("RRC_SECRET_KEYS", Fernet.generate_key().decode())
     monkeypatch.setenv("DATABASE_URL", url)
-    upgrade(url)
-    return url
+    yield url
+    _drop_database(pg, url)
