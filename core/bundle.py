@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +81,10 @@ class _Collector:
 
     def instant(self, file: str, row: int, column: str, raw: str) -> datetime | None:
         """A timestamp with offset, or a date (midnight UTC): both are unambiguous."""
-        try:
-            if len(raw) == 10:
-                return datetime.combine(date.fromisoformat(raw), datetime.min.time(), UTC)
-            value = datetime.fromisoformat(raw)
-        except ValueError:
-            value = None
-        if value is None or value.tzinfo is None:
+        value = _utc_instant(raw)
+        if value is None:
             self.add(Problem(file, f"{TS_EXPECTED} or a date YYYY-MM-DD", row, column, raw))
-            return None
-        return value.astimezone(UTC)
+        return value
 
     def choice(self, file: str, row: int, column: str, raw: str, allowed: tuple[str, ...]) -> str | None:
         if raw not in allowed:
@@ -102,6 +97,18 @@ class _Collector:
             self.add(Problem(file, f"a {what} defined in the bundle", row, column, raw))
             return False
         return True
+
+
+@lru_cache(maxsize=65_536)
+def _utc_instant(raw: str) -> datetime | None:
+    """Parse once per distinct text: billing tables repeat the same few period boundaries."""
+    try:
+        if len(raw) == 10:
+            return datetime.combine(date.fromisoformat(raw), datetime.min.time(), UTC)
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return value.astimezone(UTC) if value.tzinfo is not None else None
 
 
 def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = False,
