@@ -29,6 +29,13 @@ from services.errors import InvalidInput, NotFound
 
 TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage", "over_billing")
 LEAK_TYPES = TYPES[:4]
+TYPE_LABELS = {
+    "unbilled_usage": "Unbilled usage",
+    "under_reported_usage": "Under-reported usage",
+    "renewal_drift": "Renewal price not applied",
+    "missed_overage": "Missed overage",
+    "over_billing": "Over-billing (credit risk)",
+}
 STATUSES = ("open", "dismissed", "actioned", "recovered", "resolved")
 SEVERITIES = ("low", "medium", "high", "critical")
 MANUAL_TRANSITIONS = {  # target status -> statuses it may come from

@@ -35,18 +35,12 @@ from services.actions_common import (
     result_of,
     succeed_action,
 )
+from services.anomalies import TYPE_LABELS
 from services.context import Actor, require_role
 from services.errors import Conflict, InvalidInput, NotFound
 
 SYSTEMS = {"salesforce": "Salesforce", "hubspot": "HubSpot"}
 MAX_DUE_DAYS = 365
-TYPE_LABELS = {
-    "unbilled_usage": "Unbilled usage",
-    "under_reported_usage": "Under-reported usage",
-    "renewal_drift": "Renewal price not applied",
-    "missed_overage": "Missed overage",
-    "over_billing": "Over-billing (credit risk)",
-}
 CLOSED_STATUSES = ("dismissed", "resolved")
 
 

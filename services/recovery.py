@@ -39,11 +39,11 @@ from services.actions_common import (
     result_of,
     succeed_action,
 )
+from services.anomalies import LEAK_TYPES
 from services.context import Actor, require_role
 from services.errors import Conflict, InvalidInput, NotFound
 
 KIND = "draft_invoice"
-LEAK_TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage")
 CLOSED_STATUSES = ("dismissed", "resolved", "recovered")  # nothing (left) to invoice
 RETRYABLE = ("rate_limited", "unavailable")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -83,6 +84,8 @@ def seeded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str,
         try:
             sa.create_engine(url).connect().close()
         except sa.exc.OperationalError as exc:  # pragma: no cover - depends on the machine
+            if os.environ.get("CI") or os.environ.get("REQUIRE_POSTGRES") == "1":
+                pytest.fail(f"MariaDB required in CI but unreachable at {url}: {exc}")
             pytest.skip(f"MariaDB not reachable at {url}: {exc}")
     engine = _seed(url, name)
     yield {"url": url, "table": name, "columns": dict(COLUMNS)}

@@ -6,14 +6,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from core.money import format_money
+from services.anomalies import TYPE_LABELS
 
-TYPE_LABELS = {
-    "unbilled_usage": "Unbilled usage",
-    "under_reported_usage": "Under-reported usage",
-    "renewal_drift": "Renewal drift",
-    "missed_overage": "Missed overage",
-    "over_billing": "Over-billing (credit risk)",
-}
 STATUS_LABELS = {"open": "Open", "dismissed": "Dismissed", "actioned": "Actioned", "recovered": "Recovered",
                  "resolved": "Resolved"}
 
