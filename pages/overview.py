@@ -73,33 +73,27 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return data
 
 
-left, right = st.columns(2)
-with left:
-    st.subheader("Leak by period")
-    if summary.by_period:
-        chart = px.bar(frame(summary.by_period), x="month", y="amount", color="currency", barmode="group",
-                       labels={"amount": "Leak", "month": "Billing period"})
-        st.plotly_chart(chart, width="stretch", key="by_period")
-with right:
-    st.subheader("By type")
-    by_type = frame(summary.by_type)
-    by_type["type"] = by_type["type"].map(type_label)
-    chart = px.bar(by_type, x="amount", y="type", color="currency", orientation="h",
-                   labels={"amount": "Amount", "type": ""})
-    st.plotly_chart(chart, width="stretch", key="by_type")
+def leak_chart(where: Any, title: str, rows: list[dict[str, Any]], x: str, x_label: str, key: str) -> None:
+    """Leak amounts per `x`, one bar per currency side by side (currencies are never stacked)."""
+    where.subheader(title)
+    if rows:
+        chart = px.bar(frame(rows), x=x, y="amount", color="currency", barmode="group",
+                       labels={"amount": "Leak", x: x_label})
+        where.plotly_chart(chart, width="stretch", key=key)
 
-left, right = st.columns(2)
-with left:
-    st.subheader("By product")
-    if summary.by_product:
-        chart = px.bar(frame(summary.by_product), x="product_key", y="amount", color="currency", barmode="group",
-                       labels={"amount": "Leak", "product_key": "Product"})
-        st.plotly_chart(chart, width="stretch", key="by_product")
-with right:
-    st.subheader("Confidence")
-    chart = px.bar(frame(summary.confidence), x="bucket", y="count",
-                   labels={"bucket": "Confidence", "count": "Anomalies"})
-    st.plotly_chart(chart, width="stretch", key="confidence")
+
+by_type = frame(summary.by_type)
+by_type["type"] = by_type["type"].map(type_label)
+charts = [st.columns(2), st.columns(2)]
+leak_chart(charts[0][0], "Leak by period", summary.by_period, "month", "Billing period", "by_period")
+charts[0][1].subheader("By type")
+charts[0][1].plotly_chart(px.bar(by_type, x="amount", y="type", color="currency", orientation="h",
+                                 labels={"amount": "Amount", "type": ""}), width="stretch", key="by_type")
+leak_chart(charts[1][0], "By product", summary.by_product, "product_key", "Product", "by_product")
+charts[1][1].subheader("Confidence")
+charts[1][1].plotly_chart(px.bar(frame(summary.confidence), x="bucket", y="count",
+                                 labels={"bucket": "Confidence", "count": "Anomalies"}),
+                          width="stretch", key="confidence")
 
 st.subheader("Top accounts")
 st.dataframe(
