@@ -13,7 +13,7 @@ PAGE_SIZE = 100
 me = actor()
 st.title("Actions")
 
-page = st.number_input("Page", min_value=1, value=1, key="actions_page")
+page = st.columns([1, 5])[0].number_input("Page", min_value=1, value=1, key="actions_page")
 listed = attempt(activity.list_actions, me, limit=PAGE_SIZE, offset=(int(page) - 1) * PAGE_SIZE)
 if listed is None:
     st.stop()

@@ -24,7 +24,7 @@ if left.button("Verify the chain", key="audit_verify"):
     elif result is not None:
         right.error(f"Chain broken at entry {result.first_broken_seq}: {result.reason}.")
 
-page = st.number_input("Page", min_value=1, value=1, key="audit_page")
+page = st.columns([1, 5])[0].number_input("Page", min_value=1, value=1, key="audit_page")
 listed = attempt(activity.list_audit, me, limit=PAGE_SIZE, offset=(int(page) - 1) * PAGE_SIZE)
 if listed is None:
     st.stop()
