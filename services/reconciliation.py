@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from core.bundle import load_bundle, with_list_prices
 from core.errors import BundleError
@@ -29,7 +30,7 @@ from db.models import Account, Anomaly, ReconRun
 from db.session import org_session
 from services import audit
 from services.context import Actor, require_role
-from services.errors import InvalidInput, NotFound
+from services.errors import Conflict, InvalidInput, NotFound
 from services.settings import get_settings, reconcile_params
 
 RESOLVABLE = ("open", "actioned")
@@ -65,7 +66,11 @@ def _start(actor: Actor, trigger: str, run_id: int | None, params: ReconcilePara
         now = datetime.now(UTC)
         run.status, run.started_at, run.heartbeat_at = "running", now, now
         run.params = {k: str(v) for k, v in asdict(params).items() if v is not None}
-        session.flush()
+        try:
+            session.flush()
+        except IntegrityError:  # ux_recon_runs_one_running: another worker is reconciling this org
+            raise Conflict("a reconciliation is already running for this organization; "
+                           "it shows on the Runs page — start another when it has finished") from None
         return run.id
 
 

@@ -146,3 +146,14 @@ def test_failed_runs_record_why(org: tuple[Actor, Actor], tmp_path: Path) -> Non
         assert session.execute(sa.select(sa.func.count()).select_from(Anomaly)).scalar() == 0
         actions = session.execute(sa.select(AuditEntry.action).order_by(AuditEntry.seq)).scalars().all()
         assert actions.count("run.failed") == 2
+
+
+def test_a_second_run_of_one_org_is_refused_while_one_is_running(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    admin, analyst = org
+    folder = Scenario().use("acme", "api", "2026-01-10T00:00:00Z", "100", reported="").write(tmp_path / "b")
+    with org_session(admin.org_id) as session:
+        session.add(ReconRun(org_id=admin.org_id, trigger="schedule", status="running"))
+    with pytest.raises(Conflict, match="already running"):
+        reconciliation.run_reconciliation(analyst, bundle_dir=folder)
+    with org_session(admin.org_id) as session:
+        assert [r.status for r in session.query(ReconRun).where(ReconRun.org_id == admin.org_id)] == ["running"]
