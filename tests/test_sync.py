@@ -24,6 +24,7 @@ from services.anomalies import AnomalyFilters
 from services.context import Actor
 from services.errors import InvalidInput, NotFound, PermissionDenied
 from tests.bundles import FEB, JAN, MAR, Scenario
+from tests.fakes.serving import wait_for
 from tests.fakes.stripe_server import DEFAULT_KEY, FakeStripe, serve
 from tests.test_s3_parquet import KEYS, s3_client, start_moto
 
@@ -279,6 +280,7 @@ def test_end_to_end_sync_reconcile_and_one_draft_invoice(connected: dict[str, An
     fake.delay_next(1, 1.5, path_contains="/v1/invoices", method="POST")  # Stripe works, the answer is late
     with pytest.raises(ActionFailed):
         recovery.draft_invoice(analyst, leak.id)
+    wait_for(fake.draft_invoices)  # Stripe finishes the late request
     first = recovery.draft_invoice(analyst, leak.id)  # the retry
     second = recovery.draft_invoice(analyst, leak.id)  # a double submit
     assert first.status == "succeeded" and second.replayed and second.external_id == first.external_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,3 +29,10 @@ def serve_app(app: Any, name: str, **options: Any) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 10.0) -> None:
+    """Poll until `condition()` holds: a fake may finish a request after the client gave up on it."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
