@@ -108,11 +108,7 @@ def pages_for(role: str) -> dict[str, list]:
 
 
 def main() -> None:
-    if not st.session_state.get("database_ready"):
-        with st.spinner("Preparing the database…"):
-            prepare_database(database_url())
-        st.session_state["database_ready"] = True
-        st.rerun()  # a first run that migrated or seeded draws no form: its widgets would not keep their input
+    prepare_database(database_url())
     credentials = users.credentials_for_authenticator()
     authenticator = stauth.Authenticate(credentials, COOKIE_NAME, cookie_key(), COOKIE_DAYS, auto_hash=False)
     authenticator.login(location="unrendered")  # re-checks the cookie only
