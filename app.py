@@ -110,7 +110,10 @@ def pages_for(role: str) -> dict[str, list]:
 def main() -> None:
     prepare_database(database_url())
     credentials = users.credentials_for_authenticator()
-    authenticator = stauth.Authenticate(credentials, COOKIE_NAME, cookie_key(), COOKIE_DAYS, auto_hash=False)
+    # No built-in 0.7 s sleep per signed-out run: the lockout in the database (5 failures, 15 minutes)
+    # is the brute-force guard, and a long run let a click arriving meanwhile lose its submit.
+    authenticator = stauth.Authenticate(credentials, COOKIE_NAME, cookie_key(), COOKIE_DAYS, auto_hash=False,
+                                        login_sleep_time=0)
     authenticator.login(location="unrendered")  # re-checks the cookie only
     current = signed_in_actor()
     if current is None:
