@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 USAGE_COLUMNS = ("account_id", "product_key", "ts", "units")
@@ -39,3 +40,13 @@ def usage_column_mapping(columns: object, error: type[Exception], holder: str) -
             raise error(f"columns.{key}: required, the name of the {holder} holding {key}")
         mapping[key] = value
     return mapping
+
+
+def is_loopback(host: str) -> bool:
+    """True for this machine: the only place a connector may talk plain http (the local fakes)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -18,7 +18,6 @@ number of times; the SDK's own urllib3 retries are switched off so there is one 
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from hubspot.crm.properties import PropertyCreate
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from urllib3.util.retry import Retry
 
-from connectors.base import CheckResult
+from connectors.base import CheckResult, is_loopback
 
 DEFAULT_HOST = "https://api.hubapi.com"
 DEFAULT_TIMEOUT = 30.0
@@ -78,15 +77,6 @@ class _Settings:
     attempts: int
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _settings(config: dict[str, Any]) -> _Settings:
     token = config.get("access_token")
     if not isinstance(token, str) or not token.strip():
@@ -95,7 +85,7 @@ def _settings(config: dict[str, Any]) -> _Settings:
     parts = urlsplit(host)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise HubSpotFailure(f"HubSpot host: expected https://api.hubapi.com or another https URL, got {host!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise HubSpotFailure("HubSpot host: must use https:// (plain http only for a local test server)")
     try:
         timeout = float(config.get("timeout") or DEFAULT_TIMEOUT)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from simple_salesforce.format import format_soql
 from simple_salesforce.login import token_login
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from connectors.base import CheckResult
+from connectors.base import CheckResult, is_loopback
 
 API_VERSION = "59.0"
 DEFAULT_TIMEOUT = 30.0
@@ -106,7 +105,7 @@ def _settings(config: dict[str, Any]) -> _Settings:
         parts = urlsplit(str(instance_url))
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise SalesforceFailure(f"Salesforce instance_url: expected https://<your domain>, got {instance_url!r}")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise SalesforceFailure("Salesforce instance_url: must use https:// "
                                     "(plain http only for a local test server)")
         instance_url = f"{parts.scheme}://{parts.netloc}"
@@ -119,15 +118,6 @@ def _settings(config: dict[str, Any]) -> _Settings:
         raise SalesforceFailure("Salesforce timeout / max_attempts: must be positive")
     return _Settings(str(username).strip(), str(password), token, consumer_key, client_secret, domain, instance_url,
                      timeout, attempts)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Session(requests.Session):
@@ -167,7 +157,7 @@ def _login(settings: _Settings, session: _Session) -> Salesforce:
                                              settings.consumer_key, {"Authorization": f"Basic {basic}"}, None,
                                              session)
         if session.plain_http_netloc is not None:
-            session.plain_http_netloc = instance if _is_loopback(urlsplit(f"//{instance}").hostname or "") else None
+            session.plain_http_netloc = instance if is_loopback(urlsplit(f"//{instance}").hostname or "") else None
         return Salesforce(session_id=access_token, instance=instance, version=API_VERSION, session=session)
     if settings.instance_url is None:
         return Salesforce(username=settings.username, password=settings.password,
@@ -178,7 +168,7 @@ def _login(settings: _Settings, session: _Session) -> Salesforce:
                                            session=session, domain=settings.domain,
                                            scratch_url=settings.instance_url, client_id="revenue-recovery-copilot")
     if session.plain_http_netloc is not None:  # REST calls go to the host login named, if it is local too
-        session.plain_http_netloc = instance if _is_loopback(urlsplit(f"//{instance}").hostname or "") else None
+        session.plain_http_netloc = instance if is_loopback(urlsplit(f"//{instance}").hostname or "") else None
     return Salesforce(session_id=session_id, instance=instance, version=API_VERSION, session=session)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from tests.fakes.faults import FaultQueue
 from tests.fakes.serving import serve_app
 
 TASK_TO_COMPANY = 192  # HUBSPOT_DEFINED association type id, task -> company
@@ -40,30 +40,18 @@ TASK_STATUSES = {"NOT_STARTED", "IN_PROGRESS", "WAITING", "COMPLETED", "DEFERRED
 TASK_PRIORITIES = {"LOW", "MEDIUM", "HIGH", "NONE"}
 
 
-@dataclass
-class Fault:
-    method: str
-    path_pattern: str
-    status: int | None = None
-    retry_after: int | None = None
-    delay_after: float = 0.0
-    drop: bool = False  # process, then cut the connection in the middle of the answer
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
-class FakeHubSpot:
+class FakeHubSpot(FaultQueue):
     token: str = "pat-na1-fake-0000-1111-2222"
     companies: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     custom_task_properties: dict[str, dict[str, Any]] = field(default_factory=dict)
-    faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     base_url: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(90_000_001))
 
     def add_company(self, company_id: str, name: str) -> None:
@@ -73,18 +61,6 @@ class FakeHubSpot:
     def add_task_property(self, name: str) -> None:
         self.custom_task_properties[name] = _property(name, name.replace("_", " ").title())
 
-    def fail_next(self, method: str, path_pattern: str, *, status: int | None = None, retry_after: int | None = None,
-                  delay_after: float = 0.0, drop: bool = False, times: int = 1) -> None:
-        for _ in range(times):
-            self.faults.append(Fault(method, path_pattern, status, retry_after, delay_after, drop))
-
-    def take_fault(self, method: str, path: str) -> Fault | None:
-        with self.lock:
-            for fault in self.faults:
-                if fault.method == method and re.search(fault.path_pattern, path):
-                    self.faults.remove(fault)
-                    return fault
-        return None
 
 
 def _property(name: str, label: str, *, description: str = "", group: str = "taskinformation") -> dict[str, Any]:

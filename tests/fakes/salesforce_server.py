@@ -19,7 +19,6 @@ import base64
 import itertools
 import re
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from xml.sax.saxutils import escape
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from tests.fakes.faults import FaultQueue
 from tests.fakes.serving import serve_app
 
 ORG_ID = "00DFAKE0000000001"
@@ -44,19 +44,7 @@ TASK_PRIORITIES = {"High", "Normal", "Low"}
 
 
 @dataclass
-class Fault:
-    """What to do to the next request whose method and path match (`path_pattern`, a regex searched in the path)."""
-
-    method: str
-    path_pattern: str
-    status: int | None = None  # answer this status without processing
-    retry_after: int | None = None
-    delay_after: float = 0.0  # process, then hold the answer this long (client times out)
-    drop: bool = False  # process, then cut the connection in the middle of the answer
-
-
-@dataclass
-class FakeSalesforce:
+class FakeSalesforce(FaultQueue):
     username: str = "ops@example.com"
     password: str = "s3cret-pass"
     security_token: str = "TOKEN123"
@@ -65,28 +53,14 @@ class FakeSalesforce:
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     sessions: set[str] = field(default_factory=set)
-    faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every API call
     task_createable: bool = True
     base_url: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def add_account(self, account_id: str, name: str) -> None:
         self.accounts[account_id] = {"Id": account_id, "Name": name, "Type": "Customer"}
 
-    def fail_next(self, method: str, path_pattern: str, *, status: int | None = None, retry_after: int | None = None,
-                  delay_after: float = 0.0, drop: bool = False, times: int = 1) -> None:
-        for _ in range(times):
-            self.faults.append(Fault(method, path_pattern, status, retry_after, delay_after, drop))
-
-    def take_fault(self, method: str, path: str) -> Fault | None:
-        with self.lock:
-            for fault in self.faults:
-                if fault.method == method and re.search(fault.path_pattern, path):
-                    self.faults.remove(fault)
-                    return fault
-        return None
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}FAKE{next(self._ids):011d}"[:18]
