@@ -71,8 +71,7 @@ def signed_in_actor() -> Actor | None:
 
 
 def sign_in_page(authenticator: stauth.Authenticate, credentials: dict) -> None:
-    """The only page a signed-out visitor gets. A page of its own (not drawn before st.navigation),
-    so its widgets keep the same identity from one run to the next."""
+    """The only page a signed-out visitor gets: the sign-in form and "Create your organization"."""
     st.title("Revenue Recovery Copilot")
     st.caption("Find revenue that was earned but never billed — and recover it.")
     authenticator.login(location="main", fields={"Form name": "Sign in", "Username": "Email",

@@ -158,6 +158,7 @@ def get_config(actor: Actor, kind: str) -> dict[str, Any]:
 
 
 def is_connected(actor: Actor, kind: str) -> bool:
+    require_role(actor, "admin", "analyst")
     with org_session(actor.org_id) as session:
         return _find(session, actor.org_id, kind) is not None
 
