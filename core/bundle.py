@@ -112,11 +112,14 @@ def _utc_instant(raw: str) -> datetime | None:
 
 
 def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = False,
-          extra_columns: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield (line number, row) of a CSV after checking its header.
+          extra_columns: tuple[str, ...] = ()) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """Yield (line number, values) of a CSV after checking its header.
 
-    Parsed by Arrow's CSV reader (every column as text, whitespace trimmed): a line number is the
-    row's index + 2, which holds because bundle values never contain line breaks.
+    Values come in the order of REQUIRED_COLUMNS[name] then `extra_columns` (an absent extra
+    column reads as ""), so loaders unpack them by name. Parsed by Arrow's CSV reader (every column
+    as text, whitespace trimmed): a line number is the row's index + 2, which holds because bundle
+    values never contain line breaks. Tuples, not dicts: the billing tables have a row per
+    account, product and period.
     """
     path = folder / name
     if not path.exists():
@@ -136,11 +139,11 @@ def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = Fa
     except pa.ArrowInvalid as exc:
         collector.add(Problem(name, f"a well-formed CSV file with {len(header)} fields per row ({exc})"))
         return
-    columns = [pc.utf8_trim_whitespace(table.column(i)).to_pylist() for i in range(table.num_columns)]
-    absent = [column for column in extra_columns if column not in table.column_names]
-    names, blank = [*table.column_names, *absent], [""] * len(absent)
-    for index, values in enumerate(zip(*columns, strict=True)):
-        yield index + 2, dict(zip(names, [*values, *blank], strict=True))
+    index = {column.strip(): i for i, column in enumerate(table.column_names)}
+    blank = [""] * table.num_rows
+    columns = [pc.utf8_trim_whitespace(table.column(index[column])).to_pylist() if column in index else blank
+               for column in (*REQUIRED_COLUMNS[name], *extra_columns)]
+    yield from enumerate(zip(*columns, strict=True), start=2)
 
 
 def _parse_tiers(collector: _Collector, row: int, raw: str) -> tuple[Tier, ...] | None:
@@ -167,61 +170,60 @@ def _parse_tiers(collector: _Collector, row: int, raw: str) -> tuple[Tier, ...] 
 
 def _load_accounts(folder: Path, c: _Collector) -> dict[str, Account]:
     accounts: dict[str, Account] = {}
-    for line, r in _rows(folder, "accounts.csv", c):
-        if not r["account_id"]:
+    for line, (account_id, name, stripe_customer_id, crm_id) in _rows(folder, "accounts.csv", c):
+        if not account_id:
             c.add(Problem("accounts.csv", "a non-empty account_id", line, "account_id", ""))
-        elif r["account_id"] in accounts:
-            c.add(Problem("accounts.csv", "a unique account_id", line, "account_id", r["account_id"]))
+        elif account_id in accounts:
+            c.add(Problem("accounts.csv", "a unique account_id", line, "account_id", account_id))
         else:
-            accounts[r["account_id"]] = Account(
-                r["account_id"], r["name"], r["stripe_customer_id"] or None, r["crm_id"] or None
-            )
+            accounts[account_id] = Account(account_id, name, stripe_customer_id or None, crm_id or None)
     return accounts
 
 
 def _load_products(folder: Path, c: _Collector) -> dict[str, Product]:
     products: dict[str, Product] = {}
-    for line, r in _rows(folder, "products.csv", c, extra_columns=("default_price_id",)):
-        aggregation = c.choice("products.csv", line, "aggregation", r["aggregation"], ("sum", "max"))
-        if r["product_key"] in products or not r["product_key"]:
-            c.add(Problem("products.csv", "a unique, non-empty product_key", line, "product_key", r["product_key"]))
+    rows = _rows(folder, "products.csv", c, extra_columns=("default_price_id",))
+    for line, (product_key, name, raw_aggregation, unit, default_price_id) in rows:
+        aggregation = c.choice("products.csv", line, "aggregation", raw_aggregation, ("sum", "max"))
+        if product_key in products or not product_key:
+            c.add(Problem("products.csv", "a unique, non-empty product_key", line, "product_key", product_key))
         elif aggregation:
-            products[r["product_key"]] = Product(
-                r["product_key"], r["name"], aggregation, r["unit"] or "unit",  # type: ignore[arg-type]
-                r["default_price_id"] or None,
-            )
+            products[product_key] = Product(product_key, name, aggregation, unit or "unit",  # type: ignore[arg-type]
+                                            default_price_id or None)
     return products
 
 
 def _load_prices(folder: Path, c: _Collector, products: dict[str, Product]) -> dict[str, Price]:
     prices: dict[str, Price] = {}
-    for line, r in _rows(folder, "prices.csv", c):
-        ok = c.reference("prices.csv", line, "product_key", r["product_key"], products, "product_key")
-        model = c.choice("prices.csv", line, "model", r["model"], PRICING_MODELS)
-        currency = r["currency"].lower()
+    name = "prices.csv"
+    for line, (price_id, product_key, raw_currency, raw_model, raw_unit_amount, raw_package_size,
+               raw_tiers) in _rows(folder, name, c):
+        ok = c.reference(name, line, "product_key", product_key, products, "product_key")
+        model = c.choice(name, line, "model", raw_model, PRICING_MODELS)
+        currency = raw_currency.lower()
         if len(currency) != 3 or not currency.isalpha():
-            c.add(Problem("prices.csv", "a 3-letter ISO currency code", line, "currency", r["currency"]))
+            c.add(Problem(name, "a 3-letter ISO currency code", line, "currency", raw_currency))
             ok = False
-        unit_amount = c.decimal("prices.csv", line, "unit_amount", r["unit_amount"], allow_empty=True,
-                                non_negative=True)
+        unit_amount = c.decimal(name, line, "unit_amount", raw_unit_amount, allow_empty=True, non_negative=True)
         package_size = None
-        if r["package_size"]:
-            if r["package_size"].isdigit() and int(r["package_size"]) >= 1:
-                package_size = int(r["package_size"])
+        if raw_package_size:
+            if raw_package_size.isdigit() and int(raw_package_size) >= 1:
+                package_size = int(raw_package_size)
             else:
-                c.add(Problem("prices.csv", "a whole number >= 1", line, "package_size", r["package_size"]))
+                c.add(Problem(name, "a whole number >= 1", line, "package_size", raw_package_size))
                 ok = False
         tiers: tuple[Tier, ...] | None = ()
         if model in ("graduated", "volume"):
-            tiers = _parse_tiers(c, line, r["tiers"])
+            tiers = _parse_tiers(c, line, raw_tiers)
         if not (ok and model and tiers is not None):
             continue
         try:
-            prices[r["price_id"]] = Price(r["price_id"], r["product_key"], currency, model,  # type: ignore[arg-type]
-                                          unit_amount, package_size, tiers)
+            prices[price_id] = Price(price_id, product_key, currency, model,  # type: ignore[arg-type]
+                                     unit_amount, package_size, tiers)
         except ValueError as exc:
-            column = "tiers" if model in ("graduated", "volume") else "unit_amount"
-            c.add(Problem("prices.csv", f"a complete {model} price ({exc})", line, column, r[column]))
+            column, raw = ("tiers", raw_tiers) if model in ("graduated", "volume") else ("unit_amount",
+                                                                                        raw_unit_amount)
+            c.add(Problem(name, f"a complete {model} price ({exc})", line, column, raw))
     return prices
 
 
@@ -240,19 +242,20 @@ def _load_subscriptions(folder: Path, c: _Collector, accounts: dict[str, Account
                         products: dict[str, Product], prices: dict[str, Price]) -> list[SubscriptionPeriod]:
     periods: list[tuple[int, SubscriptionPeriod]] = []
     name = "subscriptions.csv"
-    for line, r in _rows(folder, name, c):
-        ok = c.reference(name, line, "account_id", r["account_id"], accounts, "account_id")
-        ok &= c.reference(name, line, "product_key", r["product_key"], products, "product_key")
-        ok &= _check_price_product(c, name, line, r["price_id"], r["product_key"], prices)
-        start = c.instant(name, line, "period_start", r["period_start"])
-        end = c.instant(name, line, "period_end", r["period_end"])
+    for line, (subscription_id, account_id, product_key, price_id, status, raw_start,
+               raw_end) in _rows(folder, name, c):
+        ok = c.reference(name, line, "account_id", account_id, accounts, "account_id")
+        ok &= c.reference(name, line, "product_key", product_key, products, "product_key")
+        ok &= _check_price_product(c, name, line, price_id, product_key, prices)
+        start = c.instant(name, line, "period_start", raw_start)
+        end = c.instant(name, line, "period_end", raw_end)
         if start and end and end <= start:
             c.add(Problem(name, "period_end after period_start (periods are [start, end))", line,
-                          "period_end", r["period_end"]))
+                          "period_end", raw_end))
             continue
         if ok and start and end:
-            periods.append((line, SubscriptionPeriod(r["subscription_id"], r["account_id"], r["product_key"],
-                                                     r["price_id"], r["status"], start, end)))
+            periods.append((line, SubscriptionPeriod(subscription_id, account_id, product_key, price_id, status,
+                                                     start, end)))
     _check_overlaps(c, periods)
     return [p for _, p in periods]
 
@@ -272,13 +275,13 @@ def _load_contracts(folder: Path, c: _Collector, accounts: dict[str, Account],
                     products: dict[str, Product], prices: dict[str, Price]) -> list[Contract]:
     contracts: list[Contract] = []
     name = "contracts.csv"
-    for line, r in _rows(folder, name, c, optional=True):
-        ok = c.reference(name, line, "account_id", r["account_id"], accounts, "account_id")
-        ok &= c.reference(name, line, "product_key", r["product_key"], products, "product_key")
-        ok &= _check_price_product(c, name, line, r["price_id"], r["product_key"], prices)
-        effective = c.instant(name, line, "effective_from", r["effective_from"])
+    for line, (account_id, product_key, raw_effective, price_id) in _rows(folder, name, c, optional=True):
+        ok = c.reference(name, line, "account_id", account_id, accounts, "account_id")
+        ok &= c.reference(name, line, "product_key", product_key, products, "product_key")
+        ok &= _check_price_product(c, name, line, price_id, product_key, prices)
+        effective = c.instant(name, line, "effective_from", raw_effective)
         if ok and effective:
-            contracts.append(Contract(r["account_id"], r["product_key"], effective, r["price_id"]))
+            contracts.append(Contract(account_id, product_key, effective, price_id))
     return contracts
 
 
@@ -286,20 +289,20 @@ def _load_invoice_lines(folder: Path, c: _Collector, accounts: dict[str, Account
                         products: dict[str, Product]) -> list[InvoiceLine]:
     lines: list[InvoiceLine] = []
     name = "invoice_lines.csv"
-    for line, r in _rows(folder, name, c):
-        ok = c.reference(name, line, "account_id", r["account_id"], accounts, "account_id")
-        ok &= c.reference(name, line, "product_key", r["product_key"], products, "product_key")
-        start = c.instant(name, line, "period_start", r["period_start"])
-        end = c.instant(name, line, "period_end", r["period_end"])
-        quantity = c.decimal(name, line, "quantity", r["quantity"], non_negative=True)
-        amount = c.decimal(name, line, "amount", r["amount"])
-        currency = r["currency"].lower()
+    for line, (invoice_id, account_id, product_key, raw_start, raw_end, raw_quantity, raw_amount,
+               raw_currency) in _rows(folder, name, c):
+        ok = c.reference(name, line, "account_id", account_id, accounts, "account_id")
+        ok &= c.reference(name, line, "product_key", product_key, products, "product_key")
+        start = c.instant(name, line, "period_start", raw_start)
+        end = c.instant(name, line, "period_end", raw_end)
+        quantity = c.decimal(name, line, "quantity", raw_quantity, non_negative=True)
+        amount = c.decimal(name, line, "amount", raw_amount)
+        currency = raw_currency.lower()
         if len(currency) != 3 or not currency.isalpha():
-            c.add(Problem(name, "a 3-letter ISO currency code", line, "currency", r["currency"]))
+            c.add(Problem(name, "a 3-letter ISO currency code", line, "currency", raw_currency))
             ok = False
         if ok and start and end and quantity is not None and amount is not None:
-            lines.append(InvoiceLine(r["invoice_id"], r["account_id"], r["product_key"], start, end,
-                                     quantity, amount, currency))
+            lines.append(InvoiceLine(invoice_id, account_id, product_key, start, end, quantity, amount, currency))
     return lines
 
 

@@ -16,6 +16,7 @@ Decisions where DESIGN.md is silent (also in docs/reconciliation.md):
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,8 +26,8 @@ from decimal import Decimal
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
+from core.duck import register_columns
 from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, round_money
 from core.pricing import Price, price_amount, price_lines
@@ -95,14 +96,17 @@ class _Period:
     subscription: SubscriptionPeriod | None
     actual: Decimal = ZERO
     reported: Decimal = ZERO
-    days_with_actual: int = 0
-    gap_days: int = 0
-    daily_stddev: float = 0.0
     lines: list[InvoiceLine] = field(default_factory=list)
 
-    @property
-    def key(self) -> tuple[str, str, datetime]:
-        return self.account_id, self.product_key, self.start
+
+@dataclass(frozen=True)
+class _DailyEvidence:
+    """A raised period's usage per UTC day: the drill-down's series and the confidence inputs."""
+
+    days_with_actual: int = 0
+    gap_days: int = 0  # days where actual exceeded reported
+    stddev: float = 0.0  # of actual per day, over days with actual events
+    series: list[dict[str, str]] = field(default_factory=list)
 
 
 def fingerprint(account_id: str, product_key: str, start: datetime, end: datetime, kind: str) -> str:
@@ -162,56 +166,51 @@ class _PriceBook:
         return None
 
 
-def _aggregate_periods(con: duckdb.DuckDBPyConnection, bundle: Bundle, granularity: str) -> None:
-    """Create `daily` (per period and UTC day) and `period_stats` (per period) in DuckDB."""
-    periods = bundle.subscriptions
-    con.register("periods", pa.table({
-        "pid": pa.array(range(len(periods)), pa.int64()),
-        "account_id": pa.array([p.account_id for p in periods], pa.string()),
-        "product_key": pa.array([p.product_key for p in periods], pa.string()),
-        "start_us": pa.array([_epoch_us(p.period_start) for p in periods], pa.int64()),
-        "end_us": pa.array([_epoch_us(p.period_end) for p in periods], pa.int64()),
-    }))
-    con.register("product_aggregation", pa.table({
-        "product_key": list(bundle.products),
-        "is_max": [p.aggregation == "max" for p in bundle.products.values()],
-    }))
-    # At day granularity a bucket already is a UTC day; finer buckets are rolled up to days.
-    per_day = "assigned" if granularity == "day" else """(
-        SELECT account_id, product_key, pid, day, sum(a_sum) AS a_sum, max(a_max) AS a_max,
-               sum(a_events) AS a_events, sum(r_sum) AS r_sum, max(r_max) AS r_max
-        FROM assigned GROUP BY ALL)"""
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE daily AS
-        WITH joined AS (
-            SELECT account_id, product_key, bucket_us,
-                   a.units_sum AS a_sum, a.units_max AS a_max, coalesce(a.events, 0) AS a_events,
-                   r.units_sum AS r_sum, r.units_max AS r_max
-            FROM buckets_actual a FULL JOIN buckets_reported r USING (account_id, product_key, bucket_us)
-        ), assigned AS (
-            SELECT j.*, p.pid, j.bucket_us // {DAY_US} AS day FROM joined j LEFT JOIN periods p
-              ON j.account_id = p.account_id AND j.product_key = p.product_key
-             AND j.bucket_us >= p.start_us AND j.bucket_us < p.end_us
-        )
-        SELECT d.account_id, d.product_key, d.pid, d.day, pa.is_max, d.a_events,
-               CASE WHEN d.pid IS NULL THEN date_trunc('month', make_timestamp(d.day * {DAY_US})) END AS month_start,
-               coalesce(CASE WHEN pa.is_max THEN d.a_max ELSE d.a_sum END, 0) AS a_day,
-               coalesce(CASE WHEN pa.is_max THEN d.r_max ELSE d.r_sum END, 0) AS r_day
-        FROM {per_day} d JOIN product_aggregation pa USING (product_key)""")
+def _register_usage_views(con: duckdb.DuckDBPyConnection, bundle: Bundle) -> None:
+    """View `periods(pid, account_id, product_key, start_us, end_us)`, pid indexing bundle.subscriptions,
+    and view `usage_buckets`: both sides' buckets one under the other (a_* or r_* set), which is
+    cheaper than joining them bucket by bucket."""
     con.execute("""
-        CREATE OR REPLACE TEMP TABLE period_stats AS
-        SELECT account_id, product_key, pid, month_start,
-               CASE WHEN any_value(is_max) THEN max(a_day) ELSE sum(a_day) END AS actual,
-               CASE WHEN any_value(is_max) THEN max(r_day) ELSE sum(r_day) END AS reported,
-               count(*) FILTER (WHERE a_events > 0) AS days_with_actual,
-               count(*) FILTER (WHERE a_day > r_day) AS gap_days,
-               coalesce(stddev_pop(a_day) FILTER (WHERE a_events > 0), 0) AS daily_stddev
-        FROM daily GROUP BY ALL""")
+        CREATE OR REPLACE TEMP VIEW usage_buckets AS
+        SELECT account_id, product_key, bucket_us, units_sum AS a_sum, units_max AS a_max, events AS a_events
+        FROM buckets_actual
+        UNION ALL BY NAME
+        SELECT account_id, product_key, bucket_us, units_sum AS r_sum, units_max AS r_max
+        FROM buckets_reported""")
+    subs = bundle.subscriptions
+    epoch_us = functools.lru_cache(maxsize=None)(_epoch_us)  # billing periods share a few boundaries
+    register_columns(con, "periods", {
+        "pid": ("BIGINT", range(len(subs))),
+        "account_id": ("VARCHAR", [s.account_id for s in subs]),
+        "product_key": ("VARCHAR", [s.product_key for s in subs]),
+        "start_us": ("BIGINT", [epoch_us(s.period_start) for s in subs]),
+        "end_us": ("BIGINT", [epoch_us(s.period_end) for s in subs]),
+    })
+
+
+def _period_totals(con: duckdb.DuckDBPyConnection) -> list[tuple]:
+    """A and R of every (account, product, period) that has usage: both sides' buckets assigned to
+    the subscription period containing them in one range join, else to their calendar month.
+
+    Rows: account_id, product_key, pid (None = unsubscribed), month start (epoch µs, when pid is
+    None), sum and max of actual, sum and max of reported. Sums of buckets equal sums of days, and
+    maxima of buckets maxima of days, so no per-day table is needed for the totals.
+    """
+    return con.execute("""
+        SELECT u.account_id, u.product_key, p.pid,
+               CASE WHEN p.pid IS NULL THEN epoch_us(date_trunc('month', make_timestamp(u.bucket_us))) END,
+               sum(u.a_sum), max(u.a_max), sum(u.r_sum), max(u.r_max)
+        FROM usage_buckets u LEFT JOIN periods p
+          ON u.account_id = p.account_id AND u.product_key = p.product_key
+         AND u.bucket_us >= p.start_us AND u.bucket_us < p.end_us
+        GROUP BY ALL""").fetchall()
 
 
 def _collect_periods(con: duckdb.DuckDBPyConnection, bundle: Bundle, book: _PriceBook) -> list[_Period]:
+    """Every subscription period, plus one calendar-month period per unsubscribed usage or invoice
+    line, with its usage totals and invoice lines attached. Subscription periods come first, in
+    bundle order (their index is the `pid` of SQL)."""
     periods = [_Period(s.account_id, s.product_key, s.period_start, s.period_end, s) for s in bundle.subscriptions]
-    by_key: dict[tuple[str, str, datetime], _Period] = {p.key: p for p in periods}
     months: dict[tuple[str, str, datetime], _Period] = {}  # unsubscribed usage, by calendar month
 
     def month_period(account_id: str, product_key: str, instant: datetime) -> _Period:
@@ -222,20 +221,22 @@ def _collect_periods(con: duckdb.DuckDBPyConnection, bundle: Bundle, book: _Pric
             periods.append(period)
         return period
 
-    rows = con.execute("SELECT account_id, product_key, pid, month_start, actual, reported, days_with_actual, "
-                       "gap_days, daily_stddev FROM period_stats").fetchall()
-    for account_id, product_key, pid, month_start, actual, reported, days, gaps, stddev in rows:
+    is_max = {key: product.aggregation == "max" for key, product in bundle.products.items()}
+    for account_id, product_key, pid, month_us, a_sum, a_max, r_sum, r_max in _period_totals(con):
         if pid is not None:
             period = periods[pid]
         else:
-            period = month_period(account_id, product_key, month_start.replace(tzinfo=UTC))
-        period.actual, period.reported = Decimal(actual), Decimal(reported)
-        period.days_with_actual, period.gap_days = days, gaps
-        period.daily_stddev = stddev
+            period = month_period(account_id, product_key, EPOCH + timedelta(microseconds=month_us))
+        actual, reported = (a_max, r_max) if is_max[product_key] else (a_sum, r_sum)
+        period.actual = ZERO if actual is None else Decimal(actual)
+        period.reported = ZERO if reported is None else Decimal(reported)
+    starts = {(s.account_id, s.product_key, s.period_start): pid for pid, s in enumerate(bundle.subscriptions)}
     for line in bundle.invoice_lines:
-        sub = book.covering(line.account_id, line.product_key, line.period_start)
-        if sub is not None:
-            by_key[(sub.account_id, sub.product_key, sub.period_start)].lines.append(line)
+        pid = starts.get((line.account_id, line.product_key, line.period_start))
+        if pid is not None:  # the usual case: a line for exactly the subscription period
+            periods[pid].lines.append(line)
+        elif (sub := book.covering(line.account_id, line.product_key, line.period_start)) is not None:
+            periods[starts[(sub.account_id, sub.product_key, sub.period_start)]].lines.append(line)
         else:
             month_period(line.account_id, line.product_key, line.period_start).lines.append(line)
     return periods
@@ -311,14 +312,14 @@ def _explain(period: _Period, v: _Verdict) -> str:
     return f"{reasons[v.kind]}: {facts}"
 
 
-def _anomaly(period: _Period, v: _Verdict, as_of: datetime) -> Anomaly:
+def _anomaly(period: _Period, v: _Verdict, daily: _DailyEvidence, as_of: datetime) -> Anomaly:
     elapsed_end = min(period.end, max(as_of, period.start))
     elapsed_days = max(1, (elapsed_end - period.start + timedelta(hours=23, minutes=59)).days)
     leak_units = max(period.actual - period.reported, ZERO)
     score, factors = confidence(ConfidenceInputs(
         anomaly_type=v.kind, price_inferred=v.price_source.startswith("list"),
-        days_with_actual=period.days_with_actual, elapsed_days=elapsed_days, gap_days=period.gap_days,
-        period_closed=period.end <= as_of, leak_units=leak_units, daily_stddev=period.daily_stddev,
+        days_with_actual=daily.days_with_actual, elapsed_days=elapsed_days, gap_days=daily.gap_days,
+        period_closed=period.end <= as_of, leak_units=leak_units, daily_stddev=daily.stddev,
     ))
     amount = v.leak if v.kind != "over_billing" else v.overbilled
     return Anomaly(
@@ -336,9 +337,10 @@ def _anomaly(period: _Period, v: _Verdict, as_of: datetime) -> Anomaly:
             "billing_price_id": v.billing_price.price_id if v.billing_price else None,
             "invoice_lines": [{"invoice_id": line.invoice_id, "quantity": str(line.quantity),
                                "amount": str(line.amount)} for line in period.lines],
-            "days_with_actual": period.days_with_actual, "gap_days": period.gap_days,
+            "days_with_actual": daily.days_with_actual, "gap_days": daily.gap_days,
             "elapsed_days": elapsed_days,
             "pricing": _pricing_evidence(period, v),
+            "daily": daily.series,
         },
     )
 
@@ -368,38 +370,48 @@ def _plain_number_sql(column: str) -> str:
     return f"CASE WHEN contains({text}, '.') THEN rtrim(rtrim({text}, '0'), '.') ELSE {text} END"
 
 
-def _attach_daily_series(con: duckdb.DuckDBPyConnection, raised: list[tuple[_Period, Anomaly]],
-                         pids: dict[int, int]) -> list[Anomaly]:
-    """Fetch the per-day actual/reported series for raised periods only."""
+def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
+                    raised: list[tuple[_Period, _Verdict]]) -> list[_DailyEvidence]:
+    """Per-day actual and reported usage of the raised periods only (a few percent of all)."""
     if not raised:
         return []
-    con.register("raised", pa.table({
-        "idx": list(range(len(raised))),
-        "account_id": [p.account_id for p, _ in raised],
-        "product_key": [p.product_key for p, _ in raised],
-        "pid": pa.array([pids.get(id(p)) for p, _ in raised], pa.int64()),
-        "month_start": pa.array([None if p.subscription else p.start.replace(tzinfo=None) for p, _ in raised],
-                                pa.timestamp("us")),
-    }))
-    series: dict[int, list[dict[str, str]]] = defaultdict(list)
-    # Formatted in SQL: building millions of Python Decimals would cost more than the whole scan.
-    rows = con.execute(f"""
+    periods = [period for period, _ in raised]
+    register_columns(con, "raised", {
+        "idx": ("BIGINT", range(len(periods))),
+        "account_id": ("VARCHAR", [p.account_id for p in periods]),
+        "product_key": ("VARCHAR", [p.product_key for p in periods]),
+        "start_us": ("BIGINT", [_epoch_us(p.start) for p in periods]),
+        "end_us": ("BIGINT", [_epoch_us(p.end) for p in periods]),
+        "subscribed": ("BOOLEAN", [p.subscription is not None for p in periods]),
+        "is_max": ("BOOLEAN", [bundle.products[p.product_key].aggregation == "max" for p in periods]),
+    })
+    # An unsubscribed month holds only the buckets no subscription period of the product covers.
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE raised_days AS
         WITH hit AS (
-            SELECT r.idx, d.day, d.a_day, d.r_day FROM raised r JOIN daily d USING (pid)
-            UNION ALL
-            SELECT r.idx, d.day, d.a_day, d.r_day FROM raised r JOIN daily d
-              USING (account_id, product_key, month_start) WHERE r.pid IS NULL AND d.pid IS NULL
+            SELECT r.idx, r.is_max, u.* FROM raised r JOIN usage_buckets u
+              ON u.account_id = r.account_id AND u.product_key = r.product_key
+             AND u.bucket_us >= r.start_us AND u.bucket_us < r.end_us
+            WHERE r.subscribed OR NOT EXISTS (
+                SELECT 1 FROM periods p WHERE p.account_id = u.account_id AND p.product_key = u.product_key
+                   AND u.bucket_us >= p.start_us AND u.bucket_us < p.end_us)
         )
-        SELECT idx, CAST(CAST(make_timestamp(day * {DAY_US}) AS DATE) AS VARCHAR),
-               {_plain_number_sql("a_day")}, {_plain_number_sql("r_day")}
-        FROM hit ORDER BY idx, day""").fetchall()
-    for idx, day, a_day, r_day in rows:
+        SELECT idx, bucket_us // {DAY_US} AS day, coalesce(sum(a_events), 0) AS a_events,
+               coalesce(CASE WHEN any_value(is_max) THEN max(a_max) ELSE sum(a_sum) END, 0) AS a_day,
+               coalesce(CASE WHEN any_value(is_max) THEN max(r_max) ELSE sum(r_sum) END, 0) AS r_day
+        FROM hit GROUP BY idx, day""")
+    stats = {idx: (days, gaps, stddev) for idx, days, gaps, stddev in con.execute("""
+        SELECT idx, count(*) FILTER (WHERE a_events > 0), count(*) FILTER (WHERE a_day > r_day),
+               coalesce(stddev_pop(a_day) FILTER (WHERE a_events > 0), 0)
+        FROM raised_days GROUP BY idx""").fetchall()}
+    series: dict[int, list[dict[str, str]]] = defaultdict(list)
+    # Formatted in SQL: building a Python Decimal per day would cost more than the whole query.
+    for idx, day, a_day, r_day in con.execute(f"""
+            SELECT idx, CAST(CAST(make_timestamp(day * {DAY_US}) AS DATE) AS VARCHAR),
+                   {_plain_number_sql("a_day")}, {_plain_number_sql("r_day")}
+            FROM raised_days ORDER BY idx, day""").fetchall():
         series[idx].append({"day": day, "actual": a_day, "reported": r_day})
-    out = []
-    for idx, (_, anomaly) in enumerate(raised):
-        anomaly.evidence["daily"] = series.get(idx, [])
-        out.append(anomaly)
-    return out
+    return [_DailyEvidence(*stats.get(idx, (0, 0, 0.0)), series=series.get(idx, [])) for idx in range(len(raised))]
 
 
 def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
@@ -414,10 +426,10 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
         con.execute("SET enable_progress_bar = false")
         if params.threads:
             con.execute(f"SET threads = {int(params.threads)}")
-        con.register("known_accounts", pa.table({"account_id": list(bundle.accounts)}))
-        con.register("known_products", pa.table({"product_key": list(bundle.products)}))
+        register_columns(con, "known_accounts", {"account_id": ("VARCHAR", list(bundle.accounts))})
+        register_columns(con, "known_products", {"product_key": ("VARCHAR", list(bundle.products))})
         granularity = bucket_granularity(
-            instant for s in bundle.subscriptions for instant in (s.period_start, s.period_end)
+            {instant for s in bundle.subscriptions for instant in (s.period_start, s.period_end)}
         )
         report(0.05, "aggregating actual usage")
         need_max = any(p.aggregation == "max" for p in bundle.products.values())
@@ -426,19 +438,20 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
         reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", granularity, need_max)
         warnings += more
         report(0.8, "joining usage to billing periods")
-        _aggregate_periods(con, bundle, granularity)
+        _register_usage_views(con, bundle)
         book = _PriceBook(bundle)
         periods = _collect_periods(con, bundle, book)
         report(0.9, f"classifying {len(periods)} periods")
-        pids = {id(p): i for i, p in enumerate(periods[: len(bundle.subscriptions)])}
-        raised: list[tuple[_Period, Anomaly]] = []
+        raised: list[tuple[_Period, _Verdict]] = []
         for period in periods:
             verdict = _classify(period, book, params)
             if isinstance(verdict, str):
                 warnings.append(verdict)
             elif verdict is not None:
-                raised.append((period, _anomaly(period, verdict, as_of)))
-        anomalies = _attach_daily_series(con, raised, pids)
+                raised.append((period, verdict))
+        dailies = _daily_evidence(con, bundle, raised)
+        anomalies = [_anomaly(period, verdict, daily, as_of) for (period, verdict), daily in zip(raised, dailies,
+                                                                                                  strict=True)]
         report(1.0, f"{len(anomalies)} anomalies")
         anomalies.sort(key=lambda a: (a.account_id, a.product_key, a.period_start, a.type))
         return ReconcileResult(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,12 @@ def _plain(value: Any) -> Any:
 
 
 def anomaly_record(anomaly: Anomaly) -> dict[str, Any]:
-    """JSON-ready dict: decimals as strings, timestamps as ISO 8601 UTC with Z."""
-    record = {key: _plain(value) for key, value in asdict(anomaly).items()}
+    """JSON-ready dict: decimals as strings, timestamps as ISO 8601 UTC with Z.
+
+    Shallow on purpose: the evidence is JSON-ready already, and `dataclasses.asdict` would deep-copy
+    every daily series (a third of a 10M-event run's time went there).
+    """
+    record = {f.name: _plain(getattr(anomaly, f.name)) for f in fields(anomaly)}
     for money in ("expected_amount", "billed_amount", "leak_amount", "overbilled_amount"):
         record[money] = str(getattr(anomaly, money))
     return record

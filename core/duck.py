@@ -1,0 +1,24 @@
+"""Small DuckDB helpers shared by the engine modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import duckdb
+import numpy as np
+
+_NUMPY_TYPES = {"BIGINT": np.int64, "BOOLEAN": np.bool_}
+
+
+def register_columns(con: duckdb.DuckDBPyConnection, name: str, columns: dict[str, tuple[str, Sequence]]) -> None:
+    """Expose Python columns to SQL as view `name`: {column: (SQL type, values)}.
+
+    Goes through NumPy rather than Arrow: building an Arrow array from Python objects imports
+    pandas (~0.2 s, a tenth of a 10M-event reconciliation). The view casts every column to its
+    declared type, so an empty column is still typed.
+    """
+    arrays = {column: np.asarray(values, dtype=_NUMPY_TYPES.get(sql_type, object))
+              for column, (sql_type, values) in columns.items()}
+    con.register(f"{name}__columns", arrays)
+    casts = ", ".join(f'CAST("{column}" AS {sql_type}) AS "{column}"' for column, (sql_type, _) in columns.items())
+    con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT {casts} FROM "{name}__columns"')
