@@ -7,6 +7,7 @@ compares is rounded with these rules, once per line, half up.
 
 from __future__ import annotations
 
+import functools
 from decimal import ROUND_HALF_UP, Decimal
 
 # Stripe's zero-decimal currencies (https://docs.stripe.com/currencies#zero-decimal).
@@ -32,9 +33,14 @@ def currency_exponent(currency: str) -> int:
     return 2
 
 
+@functools.cache
+def _minor_unit(currency: str) -> Decimal:
+    return Decimal(1).scaleb(-currency_exponent(currency))
+
+
 def round_money(amount: Decimal, currency: str) -> Decimal:
     """Round to the currency's minor unit, half up (the one rounding step of a line)."""
-    return amount.quantize(Decimal(1).scaleb(-currency_exponent(currency)), ROUND_HALF_UP)
+    return amount.quantize(_minor_unit(currency), ROUND_HALF_UP)
 
 
 def to_minor_units(amount: Decimal, currency: str) -> int:

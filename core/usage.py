@@ -1,9 +1,10 @@
 """Usage tables -> validated buckets, inside DuckDB.
 
 One scan per usage table aggregates events into buckets of (account, product, bucket start) with
-the sum, max and min of units, the event count and a count of unreadable rows; every validation
-(bad timestamp, bad or negative units, unknown account or product) is then answered from those
-few buckets. Only when something is wrong is the raw table scanned again, to name the rows.
+the sum (and, for seat-like products, max) of units and the event count; unreadable timestamps and
+unknown accounts or products are then answered from those few buckets, bad units by a filter that
+Parquet statistics usually answer without reading the file. Only when something is wrong is the
+raw table scanned again, to name the rows.
 The bucket is the coarsest of day / hour / second / exact that every billing-period boundary is
 aligned to, so assigning buckets to periods is exact (an event belongs to the period containing
 its UTC timestamp) while the join stays small.
@@ -140,25 +141,25 @@ def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: s
     _register_source(con, source, view)
     scan, duplicates, examples = _duplicates(con, source, view)
     width = BUCKET_MICROSECONDS[granularity]
-    bucket = f"ts_us - ts_us % {width}" if width > 1 else "ts_us"
-    # Only the aggregates that are needed: max for seat-like products, min to spot negative units;
-    # count(units) < count(*) reveals unreadable units, a NULL bucket an unreadable timestamp.
+    bucket = f"ts_us // {width} * {width}" if width > 1 else "ts_us"
+    # Only the aggregates the engine needs (max only for seat-like products): each extra one costs
+    # ~5% of the scan. Bad units are counted by a filter that Parquet row-group statistics answer
+    # without reading the data when the file is clean; a NULL bucket is an unreadable timestamp.
     units_max = "max(units)" if need_max else "NULL"
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE buckets_{side} AS
         SELECT account_id, product_key, {bucket} AS bucket_us,
-               sum(units) AS units_sum, {units_max} AS units_max, min(units) AS units_min,
-               count(*) AS events, count(*) - count(units) AS unreadable
+               sum(units) AS units_sum, {units_max} AS units_max, count(*) AS events
         FROM {scan} GROUP BY ALL""")
-    (unreadable, negative, unknown, events) = con.execute(f"""
-        SELECT coalesce(sum(unreadable), 0) + count(*) FILTER (WHERE bucket_us IS NULL),
-               count(*) FILTER (WHERE units_min < 0),
+    (bad_units,) = con.execute(f"SELECT count(*) FROM {view} WHERE units IS NULL OR units < 0").fetchall()[0]
+    (bad_ts, unknown, events) = con.execute(f"""
+        SELECT count(*) FILTER (WHERE bucket_us IS NULL),
                count(*) FILTER (WHERE account_id IS NULL OR product_key IS NULL
                    OR account_id NOT IN (SELECT account_id FROM known_accounts)
                    OR product_key NOT IN (SELECT product_key FROM known_products)),
                coalesce(sum(events), 0)
         FROM buckets_{side}""").fetchall()[0]
-    if unreadable or negative or unknown:
+    if bad_units or bad_ts or unknown:
         raise BundleError(_name_bad_rows(con, source, view))
     warnings = []
     if duplicates:
