@@ -25,6 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.errors import BundleError, Problem
+from core.gcpause import paused_gc
 from core.model import (
     Account,
     Bundle,
@@ -371,6 +372,7 @@ def _check(c: _Collector) -> None:
         raise BundleError(c.problems)
 
 
+@paused_gc()
 def load_bundle(folder: Path | str) -> Bundle:
     """Read every table of the bundle folder; raise BundleError listing every problem found."""
     folder = Path(folder)

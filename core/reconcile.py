@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 
 from core.duck import register_columns
+from core.gcpause import paused_gc
 from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, round_money
 from core.pricing import Price, price_amount, price_lines
@@ -419,6 +420,7 @@ def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
     return [_DailyEvidence(*stats.get(idx, (0, 0, 0.0)), series=series.get(idx, [])) for idx in range(len(raised))]
 
 
+@paused_gc()
 def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
               progress: Progress | None = None) -> ReconcileResult:
     """Reconcile a validated bundle. Raises core.errors.BundleError on bad usage rows."""
