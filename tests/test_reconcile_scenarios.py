@@ -218,3 +218,18 @@ def test_usage_after_a_mid_month_cancellation_keeps_both_periods_apart(tmp_path:
     a = only(s.run(tmp_path))  # the subscribed half is clean; the rest is unbilled, by calendar month
     assert (a.type, a.period_start.day, a.period_end.month, a.actual_units, a.leak_amount) == (
         "unbilled_usage", 1, 3, 300, D("30.00"))
+
+
+def test_daily_evidence_of_an_unsubscribed_month_leaves_out_what_a_subscription_covered(tmp_path: Path) -> None:
+    """Days come from the raised period only: a day split by an hourly period boundary shows just
+    the unsubscribed part, and days billed under the subscription are not in the month's series."""
+    s = Scenario().sub("acme", "api", "p_api", JAN, "2026-01-15T12:00:00Z")
+    s.use("acme", "api", "2026-01-10T09:00:00Z", "50").use("acme", "api", "2026-01-15T10:00:00Z", "70")
+    s.invoice("acme", "api", "120", "12.00", JAN, "2026-01-15T12:00:00Z")
+    s.use("acme", "api", "2026-01-15T14:00:00Z", "100", reported="").use("acme", "api", "2026-01-20T08:00:00Z", "300",
+                                                                          reported="")
+    a = only(s.run(tmp_path))
+    assert (a.type, a.subscription_id, a.actual_units, a.leak_amount) == ("unbilled_usage", None, 400, D("40.00"))
+    assert a.evidence["daily"] == [{"day": "2026-01-15", "actual": "100", "reported": "0"},
+                                   {"day": "2026-01-20", "actual": "300", "reported": "0"}]
+    assert (a.evidence["days_with_actual"], a.evidence["gap_days"]) == (2, 2)
