@@ -1,9 +1,10 @@
 """The reconciliation engine: one entry point, `reconcile(bundle, params)`.
 
-Heavy work (every usage event) happens in DuckDB: events -> buckets (core.usage) -> per period
-and UTC day -> per period. Python then sees one row per (account, product, period): it prices
-A and R with the one pricing function, attributes invoice lines, classifies the gap and scores
-it. Daily evidence is fetched from DuckDB only for the periods that were raised.
+Heavy work (every usage event) happens in DuckDB: events -> buckets (core.usage) -> per period,
+through one range join of both sides' buckets to the billing periods. Python then sees one row
+per (account, product, period): it prices A and R with the one pricing function, attributes
+invoice lines and classifies the gap. Only for the periods raised does DuckDB then roll the
+buckets up per UTC day: the drill-down series and the day-level confidence factors.
 
 Decisions where DESIGN.md is silent (also in docs/reconciliation.md):
 - the contract in force for a period is the latest one whose effective_from <= period_start;
@@ -168,9 +169,9 @@ class _PriceBook:
 
 
 def _register_usage_views(con: duckdb.DuckDBPyConnection, bundle: Bundle) -> None:
-    """View `periods(pid, account_id, product_key, start_us, end_us)`, pid indexing bundle.subscriptions,
-    and view `usage_buckets`: both sides' buckets one under the other (a_* or r_* set), which is
-    cheaper than joining them bucket by bucket."""
+    """Table `periods(pid, account_id, product_key, start_us, end_us)`, pid indexing
+    bundle.subscriptions, and view `usage_buckets`: both sides' buckets one under the other
+    (a_* or r_* set), which is cheaper than joining them bucket by bucket."""
     con.execute("""
         CREATE OR REPLACE TEMP VIEW usage_buckets AS
         SELECT account_id, product_key, bucket_us, units_sum AS a_sum, units_max AS a_max, events AS a_events
