@@ -89,7 +89,7 @@ def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_sign_in_draft_invoice_and_see_it_in_actions(running_app: str, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -113,7 +113,8 @@ def test_sign_in_draft_invoice_and_see_it_in_actions(running_app: str, tmp_path:
             page.get_by_role("button", name="Sign in").click()
             page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
             settle(page)
-            assert page.get_by_text("Open leak").is_visible()
+            # Wait, not a one-off check: on a busy machine the page was once still drawing here (CI, 2026-11-25).
+            expect(page.get_by_text("Open leak").first).to_be_visible(timeout=30_000)
             assert page.locator("[data-testid='stException']").count() == 0
             shot(page, "1-overview")
 
@@ -146,7 +147,7 @@ def test_sign_in_draft_invoice_and_see_it_in_actions(running_app: str, tmp_path:
             page.locator("[data-testid='stSidebarNavLink']", has_text="Actions").click()
             page.get_by_role("heading", name="Actions").wait_for()
             settle(page)
-            assert page.get_by_text(invoices[0]["id"]).first.is_visible()
+            expect(page.get_by_text(invoices[0]["id"]).first).to_be_visible(timeout=30_000)
             shot(page, "6-actions")
             assert page.locator("[data-testid='stException']").count() == 0
         browser.close()
