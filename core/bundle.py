@@ -128,7 +128,8 @@ def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = Fa
             collector.add(Problem(name, "the file to exist in the bundle folder"))
         return
     with path.open(newline="", encoding="utf-8") as handle:
-        header = [column.strip() for column in next(csv.reader(handle), [])]
+        raw_header = next(csv.reader(handle), [])
+    header = [column.strip() for column in raw_header]
     missing = [c for c in REQUIRED_COLUMNS[name] if c not in header]
     for column in missing:
         collector.add(Problem(name, "this column in the header row", 1, column))
@@ -136,7 +137,7 @@ def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = Fa
         return
     try:
         table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
+            column_types=dict.fromkeys(raw_header, pa.string()), strings_can_be_null=False))
     except pa.ArrowInvalid as exc:
         collector.add(Problem(name, f"a well-formed CSV file with {len(header)} fields per row ({exc})"))
         return

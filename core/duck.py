@@ -23,3 +23,9 @@ def register_columns(con: duckdb.DuckDBPyConnection, name: str, columns: dict[st
     casts = ", ".join(f'CAST("{column}" AS {sql_type}) AS "{column}"' for column, (sql_type, _) in columns.items())
     con.execute(f'CREATE OR REPLACE TEMP TABLE "{name}" AS SELECT {casts} FROM "{name}__columns"')
     con.unregister(f"{name}__columns")
+
+
+def floor_div_sql(expression: str, divisor: int) -> str:
+    """SQL for floor(expression / divisor) on integers. DuckDB's `//` rounds toward zero, which
+    would put an instant before 1970 into the next bucket."""
+    return f"(({expression}) - ((({expression}) % {divisor}) + {divisor}) % {divisor}) // {divisor}"

@@ -28,7 +28,7 @@ from typing import Any
 
 import duckdb
 
-from core.duck import register_columns
+from core.duck import floor_div_sql, register_columns
 from core.gcpause import paused_gc
 from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, round_money
@@ -168,7 +168,7 @@ class _PriceBook:
         return None
 
 
-def _register_usage_views(con: duckdb.DuckDBPyConnection, bundle: Bundle) -> None:
+def _register_periods_and_usage(con: duckdb.DuckDBPyConnection, bundle: Bundle) -> None:
     """Table `periods(pid, account_id, product_key, start_us, end_us)`, pid indexing
     bundle.subscriptions, and view `usage_buckets`: both sides' buckets one under the other
     (a_* or r_* set), which is cheaper than joining them bucket by bucket."""
@@ -200,11 +200,11 @@ def _period_totals(con: duckdb.DuckDBPyConnection) -> list[tuple]:
     cost of this step. Sums of buckets equal sums of days, and maxima of buckets maxima of days,
     so no per-day table is needed for the totals.
     """
-    unassigned = "CASE WHEN p.pid IS NULL THEN {} END"
-    month_us = "epoch_us(date_trunc('month', make_timestamp(u.bucket_us)))"
-    return con.execute(f"""
-        SELECT p.pid, {unassigned.format("u.account_id")}, {unassigned.format("u.product_key")},
-               {unassigned.format(month_us)},
+    return con.execute("""
+        SELECT p.pid,
+               CASE WHEN p.pid IS NULL THEN u.account_id END,
+               CASE WHEN p.pid IS NULL THEN u.product_key END,
+               CASE WHEN p.pid IS NULL THEN epoch_us(date_trunc('month', make_timestamp(u.bucket_us))) END,
                CAST(sum(u.a_sum) AS VARCHAR), CAST(max(u.a_max) AS VARCHAR),
                CAST(sum(u.r_sum) AS VARCHAR), CAST(max(u.r_max) AS VARCHAR)
         FROM usage_buckets u LEFT JOIN periods p
@@ -403,7 +403,7 @@ def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
                 SELECT 1 FROM periods p WHERE p.account_id = u.account_id AND p.product_key = u.product_key
                    AND u.bucket_us >= p.start_us AND u.bucket_us < p.end_us)
         )
-        SELECT idx, bucket_us // {DAY_US} AS day, coalesce(sum(a_events), 0) AS a_events,
+        SELECT idx, {floor_div_sql('bucket_us', DAY_US)} AS day, coalesce(sum(a_events), 0) AS a_events,
                coalesce(CASE WHEN any_value(is_max) THEN max(a_max) ELSE sum(a_sum) END, 0) AS a_day,
                coalesce(CASE WHEN any_value(is_max) THEN max(r_max) ELSE sum(r_sum) END, 0) AS r_day
         FROM hit GROUP BY idx, day""")
@@ -421,7 +421,6 @@ def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
     return [_DailyEvidence(*stats.get(idx, (0, 0, 0.0)), series=series.get(idx, [])) for idx in range(len(raised))]
 
 
-@paused_gc()
 def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
               progress: Progress | None = None) -> ReconcileResult:
     """Reconcile a validated bundle. Raises core.errors.BundleError on bad usage rows."""
@@ -446,26 +445,34 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
         reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", granularity, need_max)
         warnings += more
         report(0.8, "joining usage to billing periods")
-        _register_usage_views(con, bundle)
-        book = _PriceBook(bundle)
-        periods = _collect_periods(con, bundle, book)
-        report(0.9, f"classifying {len(periods)} periods")
-        raised: list[tuple[_Period, _Verdict]] = []
-        for period in periods:
-            verdict = _classify(period, book, params)
-            if isinstance(verdict, str):
-                warnings.append(verdict)
-            elif verdict is not None:
-                raised.append((period, verdict))
-        dailies = _daily_evidence(con, bundle, raised)
-        anomalies = [_anomaly(period, verdict, daily, as_of) for (period, verdict), daily in zip(raised, dailies,
-                                                                                                  strict=True)]
+        anomalies, periods_checked = _find_anomalies(con, bundle, params, as_of, warnings, report)
         report(1.0, f"{len(anomalies)} anomalies")
-        anomalies.sort(key=lambda a: (a.account_id, a.product_key, a.period_start, a.type))
         return ReconcileResult(
-            anomalies=anomalies, periods_checked=len(periods),
+            anomalies=anomalies, periods_checked=periods_checked,
             events={"actual": actual_stats.events, "reported": reported_stats.events},
             warnings=warnings, notes=list(bundle.notes),
         )
     finally:
         con.close()
+
+
+@paused_gc()  # the Python-heavy part: a Python object per period, per invoice line, per Decimal
+def _find_anomalies(con: duckdb.DuckDBPyConnection, bundle: Bundle, params: ReconcileParams, as_of: datetime,
+                    warnings: list[str], report: Progress) -> tuple[list[Anomaly], int]:
+    """Usage buckets -> periods -> verdicts -> anomalies (sorted); warnings are appended to."""
+    _register_periods_and_usage(con, bundle)
+    book = _PriceBook(bundle)
+    periods = _collect_periods(con, bundle, book)
+    report(0.9, f"classifying {len(periods)} periods")
+    raised: list[tuple[_Period, _Verdict]] = []
+    for period in periods:
+        verdict = _classify(period, book, params)
+        if isinstance(verdict, str):
+            warnings.append(verdict)
+        elif verdict is not None:
+            raised.append((period, verdict))
+    dailies = _daily_evidence(con, bundle, raised)
+    anomalies = [_anomaly(period, verdict, daily, as_of)
+                 for (period, verdict), daily in zip(raised, dailies, strict=True)]
+    anomalies.sort(key=lambda a: (a.account_id, a.product_key, a.period_start, a.type))
+    return anomalies, len(periods)

@@ -33,7 +33,8 @@ def anomaly_record(anomaly: Anomaly) -> dict[str, Any]:
     """JSON-ready dict: decimals as strings, timestamps as ISO 8601 UTC with Z.
 
     Shallow on purpose: the evidence is JSON-ready already, and `dataclasses.asdict` would deep-copy
-    every daily series (a third of a 10M-event run's time went there).
+    every daily series (a third of a 10M-event run's time went there). The record shares the
+    anomaly's evidence and confidence_factors dicts: read it, do not change it.
     """
     record = {f.name: _plain(getattr(anomaly, f.name)) for f in fields(anomaly)}
     for money in ("expected_amount", "billed_amount", "leak_amount", "overbilled_amount"):

@@ -3,8 +3,8 @@
 One scan per usage table aggregates events into buckets of (account, product, bucket start) with
 the sum (and, for seat-like products, max) of units and the event count; unreadable timestamps and
 unknown accounts or products are then answered from those few buckets, bad units by a filter that
-Parquet statistics usually answer without reading the file. Only when something is wrong is the
-raw table scanned again, to name the rows.
+the statistics of an integer or decimal Parquet column answer without reading the file. Only
+when something is wrong is the raw table scanned again, to name the rows.
 The bucket is the coarsest of day / hour / second / exact that every billing-period boundary is
 aligned to, so assigning buckets to periods is exact (an event belongs to the period containing
 its UTC timestamp) while the join stays small.
@@ -20,6 +20,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from core.duck import floor_div_sql
 from core.errors import BundleError, Problem
 from core.model import UsageSource
 
@@ -141,17 +142,20 @@ def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: s
     _register_source(con, source, view)
     scan, duplicates, examples = _duplicates(con, source, view)
     width = BUCKET_MICROSECONDS[granularity]
-    bucket = f"ts_us // {width} * {width}" if width > 1 else "ts_us"
+    bucket = f"{floor_div_sql('ts_us', width)} * {width}" if width > 1 else "ts_us"
     # Only the aggregates the engine needs (max only for seat-like products): each extra one costs
-    # ~5% of the scan. Bad units are counted by a filter that Parquet row-group statistics answer
-    # without reading the data when the file is clean; a NULL bucket is an unreadable timestamp.
+    # ~5% of the scan. Bad units are counted by a filter of their own, which the row-group
+    # statistics of an integer or decimal Parquet column answer without reading the data when the
+    # file is clean (text and float units are converted, so there it is a second pass over units);
+    # a NULL bucket is an unreadable timestamp. Like the buckets, the checks see what is counted:
+    # a duplicate event_id that is dropped is not checked.
     units_max = "max(units)" if need_max else "NULL"
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE buckets_{side} AS
         SELECT account_id, product_key, {bucket} AS bucket_us,
                sum(units) AS units_sum, {units_max} AS units_max, count(*) AS events
         FROM {scan} GROUP BY ALL""")
-    (bad_units,) = con.execute(f"SELECT count(*) FROM {view} WHERE units IS NULL OR units < 0").fetchall()[0]
+    (bad_units,) = con.execute(f"SELECT count(*) FROM {scan} WHERE units IS NULL OR units < 0").fetchall()[0]
     (bad_ts, unknown, events) = con.execute(f"""
         SELECT count(*) FILTER (WHERE bucket_us IS NULL),
                count(*) FILTER (WHERE account_id IS NULL OR product_key IS NULL

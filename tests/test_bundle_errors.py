@@ -113,6 +113,25 @@ def test_duplicate_event_ids_count_once_with_a_warning(tmp_path: Path) -> None:
     assert any("1 duplicate event_id" in w and "e1" in w for w in result.warnings)
 
 
+
+def test_a_dropped_duplicate_is_not_checked_like_the_other_columns(tmp_path: Path) -> None:
+    """The checks see the events that are counted: a redelivery of e1 with unreadable units is
+    dropped as a duplicate (first delivery wins), as one with a bad timestamp would be."""
+    s = base().use("acme", "api", "2026-01-06T10:00:00Z", "50", reported="")
+    s.actual.append(["acme", "api", "2026-01-07T10:00:00Z", "-5", "e1"])
+    result = s.run(tmp_path)
+    assert only(result).actual_units == 150
+    assert any("1 duplicate event_id" in w for w in result.warnings)
+
+
+def test_header_names_with_spaces_around_them_are_read_as_text(tmp_path: Path) -> None:
+    folder = base().write(tmp_path)
+    lines = (folder / "invoice_lines.csv").read_text().splitlines()
+    lines[0] = lines[0].replace("quantity", " quantity ")
+    (folder / "invoice_lines.csv").write_text("\n".join(lines) + "\n")
+    assert load_bundle(folder).invoice_lines[0].quantity == 100
+
+
 def write_parquet_usage(folder: Path, tz: str | None) -> None:
     for stem in ("actual_usage", "reported_usage"):
         (folder / f"{stem}.csv").unlink()

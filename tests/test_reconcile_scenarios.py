@@ -233,3 +233,17 @@ def test_daily_evidence_of_an_unsubscribed_month_leaves_out_what_a_subscription_
     assert a.evidence["daily"] == [{"day": "2026-01-15", "actual": "100", "reported": "0"},
                                    {"day": "2026-01-20", "actual": "300", "reported": "0"}]
     assert (a.evidence["days_with_actual"], a.evidence["gap_days"]) == (2, 2)
+
+
+def test_usage_before_1970_lands_in_its_own_day_and_period(tmp_path: Path) -> None:
+    """Buckets floor toward the past: DuckDB's integer division alone would round 1969 up."""
+    s = Scenario().sub("acme", "api", "p_api", "1969-12-01T00:00:00Z", "1969-12-31T12:00:00Z")
+    s.use("acme", "api", "1969-12-31T11:30:00Z", "100", reported="")
+    s.use("acme", "api", "1969-12-31T13:30:00Z", "50", reported="")
+    result = s.run(tmp_path)
+    by_type = {a.type: a for a in result.anomalies}
+    assert set(by_type) == {"under_reported_usage", "unbilled_usage"}
+    subscribed, unsubscribed = by_type["under_reported_usage"], by_type["unbilled_usage"]
+    assert (subscribed.actual_units, subscribed.evidence["daily"][0]["day"]) == (100, "1969-12-31")
+    assert (unsubscribed.actual_units, unsubscribed.period_start.isoformat()) == (50, "1969-12-01T00:00:00+00:00")
+    assert [d["day"] for d in unsubscribed.evidence["daily"]] == ["1969-12-31"]
