@@ -1,4 +1,4 @@
-"""What every connector shares: the health-check result the settings page shows."""
+"""What the connectors share: the health-check result, usage column mapping, loopback and request-limit checks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 
 USAGE_COLUMNS = ("account_id", "product_key", "ts", "units")
+DEFAULT_TIMEOUT = 30.0  # seconds per CRM request
+DEFAULT_ATTEMPTS = 4  # tries per CRM request, retrying rate limits and outages
 OPTIONAL_USAGE_COLUMNS = ("event_id",)
 
 
@@ -50,3 +52,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def request_limits(config: dict, error: type[Exception], system: str) -> tuple[float, int]:
+    """A CRM integration's optional `timeout` (seconds) and `max_attempts`, checked; `error` is the
+    connector's own error type, so its callers keep catching what they already catch."""
+    try:
+        timeout = float(config.get("timeout") or DEFAULT_TIMEOUT)
+        attempts = int(config.get("max_attempts") or DEFAULT_ATTEMPTS)
+    except (TypeError, ValueError):
+        raise error(f"{system} timeout / max_attempts: expected numbers") from None
+    if timeout <= 0 or attempts < 1:
+        raise error(f"{system} timeout / max_attempts: must be positive")
+    return timeout, attempts

@@ -40,11 +40,9 @@ from hubspot.crm.properties import PropertyCreate
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from urllib3.util.retry import Retry
 
-from connectors.base import CheckResult, is_loopback
+from connectors.base import CheckResult, is_loopback, request_limits
 
 DEFAULT_HOST = "https://api.hubapi.com"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_ATTEMPTS = 4
 MAX_RETRY_AFTER = 30.0
 IDEMPOTENCY_PROPERTY = "rrc_idempotency_key"
 TASK_TO_COMPANY = 192  # HUBSPOT_DEFINED association type: task -> company
@@ -87,13 +85,7 @@ def _settings(config: dict[str, Any]) -> _Settings:
         raise HubSpotFailure(f"HubSpot host: expected https://api.hubapi.com or another https URL, got {host!r}")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise HubSpotFailure("HubSpot host: must use https:// (plain http only for a local test server)")
-    try:
-        timeout = float(config.get("timeout") or DEFAULT_TIMEOUT)
-        attempts = int(config.get("max_attempts") or DEFAULT_ATTEMPTS)
-    except (TypeError, ValueError):
-        raise HubSpotFailure("HubSpot timeout / max_attempts: expected numbers") from None
-    if timeout <= 0 or attempts < 1:
-        raise HubSpotFailure("HubSpot timeout / max_attempts: must be positive")
+    timeout, attempts = request_limits(config, HubSpotFailure, "HubSpot")
     return _Settings(token.strip(), host, timeout, attempts)
 
 

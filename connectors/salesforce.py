@@ -40,11 +40,9 @@ from simple_salesforce.format import format_soql
 from simple_salesforce.login import token_login
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from connectors.base import CheckResult, is_loopback
+from connectors.base import CheckResult, is_loopback, request_limits
 
 API_VERSION = "59.0"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_ATTEMPTS = 4
 MAX_RETRY_AFTER = 30.0
 SUBJECT_MAX = 255
 RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
@@ -109,13 +107,7 @@ def _settings(config: dict[str, Any]) -> _Settings:
             raise SalesforceFailure("Salesforce instance_url: must use https:// "
                                     "(plain http only for a local test server)")
         instance_url = f"{parts.scheme}://{parts.netloc}"
-    try:
-        timeout = float(config.get("timeout") or DEFAULT_TIMEOUT)
-        attempts = int(config.get("max_attempts") or DEFAULT_ATTEMPTS)
-    except (TypeError, ValueError):
-        raise SalesforceFailure("Salesforce timeout / max_attempts: expected numbers") from None
-    if timeout <= 0 or attempts < 1:
-        raise SalesforceFailure("Salesforce timeout / max_attempts: must be positive")
+    timeout, attempts = request_limits(config, SalesforceFailure, "Salesforce")
     return _Settings(str(username).strip(), str(password), token, consumer_key, client_secret, domain, instance_url,
                      timeout, attempts)
 

@@ -138,6 +138,7 @@ def _utc_day_default(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
 
 
 @compiles(utc_day, "postgresql")
+@compiles(utc_day, "trino")
 def _utc_day_postgresql(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
     column = _arg(element, compiler, **kw)
     return f"date_trunc('day', {column} AT TIME ZONE 'UTC')" if element.aware else f"date_trunc('day', {column})"
@@ -172,12 +173,6 @@ def _utc_day_snowflake(element: utc_day, compiler: SQLCompiler, **kw: Any) -> st
 def _utc_day_bigquery(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
     column = _arg(element, compiler, **kw)
     return f"TIMESTAMP_TRUNC({column}, DAY, 'UTC')" if element.aware else f"DATETIME_TRUNC({column}, DAY)"
-
-
-@compiles(utc_day, "trino")
-def _utc_day_trino(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
-    column = _arg(element, compiler, **kw)
-    return f"date_trunc('day', {column} AT TIME ZONE 'UTC')" if element.aware else f"date_trunc('day', {column})"
 
 
 @compiles(utc_day, "clickhouse")
