@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the PostgreSQL URL and the rule that CI never skips PostgreSQL."""
+"""Shared pytest fixtures: PostgreSQL URL (CI never skips it), the migrated app database, an organization."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
+
+if TYPE_CHECKING:
+    from services.context import Actor
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -105,3 +109,15 @@ def app_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("DATABASE_URL", url)
     yield url
     _drop_database(pg, url)
+
+
+@pytest.fixture
+def org(app_db: str) -> tuple[Actor, Actor]:
+    """An organization "acme" with an admin and an analyst: (admin, analyst)."""
+    from services import users
+    from services.context import Actor
+
+    organization, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
+    admin_actor = Actor.user(organization.id, admin.id, "admin")
+    analyst = users.create_user(admin_actor, "analyst@acme.example", "Al", "analyst", "password-2")
+    return admin_actor, Actor.user(organization.id, analyst.id, "analyst")

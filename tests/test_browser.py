@@ -18,7 +18,8 @@ from core.bundle import load_bundle
 from services import anomalies, demo, integrations, users
 from services.anomalies import LEAK_TYPES, AnomalyFilters
 from services.context import Actor
-from tests.fakes.stripe_server import FakeStripe, free_port, serve
+from tests.fakes.serving import free_port
+from tests.fakes.stripe_server import FakeStripe, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

@@ -7,22 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from services import anomalies, catalog, reconciliation, settings, users
+from services import anomalies, catalog, reconciliation, settings
 from services.context import Actor
 from services.errors import InvalidInput, PermissionDenied
 from tests.bundles import Scenario
 
 
 @pytest.fixture
-def org(app_db: str, tmp_path: Path) -> tuple[Actor, Actor]:
-    organization, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
-    admin_actor = Actor.user(organization.id, admin.id, "admin")
-    analyst = users.create_user(admin_actor, "analyst@acme.example", "Al", "analyst", "password-2")
+def org(org: tuple[Actor, Actor], tmp_path: Path) -> tuple[Actor, Actor]:
+    """The conftest organization, its data source a bundle with unsubscribed usage."""
+    admin_actor, _ = org
     folder = (Scenario().price("p_api_list", "api", "per_unit", "0.25")
               .use("acme", "api", "2026-01-10T00:00:00Z", "100", reported="")  # never subscribed: unbilled
               .write(tmp_path / "bundle"))
     settings.set_data_source(admin_actor, {"kind": "bundle", "path": str(folder)})
-    return admin_actor, Actor.user(organization.id, analyst.id, "analyst")
+    return org
 
 
 def unbilled_amount(actor: Actor) -> D:

@@ -38,12 +38,10 @@ pytestmark = pytest.mark.slow  # each test migrates a fresh database, hashes two
 
 
 @pytest.fixture
-def org(app_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Actor, Actor]:
-    """An org with an admin and an analyst and one 40.00 USD under-reporting leak per account."""
+def org(org: tuple[Actor, Actor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Actor, Actor]:
+    """The conftest organization with one 40.00 USD under-reporting leak per account."""
     monkeypatch.setenv("RRC_APP_BASE_URL", APP_URL + "/")
-    organization, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
-    admin_actor = Actor.user(organization.id, admin.id, "admin")
-    analyst = users.create_user(admin_actor, "analyst@acme.example", "Al", "analyst", "password-2")
+    admin_actor, _ = org
     scenario = Scenario(accounts=[["acme", "Acme Corp", "cus_acme", SF_ACME],
                                   ["beta", "Beta GmbH", "cus_beta", HS_BETA],
                                   ["gamma", "Gamma Ltd", "cus_gamma", ""]])
@@ -51,7 +49,7 @@ def org(app_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[A
         scenario.sub(account, "api", "p_api").use(account, "api", "2026-01-05T10:00:00Z", "1000", reported="600")
         scenario.invoice(account, "api", "600", "60.00")
     reconciliation.run_reconciliation(admin_actor, bundle_dir=scenario.write(tmp_path / "bundle"))
-    return admin_actor, Actor.user(organization.id, analyst.id, "analyst")
+    return org
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from db.models import ReconRun
 from db.session import system_session
 from services import settings, users
 from services.context import Actor
+from tests.fakes.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -120,11 +121,6 @@ def test_procfile_starts_the_three_processes() -> None:
     assert "cli.py db prepare &&" in entries["api"] and "uvicorn api:app" in entries["api"]
     assert "streamlit run app.py" in entries["app"] and "scheduler.py" in entries["scheduler"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poll(url: str, timeout: float, log: Path) -> httpx.Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from datetime import date
 from typing import Any
@@ -15,6 +14,7 @@ from hubspot.crm.companies.exceptions import NotFoundException
 from connectors import hubspot
 from connectors.hubspot import IDEMPOTENCY_PROPERTY, HubSpotFailure
 from tests.fakes.hubspot_server import TASK_TO_COMPANY, FakeHubSpot, running
+from tests.fakes.serving import free_port
 
 COMPANY = "5001"
 TASK_POST = r"/crm/v3/objects/tasks$"
@@ -37,11 +37,6 @@ def make_task(config: dict[str, Any], key: str = "key-1", company_id: str = COMP
                                body="Used 1000, reported 600 <b>\nhttp://app/anomalies?id=1",
                                due_date=date(2026, 12, 4), idempotency_key=key)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_check_reports_token_and_idempotency_property(fake: FakeHubSpot) -> None:

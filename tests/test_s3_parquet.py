@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal as D
@@ -22,6 +21,7 @@ from moto.server import ThreadedMotoServer
 
 from connectors import s3_parquet
 from connectors.s3_parquet import S3SourceError
+from tests.fakes.serving import free_port
 
 START, END = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 4, tzinfo=UTC)
 KEYS = {"aws_access_key_id": "AKIAEXAMPLE", "aws_secret_access_key": "moto-secret-value"}
@@ -46,11 +46,6 @@ EXPECTED = [
     ("globex", "api_calls", datetime(2026, 3, 3, tzinfo=UTC), D("1000002.000001")),
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_moto(recording_file: Path) -> tuple[ThreadedMotoServer, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from datetime import date
 from typing import Any
@@ -15,6 +14,7 @@ from simple_salesforce.exceptions import SalesforceMalformedRequest
 from connectors import salesforce
 from connectors.salesforce import SalesforceFailure, task_marker
 from tests.fakes.salesforce_server import FakeSalesforce, running
+from tests.fakes.serving import free_port
 
 ACME = "001ACME00000001"
 TASK_POST = r"/sobjects/Task/?$"
@@ -37,11 +37,6 @@ def make_task(config: dict[str, Any], key: str = "key-1", record_id: str = ACME)
                                   description="Evidence: 1000 used, 600 reported\nhttp://app/anomalies?id=1",
                                   due_date=date(2026, 12, 4), idempotency_key=key)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_check_reports_login_quota_and_task_permission(fake: FakeSalesforce) -> None:

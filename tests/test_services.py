@@ -16,15 +16,6 @@ from services.errors import Conflict, InvalidInput, PermissionDenied
 from tests.bundles import Scenario
 
 
-@pytest.fixture
-def org(app_db: str) -> tuple[Actor, Actor]:
-    """An organization with an admin and an analyst."""
-    organization, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
-    admin_actor = Actor.user(organization.id, admin.id, "admin")
-    analyst = users.create_user(admin_actor, "analyst@acme.example", "Al", "analyst", "password-2")
-    return admin_actor, Actor.user(organization.id, analyst.id, "analyst")
-
-
 def test_audit_chain_verifies_and_detects_tampering(org: tuple[Actor, Actor], app_db: str) -> None:
     admin, _ = org
     with org_session(admin.org_id) as session:

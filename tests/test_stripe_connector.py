@@ -19,7 +19,8 @@ from core.bundle import load_bundle
 from core.demo import generate_demo_bundle
 from core.pricing import Price, Tier
 from core.reconcile import ReconcileParams, reconcile
-from tests.fakes.stripe_server import DEFAULT_KEY, FakeStripe, at, free_port, serve
+from tests.fakes.serving import free_port
+from tests.fakes.stripe_server import DEFAULT_KEY, FakeStripe, at, serve
 
 JAN, FEB, MAR = at("2026-01-01T00:00:00Z"), at("2026-02-01T00:00:00Z"), at("2026-03-01T00:00:00Z")
 

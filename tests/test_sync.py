@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from core.bundle import load_bundle
 from db.models import Anomaly, AuditEntry
 from db.session import org_session
-from services import anomalies, audit, integrations, reconciliation, recovery, settings, sync, users
+from services import anomalies, audit, integrations, reconciliation, recovery, settings, sync
 from services.actions_common import ActionFailed
 from services.anomalies import AnomalyFilters
 from services.context import Actor
@@ -95,13 +95,6 @@ def _s3_usage(endpoint: str, bucket: str) -> dict[str, Any]:
             "access_key_id": KEYS["aws_access_key_id"], "secret_access_key": KEYS["aws_secret_access_key"],
             "hive_partitioned": True, "columns": COLUMNS}
 
-
-@pytest.fixture
-def org(app_db: str) -> tuple[Actor, Actor]:
-    organization, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
-    admin_actor = Actor.user(organization.id, admin.id, "admin")
-    analyst = users.create_user(admin_actor, "analyst@acme.example", "Al", "analyst", "password-2")
-    return admin_actor, Actor.user(organization.id, analyst.id, "analyst")
 
 
 @pytest.fixture

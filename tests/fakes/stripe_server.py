@@ -1056,11 +1056,6 @@ async def _run_in_thread(fn: Any, *args: Any) -> Any:
     return await anyio.to_thread.run_sync(lambda: fn(*args))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 class _DropProxy:
     """A TCP relay in front of the fake that can cut a client off after the fake answered.
