@@ -53,6 +53,11 @@ def from_minor_units(minor: int | str | Decimal, currency: str) -> Decimal:
     return Decimal(minor).scaleb(-currency_exponent(currency))
 
 
+def plain_decimal(value: Decimal | int) -> str:
+    """A quantity as plain text, exact, without exponent or trailing zeros: 1500, 0.5, 12.25."""
+    return f"{Decimal(value).normalize():f}"
+
+
 def format_money(amount: Decimal, currency: str) -> str:
     """`1,234.50 USD` with exactly the currency's decimals, never a float artefact."""
     exp = currency_exponent(currency)

@@ -31,7 +31,7 @@ import duckdb
 from core.duck import floor_div_sql, register_columns
 from core.gcpause import paused_gc
 from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
-from core.money import ZERO, round_money
+from core.money import ZERO, plain_decimal, round_money
 from core.pricing import Price, price_amount, price_lines
 from core.scoring import ConfidenceInputs, confidence, severity
 from core.usage import aggregate_usage, bucket_granularity
@@ -306,7 +306,7 @@ def _classify(period: _Period, book: _PriceBook, params: ReconcileParams) -> _Ve
 
 def _explain(period: _Period, v: _Verdict) -> str:
     cur = v.price.currency.upper()
-    facts = f"actual {period.actual.normalize():f} vs reported {period.reported.normalize():f} units; " \
+    facts = f"actual {plain_decimal(period.actual)} vs reported {plain_decimal(period.reported)} units; " \
             f"expected {v.expected} {cur} under {v.price.price_id} ({v.price_source}), billed {v.billed} {cur}"
     reasons = {
         "unbilled_usage": "usage with no subscription covering the product in this period",
@@ -352,19 +352,15 @@ def _anomaly(period: _Period, v: _Verdict, daily: _DailyEvidence, as_of: datetim
     )
 
 
-def _plain(value: Decimal) -> str:
-    return f"{value.normalize():f}"
-
-
 def _pricing_evidence(period: _Period, v: _Verdict) -> dict[str, Any]:
     """Which tiers applied to actual usage (what should have been billed) and to reported usage
     under the price billing used: the drill-down shows both side by side."""
 
     def breakdown(price: Price, quantity: Decimal) -> dict[str, Any]:
-        lines = [{"tier": line.description, "units": _plain(line.units),
-                  "unit_amount": _plain(line.unit_amount), "flat_amount": _plain(line.flat_amount),
-                  "subtotal": _plain(line.subtotal)} for line in price_lines(price, quantity)]
-        return {"price_id": price.price_id, "model": price.model, "quantity": _plain(quantity),
+        lines = [{"tier": line.description, "units": plain_decimal(line.units),
+                  "unit_amount": plain_decimal(line.unit_amount), "flat_amount": plain_decimal(line.flat_amount),
+                  "subtotal": plain_decimal(line.subtotal)} for line in price_lines(price, quantity)]
+        return {"price_id": price.price_id, "model": price.model, "quantity": plain_decimal(quantity),
                 "lines": lines, "total": str(price_amount(price, quantity))}
 
     billing = breakdown(v.billing_price, period.reported) if v.billing_price else None

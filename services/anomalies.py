@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
+from core.money import plain_decimal
 from db.models import Account, Action, Anomaly, AuditEntry
 from db.session import org_session
 from services import audit
@@ -326,5 +327,5 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Decimal):
-        return f"{value.normalize():f}"
+        return plain_decimal(value)
     return "" if value is None else str(value)

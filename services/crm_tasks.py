@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select
 
 from connectors import hubspot, salesforce
-from core.money import format_money, round_money
+from core.money import format_money, plain_decimal, round_money
 from db.models import Account, Action, Anomaly
 from db.session import org_session
 from services import integrations
@@ -67,11 +67,6 @@ def _validate(system: Any, due_in_days: Any) -> None:
                            f"got {due_in_days!r}")
 
 
-def _units(value: Decimal) -> str:
-    text = f"{Decimal(value).normalize():f}"
-    return text if "." not in text else text.rstrip("0").rstrip(".")
-
-
 def _describe(anomaly: Anomaly, account: Account) -> tuple[str, str, Decimal]:
     """Subject and body: what a salesperson needs to act without opening the app (but with a link to it)."""
     is_credit = anomaly.type == "over_billing"
@@ -86,8 +81,8 @@ def _describe(anomaly: Anomaly, account: Account) -> tuple[str, str, Decimal]:
         f"Revenue Recovery Copilot found {label.lower()} for {account.name} ({account.account_id}).",
         "",
         f"Product: {anomaly.product_key}; billing period {period} (UTC).",
-        f"Actual units: {_units(anomaly.actual_units)}; reported to billing: {_units(anomaly.reported_units)}; "
-        f"gap: {_units(anomaly.leak_units)}.",
+        f"Actual units: {plain_decimal(anomaly.actual_units)}; "
+        f"reported to billing: {plain_decimal(anomaly.reported_units)}; gap: {plain_decimal(anomaly.leak_units)}.",
         f"Expected: {format_money(Decimal(anomaly.expected_amount), anomaly.currency)}; billed: "
         f"{format_money(Decimal(anomaly.billed_amount), anomaly.currency)}; "
         f"{'over-billed' if is_credit else 'to recover'}: {money}.",

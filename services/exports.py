@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import select
 
+from core.money import plain_decimal
 from db.models import Action, Anomaly, AuditEntry
 from db.session import org_session
 from services import audit
@@ -120,7 +121,7 @@ ARROW_TYPES = {"text": pa.string(), "int": pa.int64(), "money": pa.string(), "de
 
 def _decimal(value: Decimal, min_places: int) -> str:
     """Exact decimal text without trailing zeros beyond `min_places` (12.500000 -> 12.50, 3 -> 3)."""
-    text = format(value.normalize(), "f")
+    text = plain_decimal(value)
     places = len(text.partition(".")[2])
     if places < min_places:
         text = format(value.quantize(Decimal(1).scaleb(-min_places)), "f")

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import select
 
 from connectors import stripe as stripe_connector
-from core.money import format_money, round_money
+from core.money import format_money, plain_decimal, round_money
 from db.models import Account, Action, Anomaly
 from db.session import org_session
 from services import integrations
@@ -80,11 +80,6 @@ class _Plan:
     description: str
 
 
-def _units(value: Decimal) -> str:
-    text = f"{Decimal(value).normalize():f}"
-    return text if "." not in text else text.rstrip("0").rstrip(".")
-
-
 def idempotency_key(org_id: int, fingerprint: str, leak_amount: Decimal, currency: str) -> str:
     """Same org, same gap, same amount -> same key; a changed amount is a different invoice."""
     amount = round_money(Decimal(leak_amount), currency)
@@ -97,15 +92,13 @@ def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
     last_day = (anomaly.period_end - timedelta(days=1)).date().isoformat()
     period = f"{anomaly.period_start.date().isoformat()} to {last_day}"
     actual, leak = Decimal(anomaly.actual_units), Decimal(anomaly.leak_units)
-    product = anomaly.product_key
+    product, used, missing = anomaly.product_key, plain_decimal(actual), plain_decimal(leak)
     what = {
-        "unbilled_usage": (f"{product}: {_units(actual)} units used {period} with no subscription billing them",
-                           actual),
-        "under_reported_usage": (f"{product}: {_units(leak)} units used {period} that never reached billing", leak),
-        "renewal_drift": (f"{product}: {_units(actual)} units {period} billed below the contracted price "
+        "unbilled_usage": (f"{product}: {used} units used {period} with no subscription billing them", actual),
+        "under_reported_usage": (f"{product}: {missing} units used {period} that never reached billing", leak),
+        "renewal_drift": (f"{product}: {used} units {period} billed below the contracted price "
                           f"({anomaly.price_id})", actual),
-        "missed_overage": (f"{product}: usage above the allowance {period} not charged "
-                           f"({_units(actual)} units used)", actual),
+        "missed_overage": (f"{product}: usage above the allowance {period} not charged ({used} units used)", actual),
     }[anomaly.type]
     return f"{what[0]} — anomaly #{anomaly.id} ({anomaly.fingerprint[:12]})", what[1]
 

@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from core.bundle import load_bundle
 from core.errors import BundleError
 from core.model import Account, Bundle, Contract, InvoiceLine, Product, SubscriptionPeriod, UsageSource
+from core.money import plain_decimal
 from core.pricing import Price
 from db.session import data_dir
 from services import audit, integrations
@@ -294,7 +295,7 @@ def _usage_source(actor: Actor, kind: str, start: datetime, end: datetime,
 
 def _units_total(table: pa.Table) -> str:
     total = pc.sum(table.column("units")).as_py() if table.num_rows else Decimal(0)
-    return format((total or Decimal(0)).normalize(), "f")
+    return plain_decimal(total or 0)
 
 
 def _ingested(actor: Actor, start: datetime, end: datetime) -> tuple[pa.Table, SourceReport] | None:
@@ -329,7 +330,7 @@ def _check_usage(label: str, table: pa.Table, billing: _Billing, warnings: list[
     negative = table.filter(pc.less(table.column("units"), pa.scalar(Decimal(0), table.schema.field("units").type)))
     if negative.num_rows:
         row = negative.slice(0, 1).to_pylist()[0]
-        units = format(row["units"].normalize(), "f")
+        units = plain_decimal(row["units"])
         raise SyncFailed(f"{label}: negative units ({units}) for account {row['account_id']!r}, "
                          f"product {row['product_key']!r} on {row['ts']:%Y-%m-%d}: check columns.units")
     products = sorted(set(pc.unique(table.column("product_key")).to_pylist()) - set(billing.products))

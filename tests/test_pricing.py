@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.money import currency_exponent, format_money, from_minor_units, to_minor_units
+from core.money import currency_exponent, format_money, from_minor_units, plain_decimal, to_minor_units
 from core.pricing import Price, Tier, price_amount, price_lines
 
 TIERS = (Tier(D(5), D("7.00")), Tier(D(10), D("6.50")), Tier(None, D("6.00")))
@@ -53,6 +53,8 @@ def test_zero_and_three_decimal_currencies() -> None:
     assert currency_exponent("KRW") == 0 and currency_exponent("BHD") == 3 and currency_exponent("eur") == 2
     assert to_minor_units(D("12.345"), "kwd") == 12345 and from_minor_units(1234, "usd") == D("12.34")
     assert format_money(D("1234.5"), "usd") == "1,234.50 USD"
+    assert [plain_decimal(v) for v in (D("1500.000000000"), D("0.500"), D("1E+3"), D("0E-9"), 7)] == [
+        "1500", "0.5", "1000", "0", "7"]
 
 
 def test_breakdown_sums_to_the_amount() -> None:
