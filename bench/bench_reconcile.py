@@ -6,6 +6,7 @@ best-of-N seconds, peak RSS, and the ratios against the targets: <= 2.0x bare Du
 faster than pandas.
 
     python bench/bench_reconcile.py [--events 10000000] [--accounts 10000] [--repeat 3] [--skip-pandas]
+                                    [--billing calendar|anniversary]
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-pandas", action="store_true")
+    parser.add_argument("--billing", choices=("calendar", "anniversary"), default="calendar",
+                        help="anniversary: periods start at each account's own second of the month (Stripe's default)")
     args = parser.parse_args()
-    bundle = BENCH / "out" / f"bundle-{args.events}-{args.accounts}"
+    suffix = "" if args.billing == "calendar" else f"-{args.billing}"
+    bundle = BENCH / "out" / f"bundle-{args.events}-{args.accounts}{suffix}"
     if not (bundle / "reported_usage.parquet").exists():
         print(f"generating {args.events:,} events for {args.accounts:,} accounts in {bundle} ...", flush=True)
         subprocess.run([sys.executable, str(BENCH / "gen_large.py"), str(bundle), "--events", str(args.events),
-                        "--accounts", str(args.accounts)], check=True)
+                        "--accounts", str(args.accounts), "--billing", args.billing], check=True)
     contenders = {
         "cli.py reconcile": [sys.executable, "cli.py", "reconcile", str(bundle), "--output",
                              str(bundle.parent / "anomalies.csv")],
@@ -58,7 +62,7 @@ def main() -> None:
             if name != "pandas" or round_ == 0:
                 runs[name].append(measure(command))
     results = {name: (min(r[0] for r in done), max(r[1] for r in done)) for name, done in runs.items()}
-    print(f"\n{args.events:,} events, {args.accounts:,} accounts, best of {args.repeat}:")
+    print(f"\n{args.events:,} events, {args.accounts:,} accounts, {args.billing} billing, best of {args.repeat}:")
     print(f"{'contender':<18}{'seconds':>10}{'peak RSS MiB':>15}")
     for name, (seconds, rss) in results.items():
         print(f"{name:<18}{seconds:>10.2f}{rss:>15.0f}")

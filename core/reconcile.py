@@ -34,13 +34,12 @@ from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, plain_decimal, round_money
 from core.pricing import Price, price_amount, price_lines
 from core.scoring import ConfidenceInputs, confidence, severity
-from core.usage import aggregate_usage, bucket_granularity
+from core.usage import DAY_US, aggregate_usage, register_day_cuts
 
 ANOMALY_TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage", "over_billing")
 LEAK_TYPES = ANOMALY_TYPES[:4]
 Progress = Callable[[float, str], None]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-DAY_US = 86_400_000_000
 
 
 @dataclass(frozen=True)
@@ -168,17 +167,9 @@ class _PriceBook:
         return None
 
 
-def _register_periods_and_usage(con: duckdb.DuckDBPyConnection, bundle: Bundle) -> None:
+def _register_periods(con: duckdb.DuckDBPyConnection, bundle: Bundle) -> None:
     """Table `periods(pid, account_id, product_key, start_us, end_us)`, pid indexing
-    bundle.subscriptions, and view `usage_buckets`: both sides' buckets one under the other
-    (a_* or r_* set), which is cheaper than joining them bucket by bucket."""
-    con.execute("""
-        CREATE OR REPLACE TEMP VIEW usage_buckets AS
-        SELECT account_id, product_key, bucket_us, units_sum AS a_sum, units_max AS a_max, events AS a_events
-        FROM buckets_actual
-        UNION ALL BY NAME
-        SELECT account_id, product_key, bucket_us, units_sum AS r_sum, units_max AS r_max
-        FROM buckets_reported""")
+    bundle.subscriptions: where the usage buckets are cut, and what they are assigned to."""
     subs = bundle.subscriptions
     epoch_us = functools.lru_cache(maxsize=None)(_epoch_us)  # billing periods share a few boundaries
     register_columns(con, "periods", {
@@ -188,6 +179,18 @@ def _register_periods_and_usage(con: duckdb.DuckDBPyConnection, bundle: Bundle) 
         "start_us": ("BIGINT", [epoch_us(s.period_start) for s in subs]),
         "end_us": ("BIGINT", [epoch_us(s.period_end) for s in subs]),
     })
+
+
+def _register_usage_buckets(con: duckdb.DuckDBPyConnection) -> None:
+    """View `usage_buckets`: both sides' buckets one under the other (a_* or r_* set), which is
+    cheaper than joining them bucket by bucket."""
+    con.execute("""
+        CREATE OR REPLACE TEMP VIEW usage_buckets AS
+        SELECT account_id, product_key, bucket_us, units_sum AS a_sum, units_max AS a_max, events AS a_events
+        FROM buckets_actual
+        UNION ALL BY NAME
+        SELECT account_id, product_key, bucket_us, units_sum AS r_sum, units_max AS r_max
+        FROM buckets_reported""")
 
 
 def _period_totals(con: duckdb.DuckDBPyConnection) -> list[tuple]:
@@ -431,14 +434,13 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
             con.execute(f"SET threads = {int(params.threads)}")
         register_columns(con, "known_accounts", {"account_id": ("VARCHAR", list(bundle.accounts))})
         register_columns(con, "known_products", {"product_key": ("VARCHAR", list(bundle.products))})
-        granularity = bucket_granularity(
-            {instant for s in bundle.subscriptions for instant in (s.period_start, s.period_end)}
-        )
+        _register_periods(con, bundle)
+        split_days = register_day_cuts(con)
         report(0.05, "aggregating actual usage")
         need_max = any(p.aggregation == "max" for p in bundle.products.values())
-        actual_stats, warnings = aggregate_usage(con, bundle.actual_usage, "actual", granularity, need_max)
+        actual_stats, warnings = aggregate_usage(con, bundle.actual_usage, "actual", split_days, need_max)
         report(0.45, "aggregating reported usage")
-        reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", granularity, need_max)
+        reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", split_days, need_max)
         warnings += more
         report(0.8, "joining usage to billing periods")
         anomalies, periods_checked = _find_anomalies(con, bundle, params, as_of, warnings, report)
@@ -456,7 +458,7 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
 def _find_anomalies(con: duckdb.DuckDBPyConnection, bundle: Bundle, params: ReconcileParams, as_of: datetime,
                     warnings: list[str], report: Progress) -> tuple[list[Anomaly], int]:
     """Usage buckets -> periods -> verdicts -> anomalies (sorted); warnings are appended to."""
-    _register_periods_and_usage(con, bundle)
+    _register_usage_buckets(con)
     book = _PriceBook(bundle)
     periods = _collect_periods(con, bundle, book)
     report(0.9, f"classifying {len(periods)} periods")

@@ -1,0 +1,87 @@
+"""Period assignment against a per-event reference, at any boundary precision.
+
+The engine never looks at single events: it sums them into day buckets cut at the billing-period
+boundaries inside each day. This checks that shortcut against the definition (an event belongs to
+the period containing its UTC timestamp, half-open; else to its calendar month) with boundaries
+at arbitrary microseconds, several in one day, and events exactly at or a microsecond before them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal as D
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.bundles import Scenario
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+PAIRS = [("acme", "api"), ("acme", "seats"), ("beta", "api")]
+
+# An instant within Jan-Mar 2026: a day, and either midnight or an arbitrary microsecond of it.
+instant = st.builds(lambda day, micro: START + timedelta(days=day, microseconds=micro),
+                    st.integers(min_value=0, max_value=80),
+                    st.one_of(st.just(0), st.integers(min_value=1, max_value=86_400 * 10**6 - 1)))
+# Per pair: the boundaries of consecutive periods, and which of those periods exist (gaps are
+# unsubscribed usage).
+pair_periods = st.tuples(st.lists(instant, min_size=2, max_size=6, unique=True),
+                         st.lists(st.booleans(), min_size=5, max_size=5))
+# An event: pair, then either near a boundary (index, offset 0 or -1 µs) or anywhere; units.
+event = st.tuples(st.integers(min_value=0, max_value=len(PAIRS) - 1),
+                  st.one_of(st.tuples(st.integers(min_value=0, max_value=5), st.sampled_from([0, -1])), instant),
+                  st.integers(min_value=1, max_value=50))
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def month_of(moment: datetime) -> tuple[datetime, datetime]:
+    start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start, (start + timedelta(days=32)).replace(day=1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(pair_periods, min_size=len(PAIRS), max_size=len(PAIRS)), st.lists(event, min_size=1, max_size=40))
+def test_period_and_day_totals_match_a_per_event_reference(layout: list, events: list) -> None:
+    s = Scenario()
+    periods: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}
+    for (account, product), (bounds, keep) in zip(PAIRS, layout, strict=True):
+        bounds = sorted(bounds)
+        spans = zip(bounds, bounds[1:], keep, strict=False)
+        periods[(account, product)] = [(start, end) for start, end, kept in spans if kept]
+        for start, end in periods[(account, product)]:
+            s.sub(account, product, f"p_{product}", iso(start), iso(end))
+    # reference: per period (subscription, else calendar month) the sum / max of units, and per day the same
+    totals: dict[tuple, list[int]] = defaultdict(list)
+    days: dict[tuple, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for pair_index, where, units in events:
+        account, product = PAIRS[pair_index]
+        if isinstance(where, tuple):
+            bounds = sorted(layout[pair_index][0])
+            moment = bounds[min(where[0], len(bounds) - 1)] + timedelta(microseconds=where[1])
+        else:
+            moment = where
+        s.use(account, product, iso(moment), str(units), reported="")
+        period = next(((a, b) for a, b in periods[(account, product)] if a <= moment < b), None) or month_of(moment)
+        totals[(account, product, *period)].append(units)
+        days[(account, product, *period)][moment.date().isoformat()].append(units)
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = s.run(Path(folder), min_leak_amount=D("0.01"))
+
+    def combine(units: list[int], product: str) -> int:
+        return max(units) if product == "seats" else sum(units)
+
+    expected = {key: combine(units, key[1]) for key, units in totals.items()}
+    got = {(a.account_id, a.product_key, a.period_start, a.period_end): a.actual_units for a in result.anomalies}
+    assert got == expected
+    for a in result.anomalies:
+        key = (a.account_id, a.product_key, a.period_start, a.period_end)
+        assert {d["day"]: D(d["actual"]) for d in a.evidence["daily"]} == {
+            day: combine(units, a.product_key) for day, units in days[key].items()}
