@@ -4,7 +4,8 @@ Reader (`read_billing`): customers -> accounts, products and prices -> the bundl
 subscription items (current period from the item, past periods from the invoice lines that
 billed them) -> subscription periods, invoices that reached the customer (open, paid,
 uncollectible; never drafts or voided ones) -> invoice lines, Billing Meter event summaries
-(daily, per customer) -> reported usage buckets. Amounts arrive in minor units and leave as
+(daily, per customer) and legacy usage-record summaries (one per billing period, stamped at
+the period's start) -> reported usage buckets. Amounts arrive in minor units and leave as
 Decimal major units with the currency's exponent. Incremental: with `since` (the previous
 run's `cursor`) only objects created after it are listed; see `read_billing` for what that
 implies.
@@ -501,7 +502,9 @@ class _Reader:
                 if start <= period_start < end:
                     rows["account_id"].append(account_id)
                     rows["product_key"].append(product_key)
-                    rows["ts"].append(_ts(period_start - period_start % DAY))
+                    # stamped at the period's own start: its midnight may belong to the previous
+                    # period (anniversary billing starts periods at any second of the day)
+                    rows["ts"].append(_ts(period_start))
                     rows["units"].append(Decimal(int(summary["total_usage"])).quantize(UNITS_QUANTUM))
         return pa.table(rows, schema=BUCKET_SCHEMA)
 

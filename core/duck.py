@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import duckdb
 import numpy as np
 
 _NUMPY_TYPES = {"BIGINT": np.int64, "BOOLEAN": np.bool_}
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def register_columns(con: duckdb.DuckDBPyConnection, name: str, columns: dict[str, tuple[str, Sequence]]) -> None:
@@ -29,3 +31,9 @@ def floor_div_sql(expression: str, divisor: int) -> str:
     """SQL for floor(expression / divisor) on integers. DuckDB's `//` rounds toward zero, which
     would put an instant before 1970 into the next bucket."""
     return f"(({expression}) - ((({expression}) % {divisor}) + {divisor}) % {divisor}) // {divisor}"
+
+
+def epoch_micros(instant: datetime) -> int:
+    """Microseconds since the epoch of an aware datetime, exactly (no float timestamp)."""
+    delta = instant - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

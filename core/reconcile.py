@@ -17,7 +17,6 @@ Decisions where DESIGN.md is silent (also in docs/reconciliation.md):
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,18 +27,17 @@ from typing import Any
 
 import duckdb
 
-from core.duck import floor_div_sql, register_columns
+from core.duck import EPOCH, epoch_micros, floor_div_sql, register_columns
 from core.gcpause import paused_gc
 from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, plain_decimal, round_money
 from core.pricing import Price, price_amount, price_lines
 from core.scoring import ConfidenceInputs, confidence, severity
-from core.usage import DAY_US, aggregate_usage, register_day_cuts
+from core.usage import DAY_US, aggregate_usage, register_day_cuts, register_periods
 
 ANOMALY_TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage", "over_billing")
 LEAK_TYPES = ANOMALY_TYPES[:4]
 Progress = Callable[[float, str], None]
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -116,11 +114,6 @@ def fingerprint(account_id: str, product_key: str, start: datetime, end: datetim
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def _epoch_us(instant: datetime) -> int:
-    delta = instant - EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
 def _month_bounds(instant: datetime) -> tuple[datetime, datetime]:
     start = instant.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
@@ -165,20 +158,6 @@ class _PriceBook:
         if index >= 0 and at < subs[index].period_end:
             return subs[index]
         return None
-
-
-def _register_periods(con: duckdb.DuckDBPyConnection, bundle: Bundle) -> None:
-    """Table `periods(pid, account_id, product_key, start_us, end_us)`, pid indexing
-    bundle.subscriptions: where the usage buckets are cut, and what they are assigned to."""
-    subs = bundle.subscriptions
-    epoch_us = functools.lru_cache(maxsize=None)(_epoch_us)  # billing periods share a few boundaries
-    register_columns(con, "periods", {
-        "pid": ("BIGINT", range(len(subs))),
-        "account_id": ("VARCHAR", [s.account_id for s in subs]),
-        "product_key": ("VARCHAR", [s.product_key for s in subs]),
-        "start_us": ("BIGINT", [epoch_us(s.period_start) for s in subs]),
-        "end_us": ("BIGINT", [epoch_us(s.period_end) for s in subs]),
-    })
 
 
 def _register_usage_buckets(con: duckdb.DuckDBPyConnection) -> None:
@@ -386,8 +365,8 @@ def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
         "idx": ("BIGINT", range(len(periods))),
         "account_id": ("VARCHAR", [p.account_id for p in periods]),
         "product_key": ("VARCHAR", [p.product_key for p in periods]),
-        "start_us": ("BIGINT", [_epoch_us(p.start) for p in periods]),
-        "end_us": ("BIGINT", [_epoch_us(p.end) for p in periods]),
+        "start_us": ("BIGINT", [epoch_micros(p.start) for p in periods]),
+        "end_us": ("BIGINT", [epoch_micros(p.end) for p in periods]),
         "subscribed": ("BOOLEAN", [p.subscription is not None for p in periods]),
         "is_max": ("BOOLEAN", [bundle.products[p.product_key].aggregation == "max" for p in periods]),
     })
@@ -434,7 +413,7 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
             con.execute(f"SET threads = {int(params.threads)}")
         register_columns(con, "known_accounts", {"account_id": ("VARCHAR", list(bundle.accounts))})
         register_columns(con, "known_products", {"product_key": ("VARCHAR", list(bundle.products))})
-        _register_periods(con, bundle)
+        register_periods(con, bundle.subscriptions)
         split_days = register_day_cuts(con)
         report(0.05, "aggregating actual usage")
         need_max = any(p.aggregation == "max" for p in bundle.products.values())

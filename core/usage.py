@@ -16,15 +16,17 @@ by second would turn into one group per event.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-from core.duck import floor_div_sql
+from core.duck import epoch_micros, floor_div_sql, register_columns
 from core.errors import BundleError, Problem
-from core.model import UsageSource
+from core.model import SubscriptionPeriod, UsageSource
 
 UNITS_SQL_TYPE = "DECIMAL(38, 9)"
 OFFSET_PATTERN = r"([Zz]|[+-]\d{2}(:?\d{2})?)$"
@@ -33,6 +35,19 @@ DAY_US = 86_400_000_000
 # Buckets are epoch microseconds, truncated with integer arithmetic: exact in UTC, and far cheaper
 # than calendar functions on TIMESTAMPTZ.
 DAY_START_SQL = f"{floor_div_sql('ts_us', DAY_US)} * {DAY_US}"
+
+
+def register_periods(con: duckdb.DuckDBPyConnection, subscriptions: Sequence[SubscriptionPeriod]) -> None:
+    """Table `periods(pid, account_id, product_key, start_us, end_us)`, pid indexing
+    `subscriptions`: where the usage buckets are cut, and what the engine assigns them to."""
+    epoch_us = functools.lru_cache(maxsize=None)(epoch_micros)  # billing periods share a few boundaries
+    register_columns(con, "periods", {
+        "pid": ("BIGINT", range(len(subscriptions))),
+        "account_id": ("VARCHAR", [s.account_id for s in subscriptions]),
+        "product_key": ("VARCHAR", [s.product_key for s in subscriptions]),
+        "start_us": ("BIGINT", [epoch_us(s.period_start) for s in subscriptions]),
+        "end_us": ("BIGINT", [epoch_us(s.period_end) for s in subscriptions]),
+    })
 
 
 def register_day_cuts(con: duckdb.DuckDBPyConnection) -> bool:
@@ -139,8 +154,9 @@ def _name_bad_rows(con: duckdb.DuckDBPyConnection, source: UsageSource, view: st
     return problems
 
 
-def _bucketed_events(scan: str, split_days: bool) -> str:
-    """SQL of the events with their bucket: account_id, product_key, bucket_us, units. Split days
+def bucketed_events_sql(scan: str, split_days: bool) -> str:
+    """SQL of the events of `scan` (account_id, product_key, ts_us, units) with their bucket:
+    account_id, product_key, bucket_us, units. Split days
     join `day_cuts` (a hash join with a small build side: ~6% of the scan) and start the bucket at
     the last cut at or before the event; a NULL timestamp gives a NULL bucket."""
     if not split_days:
@@ -175,7 +191,7 @@ def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: s
         CREATE OR REPLACE TEMP TABLE buckets_{side} AS
         SELECT account_id, product_key, bucket_us,
                sum(units) AS units_sum, {units_max} AS units_max, count(*) AS events
-        FROM ({_bucketed_events(scan, split_days)}) GROUP BY ALL""")
+        FROM ({bucketed_events_sql(scan, split_days)}) GROUP BY ALL""")
     (bad_units,) = con.execute(f"SELECT count(*) FROM {scan} WHERE units IS NULL OR units < 0").fetchall()[0]
     (bad_ts, unknown, events) = con.execute(f"""
         SELECT count(*) FILTER (WHERE bucket_us IS NULL),

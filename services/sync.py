@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -59,6 +59,7 @@ from core.errors import BundleError
 from core.model import Account, Bundle, Contract, InvoiceLine, Product, SubscriptionPeriod, UsageSource
 from core.money import plain_decimal
 from core.pricing import Price
+from core.usage import bucketed_events_sql, register_day_cuts, register_periods
 from db.session import data_dir
 from services import audit, integrations
 from services.context import Actor, require_role
@@ -158,10 +159,14 @@ def _between(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 
-def _buckets_of(source: UsageSource, max_products: frozenset[str] = frozenset()) -> pa.Table:
-    """Daily buckets of a bundle's usage table (CSV text or Parquet), computed in DuckDB.
+def _buckets_of(source: UsageSource, subscriptions: Sequence[SubscriptionPeriod],
+                max_products: frozenset[str] = frozenset()) -> pa.Table:
+    """Usage buckets of a bundle's usage table (CSV text or Parquet), computed in DuckDB.
 
-    Summed per day, except seats-like products (aggregation `max`): their largest daily reading.
+    Buckets are the engine's: UTC days cut at the boundaries of `subscriptions` inside them, so
+    usage of a day split by a period boundary (anniversary billing) stays on its side of it, and a
+    bucket already stamped at a boundary (a legacy usage-record summary) keeps its stamp. Summed,
+    except seats-like products (aggregation `max`): their largest reading.
     """
     con = duckdb.connect()
     try:
@@ -171,11 +176,16 @@ def _buckets_of(source: UsageSource, max_products: frozenset[str] = frozenset())
             relation = "usage"
         else:
             relation = "read_parquet('" + str(source.path).replace("'", "''") + "')"
-        result = con.sql(f"""
+        register_periods(con, subscriptions)
+        split_days = register_day_cuts(con)
+        con.execute(f"""
+            CREATE TEMP VIEW events AS
             SELECT CAST(account_id AS VARCHAR) AS account_id, CAST(product_key AS VARCHAR) AS product_key,
-                   epoch_us(date_trunc('day', timezone('UTC', CAST(ts AS TIMESTAMPTZ)))) AS day_us,
-                   sum(CAST(units AS DECIMAL(38, 12))) AS units, max(CAST(units AS DECIMAL(38, 12))) AS units_max
-            FROM {relation} GROUP BY ALL ORDER BY ALL""").to_arrow_table()
+                   epoch_us(CAST(ts AS TIMESTAMPTZ)) AS ts_us, CAST(units AS DECIMAL(38, 12)) AS units
+            FROM {relation}""")
+        result = con.sql(f"""
+            SELECT account_id, product_key, bucket_us, sum(units) AS units, max(units) AS units_max
+            FROM ({bucketed_events_sql("events", split_days)}) GROUP BY ALL ORDER BY ALL""").to_arrow_table()
     except duckdb.Error as exc:
         raise SyncFailed(f"base bundle: {source.name} could not be read ({str(exc).splitlines()[0]})") from None
     finally:
@@ -184,7 +194,7 @@ def _buckets_of(source: UsageSource, max_products: frozenset[str] = frozenset())
         seat_like = pc.is_in(result.column("product_key"), value_set=pa.array(sorted(max_products), pa.string()))
         result = result.set_column(result.schema.get_field_index("units"), "units",
                                    pc.if_else(seat_like, result.column("units_max"), result.column("units")))
-    return _conform(result, "day_us")
+    return _conform(result, "bucket_us")
 
 
 def _conform(table: pa.Table, ts_column: str = "ts") -> pa.Table:
@@ -203,8 +213,9 @@ def _max_products(products: dict[str, Product]) -> frozenset[str]:
 def _from_bundle(bundle: Bundle) -> _Billing:
     seats = _max_products(bundle.products)
     return _Billing(dict(bundle.accounts), dict(bundle.products), dict(bundle.prices), list(bundle.subscriptions),
-                    list(bundle.contracts), list(bundle.invoice_lines), _buckets_of(bundle.reported_usage, seats),
-                    _buckets_of(bundle.actual_usage, seats))
+                    list(bundle.contracts), list(bundle.invoice_lines),
+                    _buckets_of(bundle.reported_usage, bundle.subscriptions, seats),
+                    _buckets_of(bundle.actual_usage, bundle.subscriptions, seats))
 
 
 def _previous(org_id: int) -> tuple[Bundle | None, dict[str, Any]]:
@@ -231,7 +242,7 @@ def _merge(previous: Bundle, new: _Billing, reported_from: datetime) -> _Billing
     subs.update({(p.subscription_id, p.product_key, p.period_start): p for p in new.subscriptions})
     reread = {line.invoice_id for line in new.invoice_lines}
     lines = [line for line in previous.invoice_lines if line.invoice_id not in reread] + new.invoice_lines
-    old = _buckets_of(previous.reported_usage, _max_products(previous.products))
+    old = _buckets_of(previous.reported_usage, list(subs.values()), _max_products(previous.products))
     old = old.filter(pc.less(old.column("ts"), pa.scalar(reported_from, BUCKET_SCHEMA.field("ts").type)))
     reported = pa.concat_tables([old, new.reported.cast(BUCKET_SCHEMA)])
     return _Billing(accounts, products, prices, list(subs.values()), list(previous.contracts), lines, reported,

@@ -349,6 +349,24 @@ def test_legacy_usage_record_summaries_count_as_reported_usage_per_period(fake: 
     assert stripe_fake.count("GET", "/v1/subscription_items/si_old/usage_record_summaries") == 1
 
 
+def test_a_legacy_summary_of_an_anniversary_period_lands_in_that_period(fake: tuple[FakeStripe, dict]) -> None:
+    """Periods that start mid-day (anniversary billing): the total is stamped at the period's start,
+    not at its day's midnight, which belongs to the previous period."""
+    stripe_fake, config = fake
+    start, end = at("2026-01-14T09:30:15Z"), at("2026-02-14T09:30:15Z")
+    stripe_fake.add_customer("cus_old", name="Old Co", metadata={"account_id": "old"}, created=JAN)
+    stripe_fake.add_product("prod_api", name="API", metadata={"product_key": "api"}, created=JAN)
+    stripe_fake.add_price("price_legacy", product="prod_api", currency="usd", unit_amount_decimal="10",
+                          usage_type="metered", created=JAN)
+    stripe_fake.add_subscription("sub_old", customer="cus_old", created=JAN, items=[
+        {"id": "si_old", "price": "price_legacy", "current_period_start": start, "current_period_end": end}])
+    stripe_fake.add_usage_record("si_old", start + 60, 25)
+    billing = sc.read_billing(config)
+    [row] = billing.reported_usage.to_pylist()
+    [period] = billing.subscriptions
+    assert row["ts"] == period.period_start == datetime(2026, 1, 14, 9, 30, 15, tzinfo=UTC) and row["units"] == D(25)
+
+
 @pytest.mark.slow
 def test_a_connection_dropped_after_stripe_did_the_work_is_retried_into_the_same_invoice() -> None:
     stripe_fake = FakeStripe()

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from core.bundle import load_bundle
+from core.reconcile import ReconcileParams, reconcile
 from db.models import Anomaly, AuditEntry
 from db.session import org_session
 from services import anomalies, audit, integrations, reconciliation, recovery, settings, sync
@@ -216,6 +217,29 @@ def test_without_stripe_a_base_bundle_supplies_billing(org: tuple[Actor, Actor],
     seats = [r for r in pq.read_table(Path(report.bundle_path) / "actual_usage.parquet").to_pylist()
              if r["product_key"] == "seats"]
     assert [(r["ts"].day, r["units"].normalize()) for r in seats] == [(3, D(7))]  # the day's maximum, not 12
+
+
+def test_a_day_split_by_an_anniversary_boundary_keeps_each_side_in_its_period(org: tuple[Actor, Actor],
+                                                                            tmp_path: Path) -> None:
+    """Periods from the 14th at 09:30:15 (anniversary billing): the 14th's usage before and after
+    the boundary stays in two buckets, so the synced bundle reconciles like the base bundle (all
+    billed right: no anomaly). One daily bucket would have put both in the earlier period: a
+    missed overage there and an over-billing in the next one."""
+    admin, _ = org
+    jan14, feb14, mar14 = "2026-01-14T09:30:15Z", "2026-02-14T09:30:15Z", "2026-03-14T09:30:15Z"
+    scenario = Scenario().sub("acme", "api", "p_api", jan14, feb14).sub("acme", "api", "p_api", feb14, mar14)
+    scenario.use("acme", "api", "2026-01-20T10:00:00Z", "1000").use("acme", "api", "2026-02-14T08:00:00Z", "100")
+    scenario.use("acme", "api", "2026-02-14T11:00:00Z", "50").use("acme", "api", "2026-02-20T10:00:00Z", "1000")
+    scenario.invoice("acme", "api", "1100", "110.00", jan14, feb14).invoice("acme", "api", "1050", "105.00", feb14,
+                                                                             mar14)
+    assert scenario.run(tmp_path).anomalies == []
+    report = sync.sync(admin, as_of=AS_OF, base_bundle=scenario.write(tmp_path / "base"))
+    synced = reconcile(load_bundle(report.bundle_path), ReconcileParams(as_of=AS_OF))
+    assert synced.anomalies == []
+    buckets = pq.read_table(Path(report.bundle_path) / "actual_usage.parquet").sort_by("ts").to_pylist()
+    assert [(r["ts"].isoformat(), r["units"].normalize()) for r in buckets] == [
+        ("2026-01-20T00:00:00+00:00", D(1000)), ("2026-02-14T00:00:00+00:00", D(100)),
+        ("2026-02-14T09:30:15+00:00", D(50)), ("2026-02-20T00:00:00+00:00", D(1000))]
 
 
 def test_bad_arguments_and_roles(org: tuple[Actor, Actor], tmp_path: Path) -> None:
