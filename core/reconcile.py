@@ -1,10 +1,11 @@
 """The reconciliation engine: one entry point, `reconcile(bundle, params)`.
 
-Heavy work (every usage event) happens in DuckDB: events -> buckets (core.usage) -> per period,
-through one range join of both sides' buckets to the billing periods. Python then sees one row
-per (account, product, period): it prices A and R with the one pricing function, attributes
-invoice lines and classifies the gap. Only for the periods raised does DuckDB then roll the
-buckets up per UTC day: the drill-down series and the day-level confidence factors.
+Heavy work (every usage event) happens in DuckDB: events -> month buckets cut at period
+boundaries (core.usage) -> per period, through one range join of both sides' buckets to the
+billing periods. Python then sees one row per (account, product, period): it prices A and R with
+the one pricing function, attributes invoice lines and classifies the gap. Only for the periods
+raised does DuckDB then sum their accounts' usage per UTC day: the drill-down series and the
+day-level confidence factors.
 
 Decisions where DESIGN.md is silent (also in docs/reconciliation.md):
 - the contract in force for a period is the latest one whose effective_from <= period_start;
@@ -33,7 +34,7 @@ from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, plain_decimal, round_money
 from core.pricing import Price, price_amount, price_lines
 from core.scoring import ConfidenceInputs, confidence, severity
-from core.usage import DAY_US, aggregate_usage, register_day_cuts, register_periods
+from core.usage import DAY_US, aggregate_days, aggregate_usage, register_cuts, register_periods
 
 ANOMALY_TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage", "over_billing")
 LEAK_TYPES = ANOMALY_TYPES[:4]
@@ -160,16 +161,16 @@ class _PriceBook:
         return None
 
 
-def _register_usage_buckets(con: duckdb.DuckDBPyConnection) -> None:
-    """View `usage_buckets`: both sides' buckets one under the other (a_* or r_* set), which is
-    cheaper than joining them bucket by bucket."""
-    con.execute("""
-        CREATE OR REPLACE TEMP VIEW usage_buckets AS
-        SELECT account_id, product_key, bucket_us, units_sum AS a_sum, units_max AS a_max, events AS a_events
-        FROM buckets_actual
+def _register_union(con: duckdb.DuckDBPyConnection, view: str, actual: str, reported: str) -> None:
+    """View `view`: both sides' buckets one under the other (a_* or r_* set), which is cheaper than
+    joining them bucket by bucket."""
+    con.execute(f"""
+        CREATE OR REPLACE TEMP VIEW {view} AS
+        SELECT account_id, product_key, bucket_us, units_sum AS a_sum, units_max AS a_max, TRUE AS a_seen
+        FROM {actual}
         UNION ALL BY NAME
         SELECT account_id, product_key, bucket_us, units_sum AS r_sum, units_max AS r_max
-        FROM buckets_reported""")
+        FROM {reported}""")
 
 
 def _period_totals(con: duckdb.DuckDBPyConnection) -> list[tuple]:
@@ -357,7 +358,8 @@ def _plain_number_sql(column: str) -> str:
 
 def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
                     raised: list[tuple[_Period, _Verdict]]) -> list[_DailyEvidence]:
-    """Per-day actual and reported usage of the raised periods only (a few percent of all)."""
+    """Per-day actual and reported usage of the raised periods only (a few percent of all), from a
+    second pass over the usage of their accounts and products in day buckets."""
     if not raised:
         return []
     periods = [period for period, _ in raised]
@@ -370,24 +372,30 @@ def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
         "subscribed": ("BOOLEAN", [p.subscription is not None for p in periods]),
         "is_max": ("BOOLEAN", [bundle.products[p.product_key].aggregation == "max" for p in periods]),
     })
+    con.execute("CREATE OR REPLACE TEMP TABLE raised_pairs AS SELECT DISTINCT account_id, product_key FROM raised")
+    split = register_cuts(con, "day")
+    need_max = any(p.aggregation == "max" for p in bundle.products.values())
+    for side in ("actual", "reported"):
+        aggregate_days(con, side, "raised_pairs", split, need_max)
+    _register_union(con, "raised_buckets", "days_actual", "days_reported")
     # An unsubscribed month holds only the buckets no subscription period of the product covers.
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE raised_days AS
         WITH hit AS (
-            SELECT r.idx, r.is_max, u.* FROM raised r JOIN usage_buckets u
+            SELECT r.idx, r.is_max, u.* FROM raised r JOIN raised_buckets u
               ON u.account_id = r.account_id AND u.product_key = r.product_key
              AND u.bucket_us >= r.start_us AND u.bucket_us < r.end_us
             WHERE r.subscribed OR NOT EXISTS (
                 SELECT 1 FROM periods p WHERE p.account_id = u.account_id AND p.product_key = u.product_key
                    AND u.bucket_us >= p.start_us AND u.bucket_us < p.end_us)
         )
-        SELECT idx, {floor_div_sql('bucket_us', DAY_US)} AS day, coalesce(sum(a_events), 0) AS a_events,
+        SELECT idx, {floor_div_sql('bucket_us', DAY_US)} AS day, coalesce(bool_or(a_seen), FALSE) AS a_seen,
                coalesce(CASE WHEN any_value(is_max) THEN max(a_max) ELSE sum(a_sum) END, 0) AS a_day,
                coalesce(CASE WHEN any_value(is_max) THEN max(r_max) ELSE sum(r_sum) END, 0) AS r_day
         FROM hit GROUP BY idx, day""")
     stats = {idx: (days, gaps, stddev) for idx, days, gaps, stddev in con.execute("""
-        SELECT idx, count(*) FILTER (WHERE a_events > 0), count(*) FILTER (WHERE a_day > r_day),
-               coalesce(stddev_pop(a_day) FILTER (WHERE a_events > 0), 0)
+        SELECT idx, count(*) FILTER (WHERE a_seen), count(*) FILTER (WHERE a_day > r_day),
+               coalesce(stddev_pop(a_day) FILTER (WHERE a_seen), 0)
         FROM raised_days GROUP BY idx""").fetchall()}
     series: dict[int, list[dict[str, str]]] = defaultdict(list)
     # Formatted in SQL: building a Python Decimal per day would cost more than the whole query.
@@ -414,12 +422,12 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
         register_columns(con, "known_accounts", {"account_id": ("VARCHAR", list(bundle.accounts))})
         register_columns(con, "known_products", {"product_key": ("VARCHAR", list(bundle.products))})
         register_periods(con, bundle.subscriptions)
-        split_days = register_day_cuts(con)
+        split = register_cuts(con, "month")
         report(0.05, "aggregating actual usage")
         need_max = any(p.aggregation == "max" for p in bundle.products.values())
-        actual_stats, warnings = aggregate_usage(con, bundle.actual_usage, "actual", split_days, need_max)
+        actual_stats, warnings = aggregate_usage(con, bundle.actual_usage, "actual", split, need_max)
         report(0.45, "aggregating reported usage")
-        reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", split_days, need_max)
+        reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", split, need_max)
         warnings += more
         report(0.8, "joining usage to billing periods")
         anomalies, periods_checked = _find_anomalies(con, bundle, params, as_of, warnings, report)
@@ -437,7 +445,7 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
 def _find_anomalies(con: duckdb.DuckDBPyConnection, bundle: Bundle, params: ReconcileParams, as_of: datetime,
                     warnings: list[str], report: Progress) -> tuple[list[Anomaly], int]:
     """Usage buckets -> periods -> verdicts -> anomalies (sorted); warnings are appended to."""
-    _register_usage_buckets(con)
+    _register_union(con, "usage_buckets", "buckets_actual", "buckets_reported")
     book = _PriceBook(bundle)
     periods = _collect_periods(con, bundle, book)
     report(0.9, f"classifying {len(periods)} periods")

@@ -1,17 +1,20 @@
 """Usage tables -> validated buckets, inside DuckDB.
 
 One scan per usage table aggregates events into buckets of (account, product, bucket start) with
-the sum (and, for seat-like products, max) of units and the event count; unreadable timestamps and
-unknown accounts or products are then answered from those few buckets, bad units by a filter that
-the statistics of an integer or decimal Parquet column answer without reading the file. Only
-when something is wrong is the raw table scanned again, to name the rows.
+the sum (and, for seat-like products, max) of units; unreadable timestamps and unknown accounts
+or products are then answered from those few buckets, bad units by a filter that the statistics
+of an integer or decimal Parquet column answer without reading the file. Only when something is
+wrong is the raw table scanned again, to name the rows.
 
-A bucket is a UTC day, split at the billing-period boundaries of that account and product that
-fall inside the day (table `day_cuts`). No boundary ever lies inside a bucket, so assigning
-buckets to periods is exact (an event belongs to the period containing its UTC timestamp), and
-the buckets stay as few as days whatever the precision of the boundaries: Stripe's anniversary
-billing starts periods at the second the subscription was created, which bucketing every event
-by second would turn into one group per event.
+A bucket is a calendar month (UTC), cut at the billing-period boundaries of that account and
+product that fall inside the month (table `month_cuts`). No boundary ever lies inside a bucket,
+so assigning buckets to periods is exact (an event belongs to the period containing its UTC
+timestamp), and there are about as many buckets as periods whatever the precision of the
+boundaries (Stripe's anniversary billing starts periods at the second the subscription was
+created). The few periods the engine raises get a second, filtered pass with buckets of a UTC
+day, cut the same way (`aggregate_days`): their drill-down series and day-level statistics.
+Day buckets for everything would cost twice the time: the scan is cheap, it is grouping 30
+times more buckets that is not.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import duckdb
 import numpy as np
@@ -32,9 +36,16 @@ UNITS_SQL_TYPE = "DECIMAL(38, 9)"
 OFFSET_PATTERN = r"([Zz]|[+-]\d{2}(:?\d{2})?)$"
 MAX_ROWS_NAMED = 20
 DAY_US = 86_400_000_000
-# Buckets are epoch microseconds, truncated with integer arithmetic: exact in UTC, and far cheaper
-# than calendar functions on TIMESTAMPTZ.
-DAY_START_SQL = f"{floor_div_sql('ts_us', DAY_US)} * {DAY_US}"
+Unit = Literal["day", "month"]
+
+
+def unit_start_sql(unit: Unit, column: str) -> str:
+    """SQL: start of the UTC day or month (epoch µs) containing `column` (epoch µs). Days use
+    integer arithmetic, far cheaper than calendar functions; months truncate a plain TIMESTAMP,
+    which is UTC here and, unlike TIMESTAMPTZ, needs no time-zone library."""
+    if unit == "day":
+        return f"{floor_div_sql(column, DAY_US)} * {DAY_US}"
+    return f"epoch_us(date_trunc('month', make_timestamp({column})))"
 
 
 def register_periods(con: duckdb.DuckDBPyConnection, subscriptions: Sequence[SubscriptionPeriod]) -> None:
@@ -50,20 +61,21 @@ def register_periods(con: duckdb.DuckDBPyConnection, subscriptions: Sequence[Sub
     })
 
 
-def register_day_cuts(con: duckdb.DuckDBPyConnection) -> bool:
-    """Fill temp table `day_cuts(account_id, product_key, day_us, cuts)` from table
-    `periods(account_id, product_key, start_us, end_us)`: per account, product and UTC day, the
-    sorted period boundaries strictly inside the day. Returns whether there is any (calendar
-    billing at midnight UTC has none, and its aggregation skips the join)."""
+def register_cuts(con: duckdb.DuckDBPyConnection, unit: Unit) -> bool:
+    """Fill temp table `<unit>_cuts(account_id, product_key, unit_us, cuts)` from table
+    `periods(account_id, product_key, start_us, end_us)`: per account, product and UTC day or
+    month, the sorted period boundaries strictly inside it. Returns whether there is any (calendar
+    billing has none, and its aggregation skips the join)."""
     con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE day_cuts AS
-        SELECT account_id, product_key, day_us, list_sort(list(DISTINCT cut)) AS cuts
-        FROM (SELECT account_id, product_key, cut, {floor_div_sql('cut', DAY_US)} * {DAY_US} AS day_us
+        CREATE OR REPLACE TEMP TABLE {unit}_cuts AS
+        SELECT account_id, product_key, unit_us, min(cut) AS first_cut, count(DISTINCT cut) AS n,
+               list_sort(list(DISTINCT cut)) AS cuts
+        FROM (SELECT account_id, product_key, cut, {unit_start_sql(unit, 'cut')} AS unit_us
               FROM (SELECT account_id, product_key, start_us AS cut FROM periods
                     UNION ALL SELECT account_id, product_key, end_us FROM periods))
-        WHERE cut <> day_us
+        WHERE cut <> unit_us
         GROUP BY ALL""")
-    (cuts,) = con.execute("SELECT count(*) FROM day_cuts").fetchall()[0]
+    (cuts,) = con.execute(f"SELECT count(*) FROM {unit}_cuts").fetchall()[0]
     return bool(cuts)
 
 
@@ -154,56 +166,72 @@ def _name_bad_rows(con: duckdb.DuckDBPyConnection, source: UsageSource, view: st
     return problems
 
 
-def bucketed_events_sql(scan: str, split_days: bool) -> str:
+def bucketed_events_sql(scan: str, unit: Unit, split: bool) -> str:
     """SQL of the events of `scan` (account_id, product_key, ts_us, units) with their bucket:
-    account_id, product_key, bucket_us, units. Split days
-    join `day_cuts` (a hash join with a small build side: ~6% of the scan) and start the bucket at
-    the last cut at or before the event; a NULL timestamp gives a NULL bucket."""
-    if not split_days:
-        return f"SELECT account_id, product_key, {DAY_START_SQL} AS bucket_us, units FROM {scan}"
+    account_id, product_key, bucket_us, units. When `split`, the events join `<unit>_cuts` (a
+    hash join with a small build side: ~6% of the scan) and the bucket starts at the last cut at
+    or before the event; a NULL timestamp gives a NULL bucket."""
+    if not split:
+        return f"SELECT account_id, product_key, {unit_start_sql(unit, 'ts_us')} AS bucket_us, units FROM {scan}"
     return f"""
         SELECT e.account_id, e.product_key, e.units,
-               CASE WHEN c.cuts IS NULL THEN e.day_us
-                    ELSE coalesce(list_last(list_filter(c.cuts, lambda cut: cut <= e.ts_us)), e.day_us)
+               CASE WHEN c.cuts IS NULL OR e.ts_us < c.first_cut THEN e.unit_us
+                    WHEN c.n = 1 THEN c.first_cut
+                    ELSE list_last(list_filter(c.cuts, lambda cut: cut <= e.ts_us))
                END AS bucket_us
-        FROM (SELECT *, {DAY_START_SQL} AS day_us FROM {scan}) e LEFT JOIN day_cuts c
-          ON e.account_id = c.account_id AND e.product_key = c.product_key AND e.day_us = c.day_us"""
+        FROM (SELECT *, {unit_start_sql(unit, 'ts_us')} AS unit_us FROM {scan}) e LEFT JOIN {unit}_cuts c
+          ON e.account_id = c.account_id AND e.product_key = c.product_key AND e.unit_us = c.unit_us"""
+
+
+def _create_buckets(con: duckdb.DuckDBPyConnection, table: str, scan: str, unit: Unit, split: bool,
+                    need_max: bool) -> None:
+    """Only the aggregates the engine needs (max only for seat-like products): each extra one
+    costs ~5% of the scan."""
+    units_max = "max(units)" if need_max else "NULL"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE {table} AS
+        SELECT account_id, product_key, bucket_us, sum(units) AS units_sum, {units_max} AS units_max
+        FROM ({bucketed_events_sql(scan, unit, split)}) GROUP BY ALL""")
+
+
+def aggregate_days(con: duckdb.DuckDBPyConnection, side: str, pairs: str, split: bool, need_max: bool) -> None:
+    """Fill temp table `days_<side>`: day buckets of the events (as aggregate_usage counted them) of
+    the account and product pairs in table `pairs`; when `split`, cut at `day_cuts`."""
+    scan = f"""(SELECT e.* FROM events_{side} e SEMI JOIN {pairs} p
+                ON e.account_id = p.account_id AND e.product_key = p.product_key)"""
+    _create_buckets(con, f"days_{side}", scan, "day", split, need_max)
 
 
 def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: str,
-                    split_days: bool, need_max: bool = True) -> tuple[UsageStats, list[str]]:
-    """Fill temp table `buckets_<side>`; raise BundleError naming bad rows. Returns stats, warnings.
-
-    Expects tables `known_accounts(account_id)`, `known_products(product_key)` and, when
-    `split_days`, `day_cuts` (register_day_cuts) in `con`.
+                    split: bool, need_max: bool = True) -> tuple[UsageStats, list[str]]:
+    """Fill temp table `buckets_<side>` (months, cut at `month_cuts` when `split`) and view
+    `events_<side>` (the events counted); raise BundleError naming bad rows. Returns stats and
+    warnings. Expects tables `known_accounts(account_id)` and `known_products(product_key)`.
     """
     view = f"usage_{side}"
     _register_source(con, source, view)
     scan, duplicates, examples = _duplicates(con, source, view)
-    # Only the aggregates the engine needs (max only for seat-like products): each extra one costs
-    # ~5% of the scan. Bad units are counted by a filter of their own, which the row-group
-    # statistics of an integer or decimal Parquet column answer without reading the data when the
-    # file is clean (text and float units are converted, so there it is a second pass over units);
-    # a NULL bucket is an unreadable timestamp. Like the buckets, the checks see what is counted:
-    # a duplicate event_id that is dropped is not checked.
-    units_max = "max(units)" if need_max else "NULL"
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE buckets_{side} AS
-        SELECT account_id, product_key, bucket_us,
-               sum(units) AS units_sum, {units_max} AS units_max, count(*) AS events
-        FROM ({bucketed_events_sql(scan, split_days)}) GROUP BY ALL""")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events_{side} AS SELECT * FROM {scan}")
+    _create_buckets(con, f"buckets_{side}", scan, "month", split, need_max)
+    # Bad units are counted by a filter of their own, which the row-group statistics of an integer
+    # or decimal Parquet column answer without reading the data when the file is clean (text and
+    # float units are converted, so there it is a second pass over units); a NULL bucket is an
+    # unreadable timestamp. Like the buckets, the checks see what is counted: a duplicate
+    # event_id that is dropped is not checked.
     (bad_units,) = con.execute(f"SELECT count(*) FROM {scan} WHERE units IS NULL OR units < 0").fetchall()[0]
-    (bad_ts, unknown, events) = con.execute(f"""
+    (bad_ts, unknown) = con.execute(f"""
         SELECT count(*) FILTER (WHERE bucket_us IS NULL),
                count(*) FILTER (WHERE account_id IS NULL OR product_key IS NULL
                    OR account_id NOT IN (SELECT account_id FROM known_accounts)
-                   OR product_key NOT IN (SELECT product_key FROM known_products)),
-               coalesce(sum(events), 0)
+                   OR product_key NOT IN (SELECT product_key FROM known_products))
         FROM buckets_{side}""").fetchall()[0]
+    # Counted on the raw table, which Parquet metadata answers without a scan (a count per bucket
+    # would cost ~10% of the aggregation); the dropped duplicates are known.
+    (events,) = con.execute(f"SELECT count(*) FROM {view}").fetchall()[0]
     if bad_units or bad_ts or unknown:
         raise BundleError(_name_bad_rows(con, source, view))
     warnings = []
     if duplicates:
         warnings.append(f"{source.name}: {duplicates} duplicate event_id(s) counted once "
                         f"(e.g. {', '.join(examples)})")
-    return UsageStats(source.name, int(events), duplicates), warnings
+    return UsageStats(source.name, int(events) - duplicates, duplicates), warnings

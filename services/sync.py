@@ -59,7 +59,7 @@ from core.errors import BundleError
 from core.model import Account, Bundle, Contract, InvoiceLine, Product, SubscriptionPeriod, UsageSource
 from core.money import plain_decimal
 from core.pricing import Price
-from core.usage import bucketed_events_sql, register_day_cuts, register_periods
+from core.usage import bucketed_events_sql, register_cuts, register_periods
 from db.session import data_dir
 from services import audit, integrations
 from services.context import Actor, require_role
@@ -177,7 +177,7 @@ def _buckets_of(source: UsageSource, subscriptions: Sequence[SubscriptionPeriod]
         else:
             relation = "read_parquet('" + str(source.path).replace("'", "''") + "')"
         register_periods(con, subscriptions)
-        split_days = register_day_cuts(con)
+        split_days = register_cuts(con, "day")
         con.execute(f"""
             CREATE TEMP VIEW events AS
             SELECT CAST(account_id AS VARCHAR) AS account_id, CAST(product_key AS VARCHAR) AS product_key,
@@ -185,7 +185,7 @@ def _buckets_of(source: UsageSource, subscriptions: Sequence[SubscriptionPeriod]
             FROM {relation}""")
         result = con.sql(f"""
             SELECT account_id, product_key, bucket_us, sum(units) AS units, max(units) AS units_max
-            FROM ({bucketed_events_sql("events", split_days)}) GROUP BY ALL ORDER BY ALL""").to_arrow_table()
+            FROM ({bucketed_events_sql("events", "day", split_days)}) GROUP BY ALL ORDER BY ALL""").to_arrow_table()
     except duckdb.Error as exc:
         raise SyncFailed(f"base bundle: {source.name} could not be read ({str(exc).splitlines()[0]})") from None
     finally:
