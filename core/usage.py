@@ -168,9 +168,12 @@ def _name_bad_rows(con: duckdb.DuckDBPyConnection, source: UsageSource, view: st
 
 def bucketed_events_sql(scan: str, unit: Unit, split: bool) -> str:
     """SQL of the events of `scan` (account_id, product_key, ts_us, units) with their bucket:
-    account_id, product_key, bucket_us, units. When `split`, the events join `<unit>_cuts` (a
-    hash join with a small build side: ~6% of the scan) and the bucket starts at the last cut at
-    or before the event; a NULL timestamp gives a NULL bucket."""
+    account_id, product_key, bucket_us, units. When `split`, the events join `<unit>_cuts` and the
+    bucket starts at the last cut at or before the event (the list is only read when a unit holds
+    several cuts); a NULL timestamp gives a NULL bucket. The join is the price of mid-month
+    boundaries: with anniversary billing it is ~40% of the month-bucket scan (cut days instead
+    would join only the few events of a boundary day, but group 30 times more buckets: 8% faster
+    at 100M events, no faster at 10M, and twice the memory)."""
     if not split:
         return f"SELECT account_id, product_key, {unit_start_sql(unit, 'ts_us')} AS bucket_us, units FROM {scan}"
     return f"""

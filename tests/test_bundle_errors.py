@@ -109,7 +109,9 @@ def test_duplicate_event_ids_count_once_with_a_warning(tmp_path: Path) -> None:
     s = base().use("acme", "api", "2026-01-06T10:00:00Z", "50", reported="")
     s.actual.append(list(s.actual[1]))  # the same event delivered twice
     result = s.run(tmp_path)
-    assert only(result).actual_units == 150
+    assert only(result).actual_units == 150 and result.events["actual"] == 2
+    assert [(d["day"], d["actual"]) for d in only(result).evidence["daily"]] == [("2026-01-05", "100"),
+                                                                               ("2026-01-06", "50")]
     assert any("1 duplicate event_id" in w and "e1" in w for w in result.warnings)
 
 
@@ -121,6 +123,7 @@ def test_a_dropped_duplicate_is_not_checked_like_the_other_columns(tmp_path: Pat
     s.actual.append(["acme", "api", "2026-01-07T10:00:00Z", "-5", "e1"])
     result = s.run(tmp_path)
     assert only(result).actual_units == 150
+    assert "2026-01-07" not in {d["day"] for d in only(result).evidence["daily"]}
     assert any("1 duplicate event_id" in w for w in result.warnings)
 
 

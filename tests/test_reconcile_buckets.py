@@ -1,9 +1,10 @@
 """Period assignment against a per-event reference, at any boundary precision.
 
-The engine never looks at single events: it sums them into day buckets cut at the billing-period
-boundaries inside each day. This checks that shortcut against the definition (an event belongs to
-the period containing its UTC timestamp, half-open; else to its calendar month) with boundaries
-at arbitrary microseconds, several in one day, and events exactly at or a microsecond before them.
+The engine never looks at single events: it sums them into month buckets cut at the
+billing-period boundaries inside each, and the raised periods' days in a second pass. This
+checks that shortcut against the definition (an event belongs to the period containing its UTC
+timestamp, half-open; else to its calendar month) with boundaries at arbitrary microseconds,
+several in one day, and events exactly at or a microsecond before them.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def month_of(moment: datetime) -> tuple[datetime, datetime]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(pair_periods, min_size=len(PAIRS), max_size=len(PAIRS)), st.lists(event, min_size=1, max_size=40))
-def test_period_and_day_totals_match_a_per_event_reference(layout: list, events: list) -> None:
+@given(st.lists(pair_periods, min_size=len(PAIRS), max_size=len(PAIRS)), st.lists(event, min_size=1, max_size=40),
+       st.sampled_from(["csv", "parquet"]))
+def test_period_and_day_totals_match_a_per_event_reference(layout: list, events: list, usage_format: str) -> None:
     s = Scenario()
     periods: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}
     for (account, product), (bounds, keep) in zip(PAIRS, layout, strict=True):
@@ -73,7 +75,7 @@ def test_period_and_day_totals_match_a_per_event_reference(layout: list, events:
         days[(account, product, *period)][moment.date().isoformat()].append(units)
 
     with tempfile.TemporaryDirectory() as folder:
-        result = s.run(Path(folder), min_leak_amount=D("0.01"))
+        result = s.run(Path(folder), usage_format, min_leak_amount=D("0.01"))
 
     def combine(units: list[int], product: str) -> int:
         return max(units) if product == "seats" else sum(units)
