@@ -329,14 +329,20 @@ def test_reported_usage_is_empty_but_well_typed_without_meters(fake: tuple[FakeS
         sc.read_billing(config, since=-1)
 
 
-def test_legacy_usage_record_summaries_count_as_reported_usage_per_period(fake: tuple[FakeStripe, dict]) -> None:
-    stripe_fake, config = fake
+def _legacy_item(stripe_fake: FakeStripe, current_start: int, current_end: int) -> None:
+    """Customer `old` subscribed to `si_old`, a metered price from before Billing Meters."""
     stripe_fake.add_customer("cus_old", name="Old Co", metadata={"account_id": "old"}, created=JAN)
     stripe_fake.add_product("prod_api", name="API", metadata={"product_key": "api"}, created=JAN)
     stripe_fake.add_price("price_legacy", product="prod_api", currency="usd", unit_amount_decimal="10",
                           usage_type="metered", created=JAN)
     stripe_fake.add_subscription("sub_old", customer="cus_old", created=JAN, items=[
-        {"id": "si_old", "price": "price_legacy", "current_period_start": FEB, "current_period_end": MAR}])
+        {"id": "si_old", "price": "price_legacy", "current_period_start": current_start,
+         "current_period_end": current_end}])
+
+
+def test_legacy_usage_record_summaries_count_as_reported_usage_per_period(fake: tuple[FakeStripe, dict]) -> None:
+    stripe_fake, config = fake
+    _legacy_item(stripe_fake, FEB, MAR)
     stripe_fake.add_invoice("in_old", customer="cus_old", currency="usd", subscription="sub_old", created=FEB,
                             lines=[{"amount": 700, "quantity": 70, "price": "price_legacy",
                                     "subscription_item": "si_old", "period": {"start": JAN, "end": FEB}}])
@@ -353,13 +359,8 @@ def test_a_legacy_summary_of_an_anniversary_period_lands_in_that_period(fake: tu
     """Periods that start mid-day (anniversary billing): the total is stamped at the period's start,
     not at its day's midnight, which belongs to the previous period."""
     stripe_fake, config = fake
-    start, end = at("2026-01-14T09:30:15Z"), at("2026-02-14T09:30:15Z")
-    stripe_fake.add_customer("cus_old", name="Old Co", metadata={"account_id": "old"}, created=JAN)
-    stripe_fake.add_product("prod_api", name="API", metadata={"product_key": "api"}, created=JAN)
-    stripe_fake.add_price("price_legacy", product="prod_api", currency="usd", unit_amount_decimal="10",
-                          usage_type="metered", created=JAN)
-    stripe_fake.add_subscription("sub_old", customer="cus_old", created=JAN, items=[
-        {"id": "si_old", "price": "price_legacy", "current_period_start": start, "current_period_end": end}])
+    start = at("2026-01-14T09:30:15Z")
+    _legacy_item(stripe_fake, start, at("2026-02-14T09:30:15Z"))
     stripe_fake.add_usage_record("si_old", start + 60, 25)
     billing = sc.read_billing(config)
     [row] = billing.reported_usage.to_pylist()
