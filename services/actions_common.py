@@ -27,13 +27,14 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from core.money import round_money
-from db.models import Action, Anomaly
+from db.models import Account, Action, Anomaly
 from db.session import org_session
 from services import audit
 from services.context import Actor
-from services.errors import Conflict, NotFound, ServiceError
+from services.errors import Conflict, InvalidInput, NotFound, ServiceError
 
 DEFAULT_APP_BASE_URL = "http://localhost:8501"
 LEASE = timedelta(minutes=3)  # longer than any remote call with its retries may take
@@ -74,6 +75,26 @@ def app_base_url() -> str:
 def anomaly_link(anomaly_id: int) -> str:
     """The app page showing one anomaly: what a CRM task or invoice description points back to."""
     return f"{app_base_url()}/anomalies?id={anomaly_id}"
+
+
+def load_anomaly(session: Session, actor: Actor, anomaly_id: Any) -> Anomaly:
+    """The org's anomaly `anomaly_id`, checked to be an integer id; NotFound otherwise."""
+    if isinstance(anomaly_id, bool) or not isinstance(anomaly_id, int):
+        raise InvalidInput(f"anomaly_id: expected an integer id, got {anomaly_id!r}")
+    anomaly = session.scalars(select(Anomaly).where(Anomaly.org_id == actor.org_id,
+                                                    Anomaly.id == anomaly_id)).one_or_none()
+    if anomaly is None:
+        raise NotFound(f"anomaly {anomaly_id} not found")
+    return anomaly
+
+
+def load_account(session: Session, actor: Actor, anomaly: Anomaly) -> Account:
+    """The account an action on `anomaly` addresses; refused when the org does not know it yet."""
+    account = session.scalars(select(Account).where(Account.org_id == actor.org_id,
+                                                    Account.account_id == anomaly.account_id)).one_or_none()
+    if account is None:
+        raise InvalidInput(f"account {anomaly.account_id} is unknown: run a reconciliation or sync first")
+    return account
 
 
 def result_of(action: Action, *, replayed: bool) -> ActionResult:

@@ -32,12 +32,14 @@ from services.actions_common import (
     anomaly_link,
     claim_action,
     fail_action,
+    load_account,
+    load_anomaly,
     result_of,
     succeed_action,
 )
 from services.anomalies import TYPE_LABELS
 from services.context import Actor, require_role
-from services.errors import Conflict, InvalidInput, NotFound
+from services.errors import Conflict, InvalidInput
 
 SYSTEMS = {"salesforce": "Salesforce", "hubspot": "HubSpot"}
 MAX_DUE_DAYS = 365
@@ -99,15 +101,8 @@ def _plan(actor: Actor, anomaly_id: int, system: str, due_in_days: int) -> _Plan
 
     When the task was already created for this anomaly, that action comes back as a replay.
     """
-    if isinstance(anomaly_id, bool) or not isinstance(anomaly_id, int):
-        raise InvalidInput(f"anomaly_id: expected an integer id, got {anomaly_id!r}")
     with org_session(actor.org_id) as session:
-        anomaly = session.scalars(select(Anomaly).where(Anomaly.org_id == actor.org_id,
-                                                        Anomaly.id == anomaly_id)).one_or_none()
-        if anomaly is None:
-            raise NotFound(f"anomaly {anomaly_id} not found")
-        account = session.scalars(select(Account).where(Account.org_id == actor.org_id,
-                                                        Account.account_id == anomaly.account_id)).one_or_none()
+        anomaly = load_anomaly(session, actor, anomaly_id)
         key = f"crm:{system}:{actor.org_id}:{anomaly.fingerprint}"
         done = session.scalars(select(Action).where(Action.org_id == actor.org_id, Action.idempotency_key == key,
                                                     Action.status == "succeeded")).one_or_none()
@@ -115,8 +110,7 @@ def _plan(actor: Actor, anomaly_id: int, system: str, due_in_days: int) -> _Plan
             return result_of(done, replayed=True)
         if anomaly.status in CLOSED_STATUSES:
             raise Conflict(f"anomaly {anomaly_id} is {anomaly.status}: reopen it before creating a task")
-        if account is None:
-            raise InvalidInput(f"account {anomaly.account_id} is unknown: run a reconciliation or sync first")
+        account = load_account(session, actor, anomaly)
         if not account.crm_id:
             raise InvalidInput(f"account {account.account_id} ({account.name}) has no crm_id: map it to its "
                                f"{SYSTEMS[system]} record before creating a task")

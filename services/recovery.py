@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from connectors import stripe as stripe_connector
 from core.money import format_money, plain_decimal, round_money
-from db.models import Account, Action, Anomaly
+from db.models import Action, Anomaly
 from db.session import org_session
 from services import integrations
 from services.actions_common import (
@@ -36,12 +36,14 @@ from services.actions_common import (
     anomaly_link,
     claim_action,
     fail_action,
+    load_account,
+    load_anomaly,
     result_of,
     succeed_action,
 )
 from services.anomalies import LEAK_TYPES
 from services.context import Actor, require_role
-from services.errors import Conflict, InvalidInput, NotFound
+from services.errors import Conflict, InvalidInput
 
 KIND = "draft_invoice"
 CLOSED_STATUSES = ("dismissed", "resolved", "recovered")  # nothing (left) to invoice
@@ -105,13 +107,8 @@ def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
 
 def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan | ActionResult:
     """Read and check everything locally; an existing identical draft comes back as a replay."""
-    if isinstance(anomaly_id, bool) or not isinstance(anomaly_id, int):
-        raise InvalidInput(f"anomaly_id: expected an integer id, got {anomaly_id!r}")
     with org_session(actor.org_id) as session:
-        anomaly = session.scalars(select(Anomaly).where(Anomaly.org_id == actor.org_id,
-                                                        Anomaly.id == anomaly_id)).one_or_none()
-        if anomaly is None:
-            raise NotFound(f"anomaly {anomaly_id} not found")
+        anomaly = load_anomaly(session, actor, anomaly_id)
         if anomaly.type not in LEAK_TYPES:
             raise InvalidInput(f"anomaly {anomaly_id} is {anomaly.type}: only unbilled revenue can be invoiced "
                                "(over-billing is a credit risk; handle it with a credit note in Stripe)")
@@ -133,10 +130,7 @@ def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan 
         if anomaly.status in CLOSED_STATUSES and same is None:
             raise Conflict(f"anomaly {anomaly_id} is {anomaly.status}: reopen it before drafting an invoice "
                            "(a recovered gap was already paid)")
-        account = session.scalars(select(Account).where(Account.org_id == actor.org_id,
-                                                        Account.account_id == anomaly.account_id)).one_or_none()
-        if account is None:
-            raise InvalidInput(f"account {anomaly.account_id} is unknown: run a reconciliation or sync first")
+        account = load_account(session, actor, anomaly)
         if not account.stripe_customer_id:
             raise InvalidInput(f"account {account.account_id} ({account.name}) has no stripe_customer_id: map it to "
                                "its Stripe customer before drafting an invoice")
