@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import Response
+
+Middleware = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]
 
 
 @dataclass
@@ -38,3 +45,32 @@ class FaultQueue:
                     self.faults.remove(fault)
                     return fault
         return None
+
+
+def fault_middleware(queue: FaultQueue, error: Callable[[int, dict[str, str] | None], Response],
+                     authorize: Callable[[Request], Response | None]) -> Middleware:
+    """HTTP middleware playing the queued faults around a fake's handlers.
+
+    `error(status, headers)` is the fake's own error body for a faulted status (each API words its
+    429 and 5xx differently); `authorize(request)` returns the refusal of an unauthenticated
+    request, or None. A delay or a drop happens after the handler ran: the work is done, the
+    answer is late or lost, which is what idempotent clients must survive.
+    """
+
+    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        fault = queue.take_fault(request.method, request.url.path)
+        if fault is not None and fault.status is not None:
+            return error(fault.status, {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None
+                         else None)
+        refused = authorize(request)
+        if refused is not None:
+            return refused
+        response = await call_next(request)
+        if fault is not None and fault.delay_after:
+            await asyncio.sleep(fault.delay_after)
+        if fault is not None and fault.drop:  # fewer bytes than Content-Length: the server closes mid-answer
+            return Response(b'{"', status_code=response.status_code, media_type="application/json",
+                            headers={"content-length": "512"})
+        return response
+
+    return middleware

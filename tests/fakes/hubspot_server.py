@@ -16,7 +16,6 @@ response lost after the work was done).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import re
 import uuid
@@ -29,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tests.fakes.faults import FaultQueue
+from tests.fakes.faults import FaultQueue, fault_middleware
 from tests.fakes.serving import serve_app
 
 TASK_TO_COMPANY = 192  # HUBSPOT_DEFINED association type id, task -> company
@@ -85,28 +84,21 @@ def _task_view(task: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]
 def create_app(fake: FakeHubSpot) -> FastAPI:
     app = FastAPI()
 
-    @app.middleware("http")
-    async def faults_and_auth(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        fault = fake.take_fault(request.method, path)
-        if fault is not None and fault.status is not None:
-            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
-            if fault.status == 429:
-                return _error(429, "RATE_LIMITS", "You have reached your secondly limit.", headers,
-                              errorType="RATE_LIMIT", policyName="SECONDLY")
-            return _error(fault.status, "INTERNAL_ERROR", "internal error", headers)
-        fake.requests.append((request.method, path))
+    def fault_error(status: int, headers: dict[str, str] | None) -> Response:
+        if status == 429:
+            return _error(429, "RATE_LIMITS", "You have reached your secondly limit.", headers,
+                          errorType="RATE_LIMIT", policyName="SECONDLY")
+        return _error(status, "INTERNAL_ERROR", "internal error", headers)
+
+    def authorize(request: Request) -> Response | None:
+        fake.requests.append((request.method, request.url.path))
         if request.headers.get("authorization") != f"Bearer {fake.token}":
             return _error(401, "INVALID_AUTHENTICATION", "Authentication credentials not found. This API supports "
                           "OAuth 2.0 authentication and you can find more details at "
                           "https://developers.hubspot.com/docs/methods/auth/oauth-overview")
-        response = await call_next(request)
-        if fault is not None and fault.delay_after:
-            await asyncio.sleep(fault.delay_after)
-        if fault is not None and fault.drop:  # fewer bytes than Content-Length: the server closes mid-answer
-            return Response(b'{"', status_code=response.status_code, media_type="application/json",
-                            headers={"content-length": "512"})
-        return response
+        return None
+
+    app.middleware("http")(fault_middleware(fake, fault_error, authorize))
 
     @app.get("/crm/v3/objects/companies")
     async def companies_page(limit: int = 10) -> dict[str, Any]:

@@ -14,7 +14,6 @@ timeout or cut off mid-answer — what a connection lost after the server did th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 import re
@@ -30,7 +29,7 @@ from xml.sax.saxutils import escape
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tests.fakes.faults import FaultQueue
+from tests.fakes.faults import FaultQueue, fault_middleware
 from tests.fakes.serving import serve_app
 
 ORG_ID = "00DFAKE0000000001"
@@ -140,27 +139,21 @@ def run_soql(fake: FakeSalesforce, soql: str) -> list[dict[str, Any]]:
 def create_app(fake: FakeSalesforce) -> FastAPI:
     app = FastAPI()
 
-    @app.middleware("http")
-    async def faults_and_auth(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        fault = fake.take_fault(request.method, path)
-        if fault is not None and fault.status is not None:
-            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
-            if fault.status == 429:
-                return _errors(429, "REQUEST_LIMIT_EXCEEDED", "Too many requests", headers)
-            return _errors(fault.status, "SERVER_UNAVAILABLE", "The server is temporarily unavailable", headers)
-        if path.startswith("/services/data/"):
-            fake.requests.append((request.method, path))
-            auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in fake.sessions:
-                return _errors(401, "INVALID_SESSION_ID", "Session expired or invalid")
-        response = await call_next(request)
-        if fault is not None and fault.delay_after:
-            await asyncio.sleep(fault.delay_after)
-        if fault is not None and fault.drop:  # fewer bytes than Content-Length: the server closes mid-answer
-            return Response(b'{"', status_code=response.status_code, media_type="application/json",
-                            headers={"content-length": "512"})
-        return response
+    def fault_error(status: int, headers: dict[str, str] | None) -> Response:
+        if status == 429:
+            return _errors(429, "REQUEST_LIMIT_EXCEEDED", "Too many requests", headers)
+        return _errors(status, "SERVER_UNAVAILABLE", "The server is temporarily unavailable", headers)
+
+    def authorize(request: Request) -> Response | None:
+        if not request.url.path.startswith("/services/data/"):
+            return None  # login and token endpoints authenticate with what they are sent
+        fake.requests.append((request.method, request.url.path))
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in fake.sessions:
+            return _errors(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        return None
+
+    app.middleware("http")(fault_middleware(fake, fault_error, authorize))
 
     @app.post("/services/Soap/u/{version}")
     async def login(version: str, request: Request) -> Response:
