@@ -122,20 +122,35 @@ def _register_source(con: duckdb.DuckDBPyConnection, source: UsageSource, view: 
 
 
 def _duplicates(con: duckdb.DuckDBPyConnection, source: UsageSource, view: str) -> tuple[str, int, list[str]]:
-    """Return the view to aggregate (deduplicated when needed), the duplicate count and examples."""
+    """Return the view to aggregate (deduplicated when needed), the duplicate count and examples.
+
+    The first delivery of an event_id wins (earliest timestamp; equal timestamps are decided by
+    the row's content, so the choice never depends on file order). Only the duplicated ids go
+    through the window: the deduplicated view is the events whose id is not duplicated, plus one
+    materialized row per duplicated id, so scanning it again (checks, daily evidence) costs an
+    anti-join, not a sort of every event.
+    """
     if not source.has_event_id:
         return view, 0, []
-    (dups,) = con.execute(
-        f"SELECT count(event_id) - count(DISTINCT event_id) FROM {view}"
-    ).fetchall()[0]
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE {view}_dup_ids AS
+        SELECT event_id, count(*) - 1 AS extra, min(ts_us) AS first_us FROM {view}
+        WHERE event_id IS NOT NULL GROUP BY event_id HAVING count(*) > 1""")
+    (dups,) = con.execute(f"SELECT coalesce(sum(extra), 0) FROM {view}_dup_ids").fetchall()[0]
     if not dups:
         return view, 0, []
     examples = [row[0] for row in con.execute(
-        f"SELECT event_id FROM {view} WHERE event_id IS NOT NULL GROUP BY event_id HAVING count(*) > 1 "
-        f"ORDER BY min(ts_us) LIMIT 3").fetchall()]
+        f"SELECT event_id FROM {view}_dup_ids ORDER BY first_us, event_id LIMIT 3").fetchall()]
     con.execute(f"""
-        CREATE OR REPLACE TEMP VIEW {view}_dedup AS SELECT * FROM {view}
-        QUALIFY event_id IS NULL OR row_number() OVER (PARTITION BY event_id ORDER BY ts_us) = 1""")
+        CREATE OR REPLACE TEMP TABLE {view}_firsts AS
+        SELECT * FROM {view} WHERE event_id IN (SELECT event_id FROM {view}_dup_ids)
+        QUALIFY row_number() OVER (PARTITION BY event_id
+                                   ORDER BY ts_us, account_id, product_key, units) = 1""")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP VIEW {view}_dedup AS
+        SELECT * FROM {view}
+        WHERE event_id IS NULL OR event_id NOT IN (SELECT event_id FROM {view}_dup_ids)
+        UNION ALL BY NAME SELECT * FROM {view}_firsts""")
     return f"{view}_dedup", int(dups), examples
 
 

@@ -116,6 +116,19 @@ def test_duplicate_event_ids_count_once_with_a_warning(tmp_path: Path) -> None:
 
 
 
+def test_which_delivery_of_a_duplicate_counts_does_not_depend_on_file_order(tmp_path: Path) -> None:
+    """Two deliveries of e1 at the same instant that disagree: the earliest wins, and between equal
+    timestamps the row's content decides, so reordering the file changes nothing."""
+    totals = []
+    for i, order in enumerate((slice(None), slice(None, None, -1))):
+        s = base()
+        deliveries = [["acme", "api", "2026-01-06T10:00:00Z", units, "e1"] for units in ("70", "50")]
+        s.actual += deliveries[order]
+        s.actual += [["acme", "api", "2026-01-07T10:00:00Z", "5", "e1"]]  # a later redelivery never wins
+        totals.append(only(s.run(tmp_path / str(i))).actual_units)
+    assert totals == [150, 150]  # 100 from base() + the 50 delivery
+
+
 def test_a_dropped_duplicate_is_not_checked_like_the_other_columns(tmp_path: Path) -> None:
     """The checks see the events that are counted: a redelivery of e1 with unreadable units is
     dropped as a duplicate (first delivery wins), as one with a bad timestamp would be."""
