@@ -347,13 +347,15 @@ def _parquet_source(path: Path, c: _Collector, notes: list[str]) -> UsageSource 
 
 
 def _csv_source(path: Path, c: _Collector) -> UsageSource | None:
-    """Parse with Arrow's multithreaded reader, every column as text: DuckDB checks the values."""
+    """Parse with Arrow's multithreaded reader, every column as text: DuckDB checks the values, and
+    an error quotes the value as written (Arrow's type guessing would reformat a timestamp)."""
     try:
         table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(block_size=1 << 24),
-            convert_options=pacsv.ConvertOptions(column_types={}, strings_can_be_null=False,
-                                                 auto_dict_encode=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys((*USAGE_COLUMNS, "event_id"), pa.string()), strings_can_be_null=False,
+                auto_dict_encode=False),
         )
     except pa.ArrowInvalid as exc:
         c.add(Problem(path.name, f"a well-formed CSV file ({exc})"))

@@ -36,6 +36,9 @@ UNITS_SQL_TYPE = "DECIMAL(38, 9)"
 OFFSET_PATTERN = r"([Zz]|[+-]\d{2}(:?\d{2})?)$"
 MAX_ROWS_NAMED = 20
 DAY_US = 86_400_000_000
+# Usage must fall where a calendar month and the month after it exist as Python datetimes
+# (years 1 to 9999): [0001-01-01, 9999-12-01) in epoch µs.
+FIRST_US, END_US = -62_135_596_800_000_000, 253_399_622_400_000_000
 Unit = Literal["day", "month"]
 
 
@@ -158,22 +161,25 @@ def _name_bad_rows(con: duckdb.DuckDBPyConnection, source: UsageSource, view: st
     """Second scan, only on failure: locate the offending rows."""
     _register_source(con, source, view, locate=True)
     rows = con.execute(f"""
-        SELECT __row, account_id, product_key, ts, ts_raw, units, units_raw,
+        SELECT __row, account_id, product_key, ts IS NOT NULL, ts_us >= {FIRST_US} AND ts_us < {END_US}, ts_raw,
+               units, units_raw,
                account_id IN (SELECT account_id FROM known_accounts) AS account_ok,
                product_key IN (SELECT product_key FROM known_products) AS product_ok
         FROM {view}
-        WHERE ts IS NULL OR units IS NULL OR units < 0
+        WHERE ts IS NULL OR ts_us < {FIRST_US} OR ts_us >= {END_US} OR units IS NULL OR units < 0
            OR account_id IS NULL OR account_id NOT IN (SELECT account_id FROM known_accounts)
            OR product_key IS NULL OR product_key NOT IN (SELECT product_key FROM known_products)
         ORDER BY __row LIMIT {MAX_ROWS_NAMED}""").fetchall()
     problems = []
-    for row, account, product, ts, ts_raw, units, units_raw, account_ok, product_ok in rows:
+    for row, account, product, ts_ok, ts_in_range, ts_raw, units, units_raw, account_ok, product_ok in rows:
         if not account_ok:
             problems.append(Problem(source.name, "an account_id from accounts.csv", row, "account_id", account))
         if not product_ok:
             problems.append(Problem(source.name, "a product_key from products.csv", row, "product_key", product))
-        if ts is None:
+        if not ts_ok:
             problems.append(Problem(source.name, "an ISO 8601 timestamp with an offset or Z", row, "ts", ts_raw))
+        elif not ts_in_range:
+            problems.append(Problem(source.name, "a timestamp from year 1 to November 9999", row, "ts", ts_raw))
         if units is None:
             problems.append(Problem(source.name, "a decimal number of units", row, "units", units_raw))
         elif units < 0:
@@ -234,11 +240,11 @@ def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: s
     # Bad units are counted by a filter of their own, which the row-group statistics of an integer
     # or decimal Parquet column answer without reading the data when the file is clean (text and
     # float units are converted, so there it is a second pass over units); a NULL bucket is an
-    # unreadable timestamp. Like the buckets, the checks see what is counted: a duplicate
-    # event_id that is dropped is not checked.
+    # unreadable timestamp, one outside FIRST_US..END_US a timestamp out of range. Like the
+    # buckets, the checks see what is counted: a duplicate event_id that is dropped is not checked.
     (bad_units,) = con.execute(f"SELECT count(*) FROM {scan} WHERE units IS NULL OR units < 0").fetchall()[0]
     (bad_ts, unknown) = con.execute(f"""
-        SELECT count(*) FILTER (WHERE bucket_us IS NULL),
+        SELECT count(*) FILTER (WHERE bucket_us IS NULL OR bucket_us < {FIRST_US} OR bucket_us >= {END_US}),
                count(*) FILTER (WHERE account_id IS NULL OR product_key IS NULL
                    OR account_id NOT IN (SELECT account_id FROM known_accounts)
                    OR product_key NOT IN (SELECT product_key FROM known_products))

@@ -75,6 +75,9 @@ def test_bad_values_in_small_tables(tmp_path: Path, table: str, index: int, colu
 @pytest.mark.parametrize(("column", "value", "expected"), [
     ("ts", "2026-01-05T10:00:00", "offset"),
     ("ts", "yesterday", "offset"),
+    ("ts", "10000-01-01T00:00:00Z", "year 1 to November 9999"),
+    ("ts", "9999-12-31T23:59:59Z", "year 1 to November 9999"),  # its month would end in year 10000
+    ("ts", "0000-12-31T23:59:59Z", "year 1 to November 9999"),
     ("units", "-3", ">= 0"),
     ("units", "ten", "decimal"),
     ("account_id", "ghost", "accounts.csv"),
