@@ -115,6 +115,11 @@ def fingerprint(account_id: str, product_key: str, start: datetime, end: datetim
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+def _has_max_products(bundle: Bundle) -> bool:
+    """Whether any product is seat-like: only then do the buckets keep a max (~5% of a scan)."""
+    return any(p.aggregation == "max" for p in bundle.products.values())
+
+
 def _month_bounds(instant: datetime) -> tuple[datetime, datetime]:
     start = instant.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
@@ -374,7 +379,7 @@ def _daily_evidence(con: duckdb.DuckDBPyConnection, bundle: Bundle,
     })
     con.execute("CREATE OR REPLACE TEMP TABLE raised_pairs AS SELECT DISTINCT account_id, product_key FROM raised")
     split = register_cuts(con, "day")
-    need_max = any(p.aggregation == "max" for p in bundle.products.values())
+    need_max = _has_max_products(bundle)
     for side in ("actual", "reported"):
         aggregate_days(con, side, "raised_pairs", split, need_max)
     _register_union(con, "raised_buckets", "days_actual", "days_reported")
@@ -424,7 +429,7 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
         register_periods(con, bundle.subscriptions)
         split = register_cuts(con, "month")
         report(0.05, "aggregating actual usage")
-        need_max = any(p.aggregation == "max" for p in bundle.products.values())
+        need_max = _has_max_products(bundle)
         actual_stats, warnings = aggregate_usage(con, bundle.actual_usage, "actual", split, need_max)
         report(0.45, "aggregating reported usage")
         reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", split, need_max)
