@@ -76,6 +76,9 @@ class Anomaly:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+Coverage = dict[tuple[str, str], tuple[datetime, datetime]]
+
+
 @dataclass
 class ReconcileResult:
     anomalies: list[Anomaly]
@@ -83,6 +86,9 @@ class ReconcileResult:
     events: dict[str, int]
     warnings: list[str]
     notes: list[str]
+    # Per (account, product): from the earliest start to the latest end of the periods checked.
+    # A stored anomaly outside it was not looked at by this run, so its absence proves nothing.
+    coverage: Coverage = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -435,12 +441,12 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
         reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", split, need_max)
         warnings += more
         report(0.8, "joining usage to billing periods")
-        anomalies, periods_checked = _find_anomalies(con, bundle, params, as_of, warnings, report)
+        anomalies, coverage, periods_checked = _find_anomalies(con, bundle, params, as_of, warnings, report)
         report(1.0, f"{len(anomalies)} anomalies")
         return ReconcileResult(
             anomalies=anomalies, periods_checked=periods_checked,
             events={"actual": actual_stats.events, "reported": reported_stats.events},
-            warnings=warnings, notes=list(bundle.notes),
+            warnings=warnings, notes=list(bundle.notes), coverage=coverage,
         )
     finally:
         con.close()
@@ -448,8 +454,9 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
 
 @paused_gc()  # the Python-heavy part: a Python object per period, per invoice line, per Decimal
 def _find_anomalies(con: duckdb.DuckDBPyConnection, bundle: Bundle, params: ReconcileParams, as_of: datetime,
-                    warnings: list[str], report: Progress) -> tuple[list[Anomaly], int]:
-    """Usage buckets -> periods -> verdicts -> anomalies (sorted); warnings are appended to."""
+                    warnings: list[str], report: Progress) -> tuple[list[Anomaly], Coverage, int]:
+    """Usage buckets -> periods -> verdicts -> anomalies (sorted), and the coverage of the periods
+    checked; warnings are appended to."""
     _register_union(con, "usage_buckets", "buckets_actual", "buckets_reported")
     book = _PriceBook(bundle)
     periods = _collect_periods(con, bundle, book)
@@ -465,4 +472,13 @@ def _find_anomalies(con: duckdb.DuckDBPyConnection, bundle: Bundle, params: Reco
     anomalies = [_anomaly(period, verdict, daily, as_of)
                  for (period, verdict), daily in zip(raised, dailies, strict=True)]
     anomalies.sort(key=lambda a: (a.account_id, a.product_key, a.period_start, a.type))
-    return anomalies, len(periods)
+    return anomalies, _coverage(periods), len(periods)
+
+
+def _coverage(periods: list[_Period]) -> Coverage:
+    coverage: Coverage = {}
+    for period in periods:
+        key = (period.account_id, period.product_key)
+        start, end = coverage.get(key, (period.start, period.end))
+        coverage[key] = (min(start, period.start), max(end, period.end))
+    return coverage

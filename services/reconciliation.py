@@ -4,7 +4,10 @@ A run is recorded before it starts and finished whatever happens (succeeded with
 failed with the reason). Anomalies are upserted by fingerprint: the numbers are refreshed, what
 analysts did (status, reason, notes) is kept; an anomaly whose gap vanished becomes `resolved`
 (open and actioned ones — dismissed and recovered are the analyst's final word) and one that
-comes back after being resolved is reopened.
+comes back after being resolved is reopened. "Vanished" needs the run to have looked: only an
+anomaly whose period lies inside the span this run reconciled for its account and product is
+resolved, so an old leak outside a synced window (or of an account missing from this run's data)
+stays open until someone acts on it — money never leaves the open total silently.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from core.bundle import load_bundle, with_list_prices
 from core.errors import BundleError
 from core.model import Bundle
 from core.reconcile import Anomaly as Finding
-from core.reconcile import ReconcileParams, reconcile
+from core.reconcile import Coverage, ReconcileParams, reconcile
 from db.models import Account, Anomaly, ReconRun
 from db.session import org_session
 from services import audit
@@ -110,7 +113,12 @@ def _columns(finding: Finding) -> dict[str, Any]:
     return values
 
 
-def _store(actor: Actor, run_id: int, bundle: Bundle, findings: list[Finding]) -> dict[str, int]:
+def _looked_at(row: Anomaly, coverage: Coverage) -> bool:
+    span = coverage.get((row.account_id, row.product_key))
+    return span is not None and span[0] <= row.period_start and row.period_end <= span[1]
+
+
+def _store(actor: Actor, run_id: int, bundle: Bundle, findings: list[Finding], coverage: Coverage) -> dict[str, int]:
     counts = Counter[str](new=0, updated=0, reopened=0, resolved=0)
     with org_session(actor.org_id) as session:
         existing = {a.fingerprint: a for a in session.execute(
@@ -133,7 +141,7 @@ def _store(actor: Actor, run_id: int, bundle: Bundle, findings: list[Finding]) -
                 row.status_changed_at, row.status_changed_by = datetime.now(UTC), None
                 counts["reopened"] += 1
         for fingerprint, row in existing.items():
-            if fingerprint not in seen and row.status in RESOLVABLE:
+            if fingerprint not in seen and row.status in RESOLVABLE and _looked_at(row, coverage):
                 row.status, row.status_reason = "resolved", f"gap no longer found by run {run_id}"
                 row.status_changed_at, row.status_changed_by = datetime.now(UTC), None
                 counts["resolved"] += 1
@@ -169,7 +177,7 @@ def run_reconciliation(actor: Actor, *, trigger: str = "manual", bundle_dir: Pat
     try:
         bundle = _bundle_for(actor, bundle_dir)
         result = reconcile(bundle, params, progress=_progress_writer(actor.org_id, run_id, progress))
-        counts: dict[str, Any] = _store(actor, run_id, bundle, result.anomalies)
+        counts: dict[str, Any] = _store(actor, run_id, bundle, result.anomalies, result.coverage)
     except (BundleError, InvalidInput) as exc:
         return _finish(actor, run_id, "failed", None, str(exc))
     except Exception as exc:

@@ -13,7 +13,7 @@ from db.session import get_engine, org_session
 from services import audit, reconciliation, settings, users
 from services.context import Actor
 from services.errors import Conflict, InvalidInput, PermissionDenied
-from tests.bundles import Scenario
+from tests.bundles import APR, FEB, JAN, MAR, Scenario
 
 
 def test_audit_chain_verifies_and_detects_tampering(org: tuple[Actor, Actor], app_db: str) -> None:
@@ -121,6 +121,27 @@ def test_rerun_keeps_ids_and_analyst_work_and_resolves_vanished_gaps(org: tuple[
         assert row.evidence["daily"][0]["actual"] == "1000" and set(row.confidence_factors) >= {"mapping"}
         assert row.period_start.tzinfo is not None
         assert audit.verify(session, admin.org_id).ok
+
+
+def test_a_run_resolves_only_what_it_looked_at(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    """A synced window moves on: a January leak must stay open when the next run's data starts in
+    March (nothing was billed), and so must a leak of an account absent from the run's data."""
+    admin, _ = org
+    first = Scenario().sub("acme", "api", "p_api", JAN, FEB).invoice("acme", "api", "500", "50.00", JAN, FEB)
+    first.use("acme", "api", "2026-01-10T10:00:00Z", "1000", reported="500")
+    first.sub("beta", "api", "p_api", JAN, FEB).invoice("beta", "api", "500", "50.00", JAN, FEB)
+    first.use("beta", "api", "2026-01-10T10:00:00Z", "1000", reported="500")
+    first.sub("acme", "api", "p_api", MAR, APR).invoice("acme", "api", "50", "5.00", MAR, APR)
+    first.use("acme", "api", "2026-03-10T10:00:00Z", "100", reported="50")
+    assert reconciliation.run_reconciliation(admin, bundle_dir=first.write(tmp_path / "b1")).counts["new"] == 3
+    later = Scenario().sub("acme", "api", "p_api", MAR, APR).invoice("acme", "api", "100", "10.00", MAR, APR)
+    later.use("acme", "api", "2026-03-10T10:00:00Z", "100")  # March now fully reported and billed
+    run = reconciliation.run_reconciliation(admin, bundle_dir=later.write(tmp_path / "b2"))
+    assert run.counts["resolved"] == 1
+    with org_session(admin.org_id) as session:
+        rows = session.execute(sa.select(Anomaly.account_id, Anomaly.period_start, Anomaly.status)).all()
+    assert sorted((a, p.month, s) for a, p, s in rows) == [
+        ("acme", 1, "open"), ("acme", 3, "resolved"), ("beta", 1, "open")]
 
 
 def test_failed_runs_record_why(org: tuple[Actor, Actor], tmp_path: Path) -> None:
