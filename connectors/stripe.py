@@ -588,8 +588,12 @@ def _check_draft_input(customer_id: str, currency: str, lines: list[DraftLine], 
 
 def create_draft_invoice(config: dict[str, Any], customer_id: str, currency: str, lines: list[DraftLine],
                          idempotency_key: str, metadata: Mapping[str, str] | None = None,
-                         description: str | None = None) -> str:
-    """Create (or, with the same key, find again) a draft invoice holding `lines`; return its id."""
+                         description: str | None = None, resume: str | None = None) -> str:
+    """Create (or, with the same key, find again) a draft invoice holding `lines`; return its id.
+
+    `resume`: the id of a draft an earlier attempt created before its answer was lost; its missing
+    lines are added (a line already there carries `rrc_line` = its index in its metadata), so
+    finishing it does not depend on Stripe still remembering the idempotency keys (24 hours)."""
     currency = (currency or "").lower()
     _check_draft_input(customer_id, currency, lines, idempotency_key)
     api = _Api(config)
@@ -602,27 +606,48 @@ def create_draft_invoice(config: dict[str, Any], customer_id: str, currency: str
         if not price.get("active"):
             raise StripeConnectorError("invalid", f"Stripe price {price_id} is archived: reactivate it or map the "
                                                   "product to an active price before invoicing")
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()} | {"rrc_key": idempotency_key}
     params: Obj = {"customer": customer_id, "currency": currency, "auto_advance": False,
                    "collection_method": "send_invoice", "days_until_due": int(config.get("days_until_due", 30)),
                    "pending_invoice_items_behavior": "exclude", "metadata": meta}
     if description:
         params["description"] = description[:500]
-    invoice = api.call("create the draft invoice", v1.invoices.create, params=params,
-                       options={"idempotency_key": f"{idempotency_key}-invoice"})
+    if resume:
+        invoice = api.call(f"read invoice {resume}", v1.invoices.retrieve, resume)
+    else:
+        invoice = api.call("create the draft invoice", v1.invoices.create, params=params,
+                           options={"idempotency_key": f"{idempotency_key}-invoice"})
     if invoice.status != "draft":
         raise StripeConnectorError("invalid", f"Stripe invoice {invoice.id} is {invoice.status}, not a draft; "
                                               "nothing was added to it")
+    present = {item.get("metadata", {}).get("rrc_line") for item in api.list_all(
+        f"list the lines of {invoice.id}", v1.invoice_items.list, params={"invoice": invoice.id})} if resume else set()
     for index, line in enumerate(lines):
+        if str(index) in present:
+            continue
         item: Obj = {"customer": customer_id, "invoice": invoice.id, "currency": currency,
                      "amount": to_minor_units(line.amount, currency), "description": line.description[:500],
                      "metadata": {**meta, **{str(k): str(v) for k, v in line.metadata.items()},
-                                  **({"price_id": line.price_id} if line.price_id else {})}}
+                                  **({"price_id": line.price_id} if line.price_id else {}), "rrc_line": str(index)}}
         if line.period_start and line.period_end:
             item["period"] = {"start": int(line.period_start.timestamp()), "end": int(line.period_end.timestamp())}
         api.call(f"add line {index + 1} to draft invoice {invoice.id}", v1.invoice_items.create, params=item,
                  options={"idempotency_key": f"{idempotency_key}-item-{index}"})
     return str(invoice.id)
+
+
+def find_invoice(config: dict[str, Any], customer_id: str, metadata: Mapping[str, str],
+                 created_since: datetime) -> Obj | None:
+    """The newest invoice of `customer_id` created since `created_since` whose metadata holds every
+    pair of `metadata` (voided ones excepted): how an attempt whose answer was lost is found again
+    once Stripe's idempotency keys no longer apply (another amount, or after their 24 hours)."""
+    api = _Api(config)
+    params: Obj = {"customer": customer_id, "created": {"gte": int(created_since.timestamp())}}
+    for invoice in api.list_all(f"list invoices of {customer_id}", api.client.v1.invoices.list, params=params):
+        held = invoice.get("metadata") or {}
+        if invoice.get("status") != "void" and all(held.get(k) == v for k, v in metadata.items()):
+            return invoice  # Stripe lists newest first
+    return None
 
 
 def get_invoice(config: dict[str, Any], invoice_id: str) -> Obj:

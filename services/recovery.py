@@ -5,7 +5,11 @@ fingerprint, leak amount), unique in `actions`, and the row is claimed (status p
 Stripe is called, so a double click or 20 concurrent requests make one caller do the work while
 the others wait for its result (services/actions_common.py). Remotely: Stripe gets Idempotency-Keys
 derived from the same hash, so a retry after a timeout, a crash or an outage finds the invoice
-the first attempt created instead of creating a second one.
+the first attempt created instead of creating a second one. Stripe's keys only replay the same
+request within 24 hours, and the amount is part of ours: when an earlier attempt failed or was
+abandoned, Stripe is first searched for an invoice carrying the gap's fingerprint (metadata
+`rrc_fingerprint`), and one found is recorded as that attempt's outcome — so a gap whose amount
+changed after a lost answer gets the usual "adjust that draft" refusal, never a second invoice.
 
 Everything that can be checked here (role, anomaly type and status, the account's Stripe
 customer, the Stripe integration) is checked before anything is written: a refused request
@@ -26,7 +30,7 @@ from typing import Any
 from sqlalchemy import select
 
 from connectors import stripe as stripe_connector
-from core.money import format_money, plain_decimal, round_money
+from core.money import format_money, from_minor_units, plain_decimal, round_money
 from db.models import Action, Anomaly
 from db.session import org_session
 from services import integrations
@@ -89,6 +93,11 @@ def idempotency_key(org_id: int, fingerprint: str, leak_amount: Decimal, currenc
     return f"{KIND}:{digest[:48]}"
 
 
+def _stripe_key(key: str) -> str:
+    """The Idempotency-Key prefix sent to Stripe for the action keyed `key` (also kept in the draft's metadata)."""
+    return "rrc-" + key.split(":", 1)[1]
+
+
 def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
     """The invoice item's description (product, period, units, anomaly) and its quantity."""
     last_day = (anomaly.period_end - timedelta(days=1)).date().isoformat()
@@ -146,7 +155,7 @@ def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan 
                     "rrc_account_id": account.account_id, "rrc_link": anomaly_link(anomaly.id)}
         invoice_text = (f"Usage not billed for {account.name}, {anomaly.product_key}, "
                         f"{anomaly.period_start.date().isoformat()} (Revenue Recovery Copilot)")
-        return _Plan(anomaly.id, key, "rrc-" + key.split(":", 1)[1], preview, (line,), metadata, invoice_text)
+        return _Plan(anomaly.id, key, _stripe_key(key), preview, (line,), metadata, invoice_text)
 
 
 def preview_invoice(actor: Actor, anomaly_id: int) -> InvoicePreview:
@@ -162,6 +171,45 @@ def _dashboard_url(config: dict[str, Any], invoice_id: str) -> str:
     return f"https://dashboard.stripe.com/{mode}invoices/{invoice_id}"
 
 
+def _lost_draft(actor: Actor, plan: _Plan, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The draft in Stripe that an unfinished earlier attempt for this gap created, if any."""
+    with org_session(actor.org_id) as session:
+        unfinished = session.scalars(select(Action.created_at).where(
+            Action.org_id == actor.org_id, Action.anomaly_id == plan.anomaly_id, Action.kind == KIND,
+            Action.status != "succeeded")).all()
+    if not unfinished:
+        return None
+    since = min(unfinished) - timedelta(hours=1)  # the two clocks may disagree
+    try:
+        return stripe_connector.find_invoice(config, plan.preview.customer,
+                                             {"rrc_fingerprint": plan.metadata["rrc_fingerprint"]}, since)
+    except stripe_connector.StripeConnectorError as exc:  # never create blind: it may be a duplicate
+        raise ActionFailed(exc.message, retryable=exc.kind in RETRYABLE) from None
+
+
+def _record_found(actor: Actor, plan: _Plan, config: dict[str, Any], invoice: dict[str, Any]) -> None:
+    """Record a draft made for another amount (the gap changed since) as the outcome of the attempt
+    that made it (its Stripe key is in the draft's metadata; older drafts are matched by amount)."""
+    total = from_minor_units(invoice["total"], invoice["currency"])
+    with org_session(actor.org_id) as session:
+        attempts = session.scalars(select(Action).where(
+            Action.org_id == actor.org_id, Action.anomaly_id == plan.anomaly_id, Action.kind == KIND,
+            Action.status != "succeeded").order_by(Action.id.desc())).all()
+        maker = next((a for a in attempts if _stripe_key(a.idempotency_key) == invoice["metadata"].get("rrc_key")),
+                     next((a for a in attempts if a.amount is not None and Decimal(a.amount) == total), attempts[0]))
+        key, amount, request = maker.idempotency_key, maker.amount, maker.request
+    claim = claim_action(actor, key=key, kind=KIND, anomaly_id=plan.anomaly_id, amount=amount,
+                         currency=plan.preview.currency, request=request or {})
+    if claim.action_id is not None:
+        invoice_id = str(invoice["id"])
+        succeed_action(actor, claim.action_id, external_id=invoice_id,
+                       response={"invoice_id": invoice_id, "url": _dashboard_url(config, invoice_id),
+                                 "status": invoice["status"], "total": str(total)},
+                       audit_action="draft_invoice.found",
+                       details={"customer": plan.preview.customer,
+                                "note": "created by an attempt whose answer was lost"})
+
+
 def draft_invoice(actor: Actor, anomaly_id: int) -> ActionResult:
     """Create the draft invoice for a leak; repeating the request returns the same invoice."""
     require_role(actor, "admin", "analyst")
@@ -169,6 +217,13 @@ def draft_invoice(actor: Actor, anomaly_id: int) -> ActionResult:
     if isinstance(plan, ActionResult):
         return plan
     config = integrations.get_config(actor, "stripe")
+    lost = _lost_draft(actor, plan, config)
+    if lost is not None and lost["metadata"].get("rrc_key") != plan.stripe_key:
+        _record_found(actor, plan, config, lost)
+        plan = _plan(actor, anomaly_id)  # now the refusal to draft another (or a replay of the same amount)
+        if isinstance(plan, ActionResult):
+            return plan
+        lost = None
     preview = plan.preview
     request = {"customer": preview.customer, "currency": preview.currency, "total": str(preview.total),
                "lines": [{"description": line.description, "quantity": str(line.quantity),
@@ -181,7 +236,7 @@ def draft_invoice(actor: Actor, anomaly_id: int) -> ActionResult:
     try:
         invoice_id = stripe_connector.create_draft_invoice(
             config, preview.customer, preview.currency, list(plan.lines), plan.stripe_key, plan.metadata,
-            description=plan.description)
+            description=plan.description, resume=lost["id"] if lost is not None else None)
     except stripe_connector.StripeConnectorError as exc:
         retryable = exc.kind in RETRYABLE
         fail_action(actor, claim.action_id, error=exc.message, audit_action="draft_invoice.failed",

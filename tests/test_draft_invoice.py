@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy import update as sa_update
 
 from core.bundle import load_bundle
 from db.models import Action, Anomaly, AuditEntry
@@ -154,6 +155,28 @@ def test_retry_after_a_timeout_finds_the_invoice_stripe_already_created(world: W
     assert len(_actions(world.admin)) == 1 and _status(world.admin, world.leak) == "actioned"
 
 
+def test_a_retry_after_stripe_forgot_the_keys_finishes_the_lost_draft(world: World) -> None:
+    """Stripe keeps idempotency keys for 24 hours: a retry the next day must finish the draft the
+    lost attempt created (no line yet), not create a second invoice."""
+    integrations.connect(world.admin, "stripe", {**world.config, "timeout": 0.5})
+    world.fake.delay_next(1, 1.5, path_contains="/v1/invoices", method="POST")
+    with pytest.raises(ActionFailed, match="Could not reach Stripe"):
+        recovery.draft_invoice(world.analyst, world.leak)
+    wait_for(world.fake.draft_invoices)
+    integrations.connect(world.admin, "stripe", world.config)
+    world.fake.idempotency.clear()  # a day later
+    result = recovery.draft_invoice(world.analyst, world.leak)
+    (invoice,) = world.fake.draft_invoices()
+    assert result.status == "succeeded" and result.external_id == invoice["id"]
+    assert invoice["total"] == 5000 and len(world.fake.invoiceitems) == 1
+    world.fake.idempotency.clear()
+    with org_session(world.admin.org_id) as session:  # and a lost answer after the line was added
+        session.execute(sa_update(Action).values(status="failed", external_id=None))
+    again = recovery.draft_invoice(world.analyst, world.leak)
+    assert again.external_id == invoice["id"] and len(world.fake.invoiceitems) == 1
+    assert world.fake.invoices[invoice["id"]]["total"] == 5000
+
+
 def test_refusals_before_stripe_write_nothing_anywhere(world: World) -> None:
     with pytest.raises(InvalidInput, match="over_billing"):
         recovery.draft_invoice(world.analyst, world.over)
@@ -235,6 +258,29 @@ def test_a_changed_amount_never_drafts_a_second_invoice_for_the_same_gap(world: 
     with pytest.raises(Conflict, match="adjust that draft"):
         recovery.preview_invoice(world.admin, world.leak)
     assert len(world.fake.draft_invoices()) == 1 and len(_actions(world.admin)) == 1
+
+
+def test_a_lost_answer_then_a_changed_amount_still_makes_one_invoice(world: World) -> None:
+    """Stripe created the draft but the answer never came back; a re-run then changed the gap, so
+    the retry's idempotency keys differ: the draft must be found in Stripe, not made again."""
+    integrations.connect(world.admin, "stripe", {**world.config, "timeout": 0.5})
+    world.fake.delay_next(1, 1.5, path_contains="/v1/invoices", method="POST")
+    with pytest.raises(ActionFailed, match="Could not reach Stripe"):
+        recovery.draft_invoice(world.analyst, world.leak)
+    wait_for(world.fake.draft_invoices)
+    (lost,) = world.fake.draft_invoices()
+    integrations.connect(world.admin, "stripe", world.config)
+    with org_session(world.admin.org_id) as session:
+        session.get(Anomaly, world.leak).leak_amount = D("55.00")  # type: ignore[union-attr]
+    with pytest.raises(Conflict, match=f"already has draft invoice {lost['id']} for 50.00 USD.*now 55.00 USD"):
+        recovery.draft_invoice(world.analyst, world.leak)
+    assert len(world.fake.draft_invoices()) == 1
+    (action,) = _actions(world.admin)
+    assert (action.status, action.external_id, action.amount) == ("succeeded", lost["id"], D("50.00"))
+    assert _status(world.admin, world.leak) == "actioned" and len(_audit(world.admin, "draft_invoice.found")) == 1
+    with pytest.raises(Conflict, match=lost["id"]):  # and so on, every time
+        recovery.draft_invoice(world.analyst, world.leak)
+    assert len(world.fake.draft_invoices()) == 1
 
 
 def test_idempotency_key_depends_on_org_gap_and_amount() -> None:

@@ -270,7 +270,8 @@ def test_create_draft_invoice_makes_one_draft_and_replays_it(fake: tuple[FakeStr
     assert first == again
     (invoice,) = stripe_fake.draft_invoices()
     assert invoice["id"] == first and invoice["auto_advance"] is False and invoice["status"] == "draft"
-    assert invoice["total"] == 2500 and invoice["currency"] == "usd" and invoice["metadata"] == {"rrc_anomaly_id": "7"}
+    assert invoice["total"] == 2500 and invoice["currency"] == "usd"
+    assert invoice["metadata"] == {"rrc_anomaly_id": "7", "rrc_key": "rrc-abc123456"}
     (line,) = invoice["lines"]["data"]
     assert line["description"].startswith("api: 250 units") and line["period"] == {"start": JAN, "end": FEB}
     assert line["metadata"]["price_id"] == "price_api" and len(stripe_fake.invoiceitems) == 1
