@@ -18,6 +18,7 @@ from db.session import database_url
 from services import demo, users
 from services.context import Actor
 from services.errors import ServiceError
+from ui import session
 
 COOKIE_NAME = "rrc_session"
 COOKIE_DAYS = 7
@@ -53,7 +54,8 @@ def create_organization_form() -> None:
 
 
 def signed_in_actor() -> Actor | None:
-    """The signed-in, still-active user as an Actor (None when signed out or deactivated since)."""
+    """The signed-in, still-active user as an Actor with the role they have now (None when signed
+    out or deactivated since)."""
     if not st.session_state.get("authentication_status"):
         return None
     email = st.session_state["username"]
@@ -65,8 +67,8 @@ def signed_in_actor() -> Actor | None:
         current = Actor.user(user.org_id, user.id, user.role)
         st.session_state["actor"], st.session_state["actor_email"] = current, email
         st.session_state["org_name"] = users.get_organization(user.org_id).name
-    elif not users.is_active(current.user_id):
-        return None
+    else:
+        current = session.refreshed(current)
     return current
 
 

@@ -183,10 +183,14 @@ def get_user_by_email(email: str) -> User | None:
         return session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
 
 
-def is_active(user_id: int | None) -> bool:
-    """Checked on every page run: a cookie outlives a deactivation, the database does not."""
+def current_role(user_id: int | None) -> str | None:
+    """The user's role now, None when deactivated or gone. Checked on every page run: a session
+    outlives a deactivation or a demotion, the database does not."""
+    if not user_id:
+        return None
     with system_session() as session:
-        return bool(user_id) and bool(session.scalar(select(User.active).where(User.id == user_id)))
+        row = session.execute(select(User.active, User.role).where(User.id == user_id)).first()
+    return row.role if row is not None and row.active else None
 
 
 def any_organization() -> bool:

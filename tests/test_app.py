@@ -15,6 +15,7 @@ from core.bundle import load_bundle
 from db.session import get_engine, upgrade
 from services import anomalies, demo, integrations, settings, users
 from services.context import Actor
+from services.errors import PermissionDenied
 from tests.fakes.salesforce_server import running
 from tests.fakes.stripe_server import FakeStripe, serve
 
@@ -116,6 +117,22 @@ def test_every_page_renders_for_each_role(app_env: Path, who: tuple[str, str, st
     else:
         assert not at.tabs  # not in the analyst's navigation: Streamlit shows the default page instead
         assert [t.value for t in at.title] != ["Settings"] or "for admins" in texts(at.error)
+
+
+def test_a_demoted_admin_loses_admin_powers_on_the_next_run(app_env: Path) -> None:
+    at = sign_in(ADMIN[0], ADMIN[2])
+    actor = at.session_state["actor"]
+    demoted = users.create_user(actor, "second.admin@demo.example", "Second", "admin", "password-9")
+    at = sign_in("second.admin@demo.example", "password-9")
+    at.switch_page("pages/settings.py").run()
+    assert [t.label for t in at.tabs][:1] == ["Integrations"]
+    users.set_role(actor, demoted.id, "analyst")  # the first admin demotes the second, who is still signed in
+    at.switch_page("pages/settings.py").run()
+    no_exceptions(at)
+    assert at.session_state["actor"].role == "analyst" and not at.tabs
+    assert "for admins" in texts(at.error)
+    with pytest.raises(PermissionDenied):
+        users.create_user(at.session_state["actor"], "mallory@demo.example", "Mallory", "admin", "password-3")
 
 
 def test_overview_filters_carry_over_to_the_queue(app_env: Path) -> None:
@@ -244,3 +261,29 @@ def test_admin_maps_a_product_to_a_price(app_env: Path) -> None:
     assert admin_user is not None
     assert settings.get_settings(Actor.user(admin_user.org_id, admin_user.id, "admin")).price_map == {
         "api_calls": "price_api_usd_2026"}
+
+
+def test_settings_page_shows_refused_thresholds_and_schedules_as_messages(app_env: Path) -> None:
+    at = sign_in(*ADMIN[::2])
+    at.switch_page("pages/settings.py").run()
+    field = {t.label: t for t in at.text_input}
+    field["Relative tolerance (share of actual usage)"].input("NaN")
+    at.button(key="FormSubmitter:thresholds-Save thresholds").click().run()
+    no_exceptions(at)
+    assert "rel_tolerance: expected a share" in texts(at.error) and not at.success
+    field = {t.label: t for t in at.text_input}
+    field["Relative tolerance (share of actual usage)"].input("0.005")
+    field["Minimum leak amount (major units)"].input("Infinity")
+    at.button(key="FormSubmitter:thresholds-Save thresholds").click().run()
+    no_exceptions(at)
+    assert "min_leak_amount: expected an amount" in texts(at.error) and not at.success
+    next(box for box in at.selectbox if box.label == "Schedule").select("interval")
+    field = {t.label: t for t in at.text_input}
+    field["Expression"].input("99999999999999999999")
+    at.button(key="FormSubmitter:schedule-Save schedule").click().run()
+    no_exceptions(at)
+    assert "interval: 99999999999999999999 s is out of bounds" in texts(at.error) and not at.success
+    admin_user = users.get_user_by_email(ADMIN[0])
+    assert admin_user is not None
+    stored = settings.get_settings(Actor.user(admin_user.org_id, admin_user.id, "admin"))
+    assert stored.rel_tolerance.is_finite() and stored.min_leak_amount.is_finite() and stored.schedule_kind == "off"

@@ -7,15 +7,30 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
+from services import users
 from services.context import Actor
 from services.errors import ServiceError
 
 T = TypeVar("T")
 
 
+def refreshed(current: Actor) -> Actor | None:
+    """`current` with the role its user has now, None when deactivated since: a session outlives a
+    demotion or a deactivation, the database does not, and the services trust the Actor's role."""
+    role = users.current_role(current.user_id)
+    if role is None:
+        st.session_state.pop("actor", None)
+        return None
+    if role != current.role:
+        current = st.session_state["actor"] = Actor.user(current.org_id, current.user_id, role)  # type: ignore[arg-type]
+    return current
+
+
 def actor() -> Actor:
-    """The Actor app.py put in the session after sign-in (pages only run once it is there)."""
+    """The signed-in user as app.py put them in the session, re-read on every call."""
     current = st.session_state.get("actor")
+    if current is not None:
+        current = refreshed(current)
     if current is None:
         st.error("Your session ended — sign in again.")
         st.stop()
