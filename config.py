@@ -58,6 +58,14 @@ class Settings(BaseSettings):
                     "RRC_SECRET_KEYS (or the embedded key file on SQLite).")
     api_token_ttl: int = Field(3600, gt=0, description="Lifetime of a REST API user token, in seconds.")
 
+    # --- integrations ----------------------------------------------------------------------------
+    sql_source_file_dirs: str = Field(
+        "",
+        description="Folders (separated by os.pathsep, ':' on Linux) from which an organization's SQL usage source "
+                    "may read SQLite or DuckDB database files (absolute paths, symlinks resolved). Empty: such "
+                    "files are refused and only database servers can be sources. The data folder and the app's "
+                    "own database are refused even when listed (services/source_policy.py).")
+
     # --- front doors ---------------------------------------------------------------------------
     demo: bool = Field(
         True,
@@ -124,6 +132,10 @@ class Settings(BaseSettings):
         20.0, ge=0,
         description="On SIGTERM the current run may finish for this long; after that it is marked interrupted "
                     "(and retried by the next scheduler). Keep below the stop timeout of your supervisor.")
+    scheduler_min_interval_seconds: int = Field(
+        300, ge=1, le=366 * 24 * 3600,
+        description="Shortest gap admins may set between an organization's scheduled runs (interval or cron). "
+                    "A stored schedule below it is skipped by the scheduler (logged) until it is saved again.")
     scheduler_worker_id: str | None = Field(
         None, description="Name of this scheduler process in runs' worker_id. Unset: <hostname>:<pid>:<random>.")
     sync_cron: str = Field(

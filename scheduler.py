@@ -8,6 +8,9 @@ What it guarantees, and how:
   keeps the stored next fire time; fires missed while no scheduler ran are coalesced into one
   (`coalesce`, `misfire_grace_time`). Admins' edits are picked up by re-reading the settings every
   RRC_SCHEDULER_SETTINGS_POLL_SECONDS.
+- **One org cannot stop the others.** Stored schedules are validated again with the Settings bounds
+  (a row may predate them or be edited by hand); a bad one is logged (`schedule.invalid`) and gets no
+  job, and a failure while re-reading schedules is logged while stale-run recovery and the queue go on.
 - **A schedule only queues a run.** The job records a queued run (through
   `services.reconciliation.queue_run`, so it is audited) and the worker loop runs queued runs,
   whoever queued them (the schedule, the app's "Run now", the API). APScheduler 3 does not
@@ -66,7 +69,6 @@ from db.repositories.schedules import OrgSchedule, orgs_with_integrations, sched
 from db.session import get_engine, is_current, org_session, system_session
 from services import reconciliation
 from services.context import Actor
-from services.errors import ServiceError
 from services.settings import validate_schedule
 
 log = get_logger("scheduler")
@@ -222,7 +224,10 @@ def crontab_trigger(expr: str, timezone: str) -> CronTrigger:
 
 
 def trigger_for(schedule: OrgSchedule) -> BaseTrigger | None:
-    """The APScheduler trigger of an org's schedule; None when off; ServiceError when invalid."""
+    """The APScheduler trigger of an org's schedule; None when off; ServiceError when invalid.
+
+    Stored rows are validated again with the service's bounds: they may predate them or be edited by hand.
+    """
     if schedule.kind == "off":
         return None
     validate_schedule(schedule.kind, schedule.expr, schedule.timezone)
@@ -243,7 +248,12 @@ def build_scheduler(settings: Settings) -> BackgroundScheduler:
 
 
 def sync_schedules(scheduler: BackgroundScheduler, settings: Settings) -> Counter[str]:
-    """Make the stored jobs match the orgs' settings; unchanged schedules keep their next fire time."""
+    """Make the stored jobs match the orgs' settings; unchanged schedules keep their next fire time.
+
+    Each org is handled on its own: a schedule that cannot be built (stored before validation
+    tightened, or edited in the database) is logged and its job removed, and an unexpected error on
+    one org keeps that org's current job; neither stops the other orgs' schedules.
+    """
     with system_session() as session:
         wanted = schedules_all_orgs(session)
     jobs = {job.id: job for job in scheduler.get_jobs()}
@@ -253,8 +263,9 @@ def sync_schedules(scheduler: BackgroundScheduler, settings: Settings) -> Counte
         job_id = f"{JOB_PREFIX}{schedule.org_id}"
         try:
             trigger = trigger_for(schedule)
-        except (ServiceError, ValueError) as exc:
-            log.error("schedule.invalid", org_id=schedule.org_id, error=str(exc))
+        except Exception as exc:  # ServiceError for a bad stored schedule; anything else must not spread either
+            log.error("schedule.invalid", org_id=schedule.org_id, kind=schedule.kind,
+                      error=f"{type(exc).__name__}: {exc}"[:500])
             continue
         if trigger is None:
             continue
@@ -263,9 +274,14 @@ def sync_schedules(scheduler: BackgroundScheduler, settings: Settings) -> Counte
         if job is not None and job.kwargs.get("signature") == schedule.signature:
             continue
         dedup = min(DEDUP_SECONDS, int(schedule.expr or "0") / 2) if schedule.kind == "interval" else DEDUP_SECONDS
-        scheduler.add_job(ENQUEUE_FUNC, trigger, id=job_id, name=f"reconcile org {schedule.org_id}",
-                          kwargs={"org_id": schedule.org_id, "signature": schedule.signature, "dedup_seconds": dedup},
-                          replace_existing=True)
+        try:
+            scheduler.add_job(ENQUEUE_FUNC, trigger, id=job_id, name=f"reconcile org {schedule.org_id}",
+                              kwargs={"org_id": schedule.org_id, "signature": schedule.signature,
+                                      "dedup_seconds": dedup},
+                              replace_existing=True)
+        except Exception as exc:  # the next settings poll tries again; other orgs go on
+            log.error("schedule.set_failed", org_id=schedule.org_id, error=f"{type(exc).__name__}: {exc}"[:500])
+            continue
         changes["replaced" if job else "added"] += 1
         log.info("schedule.set", org_id=schedule.org_id, schedule=schedule.signature)
     for job_id in jobs:
@@ -326,7 +342,16 @@ class Worker:
     def start_scheduler(self) -> None:
         self.scheduler = build_scheduler(self.settings)
         self.scheduler.start()
-        sync_schedules(self.scheduler, self.settings)
+        self.refresh_schedules()
+
+    def refresh_schedules(self) -> None:
+        """Re-read the schedules; a failure is logged and retried at the next poll, never ending the process."""
+        if self.scheduler is None:
+            return
+        try:
+            sync_schedules(self.scheduler, self.settings)
+        except Exception as exc:  # stale-run recovery and queued runs must go on regardless
+            log.error("schedule.refresh_failed", error=f"{type(exc).__name__}: {exc}"[:1000])
 
     def recover_stale(self) -> list[tuple[int, int]]:
         """Mark runs whose worker went silent as interrupted, and queue them again."""
@@ -420,8 +445,8 @@ class Worker:
         self.abandoned = True
 
     def tick(self, refresh_schedules: bool) -> None:
-        if refresh_schedules and self.scheduler is not None:
-            sync_schedules(self.scheduler, self.settings)
+        if refresh_schedules:
+            self.refresh_schedules()
         self.recover_stale()
         while not self.stop.is_set() and self.run_pending():
             pass

@@ -17,16 +17,25 @@ extension (`utc_day`) rendered per dialect: PostgreSQL/DuckDB/Trino `date_trunc`
 `DATE()`, SQLite `date()`, Snowflake `DATE_TRUNC` after `CONVERT_TIMEZONE`, BigQuery
 `TIMESTAMP_TRUNC`/`DATETIME_TRUNC`, ClickHouse `toStartOfDay(..., 'UTC')`, anything else
 `CAST(... AS DATE)`.
+
+Secrets: a URL carries its password in `user:pw@` or in query parameters (`?password=`, `?token=`...).
+`mask_url` is the one rendering of a URL anyone sees (here and in services/integrations.py) and
+`_scrub` removes the same values from database error texts.
+
+Which databases a tenant may point this at (not the app's own, files only from allowed folders) is a
+business rule and lives in services/source_policy.py; this module connects to whatever it is given.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pyarrow as pa
 import sqlalchemy as sa
@@ -65,13 +74,7 @@ def parse_config(config: dict[str, Any]) -> SqlSourceConfig:
     """Check the shape of the admin's mapping before anything connects."""
     if not isinstance(config, dict):
         raise SqlSourceError("sql_source config: expected an object")
-    raw_url = config.get("url")
-    if not isinstance(raw_url, str) or not raw_url.strip():
-        raise SqlSourceError("url: required, a SQLAlchemy URL such as postgresql+psycopg://user@host/db")
-    try:
-        url = sa.make_url(raw_url.strip())
-    except ArgumentError:
-        raise SqlSourceError("url: not a valid SQLAlchemy URL (expected dialect+driver://user@host/db)") from None
+    url = parse_url(config.get("url"))
     table = config.get("table")
     if not isinstance(table, str) or not table.strip():
         raise SqlSourceError("table: required, the table or view holding usage events")
@@ -82,15 +85,62 @@ def parse_config(config: dict[str, Any]) -> SqlSourceConfig:
     return SqlSourceConfig(url, table, schema, mapping)
 
 
-def _safe_url(url: sa.URL) -> str:
-    return url.render_as_string(hide_password=True)
+def parse_url(raw_url: object) -> sa.URL:
+    """The admin's URL as SQLAlchemy reads it (shared with the services' source policy), or why not."""
+    if not isinstance(raw_url, str) or not raw_url.strip():
+        raise SqlSourceError("url: required, a SQLAlchemy URL such as postgresql+psycopg://user@host/db")
+    try:
+        return sa.make_url(raw_url.strip())
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise SqlSourceError("url: not a valid SQLAlchemy URL (expected dialect+driver://user@host/db)") from None
+
+
+# Query parameters whose value is a secret, matched on the lower-cased name without `_`/`-`: drivers take a
+# password (or a token, a key...) as `?password=` as readily as in `user:pw@`. Over-masking costs nothing.
+SECRET_PARAM_WORDS = ("password", "passwd", "pwd", "secret", "token", "credential", "passphrase", "privatekey",
+                      "accesskey", "apikey")
+SECRET_IN_VALUE = re.compile(r"(password|pwd)\s*=", re.IGNORECASE)  # e.g. mssql's odbc_connect=...;PWD=...;
+MASK = "***"
+
+
+def _is_secret_param(name: str, values: tuple[str, ...]) -> bool:
+    flat = re.sub(r"[^a-z0-9]", "", name.lower())
+    return any(word in flat for word in SECRET_PARAM_WORDS) or any(SECRET_IN_VALUE.search(v) for v in values)
+
+
+def _query_values(url: sa.URL) -> dict[str, tuple[str, ...]]:
+    return {name: (value,) if isinstance(value, str) else tuple(value) for name, value in url.query.items()}
+
+
+def url_secrets(url: sa.URL) -> list[str]:
+    """Every secret the URL carries: the password and the values of secret-like query parameters."""
+    found = [str(url.password)] if url.password else []
+    for name, values in _query_values(url).items():
+        if _is_secret_param(name, values):
+            found += [value for value in values if value]
+    return found
+
+
+def mask_url(url: str | sa.URL) -> str:
+    """The one way a source URL is shown (settings, API, check and error messages): dialect, host, database
+    and harmless parameters stay recognisable; the password and secret-like query values become ***.
+    A string SQLAlchemy cannot parse is shown as *** entirely, since its secret cannot be located."""
+    if isinstance(url, str):
+        try:
+            url = sa.make_url(url.strip())
+        except (ArgumentError, ValueError):
+            return MASK
+    query = {name: MASK if _is_secret_param(name, values) else values
+             for name, values in _query_values(url).items()}
+    rendered = url.set(query=query).render_as_string(hide_password=True)
+    return rendered.replace(quote_plus(MASK), MASK)  # query values are percent-encoded: keep *** readable
 
 
 def _scrub(message: str, config: SqlSourceConfig) -> str:
-    """Database error texts sometimes echo the DSN: never let the password through."""
-    password = config.url.password
-    if password:
-        message = message.replace(str(password), "***")
+    """Database error texts sometimes echo the DSN or its options: never let a secret of the URL through."""
+    for secret in url_secrets(config.url):
+        for form in {secret, quote_plus(secret), quote(secret, safe="")}:
+            message = message.replace(form, MASK)
     return message.splitlines()[0] if message else message
 
 
@@ -376,7 +426,7 @@ def fetch_daily_buckets(config: dict[str, Any], start: datetime, end: datetime, 
     except SqlSourceError:
         raise
     except SQLAlchemyError as exc:
-        raise SqlSourceError(f"sql source {_safe_url(parsed.url)}: query failed: "
+        raise SqlSourceError(f"sql source {mask_url(parsed.url)}: query failed: "
                              f"{_scrub(str(getattr(exc, 'orig', None) or exc), parsed)}") from None
     finally:
         engine.dispose()
@@ -400,7 +450,7 @@ def check(config: dict[str, Any]) -> CheckResult:
         engine = _engine(parsed)
     except SqlSourceError as exc:
         return CheckResult(False, str(exc))
-    where = _safe_url(parsed.url)
+    where = mask_url(parsed.url)
     try:
         with engine.connect() as conn:
             try:

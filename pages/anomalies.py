@@ -6,6 +6,7 @@ keep working on the rerun they cause — and so they can be driven by AppTest.
 
 from __future__ import annotations
 
+import hashlib
 from decimal import Decimal
 from typing import Any
 
@@ -23,6 +24,7 @@ PAGE_SIZE = 25
 SORT_LABELS = {"amount": "Amount", "confidence": "Confidence", "period": "Period", "account": "Account",
                "severity": "Severity", "type": "Type", "status": "Status", "updated": "Last change"}
 DIALOG = "anomaly_dialog"  # (kind, anomaly_id) of the dialog to show on this run
+CHANGES = "queue_changes"  # status changes made from this page: each one starts a fresh selection
 
 me = actor()
 st.title("Anomalies")
@@ -35,12 +37,25 @@ filters.filter_bar("queue", [c.upper() for c in dashboard.currencies(me)], with_
 controls = st.columns([2, 1, 1, 3])
 sort = controls[0].selectbox("Sort by", list(SORT_LABELS), format_func=SORT_LABELS.get, key="queue_sort")
 descending = controls[1].toggle("Descending", value=True, key="queue_desc")
-page_number = controls[2].number_input("Page", min_value=1, value=1, step=1, key="queue_page")
+# Keys carry what a widget's state refers to, so that state never outlives it: the page number
+# starts again at 1 when the filters or the order change, and a table selection (kept by row
+# position) is dropped when the rows shown change or after a status change, instead of landing
+# on other anomalies that moved into the selected positions.
+view = f"{filters.current()}|{sort}|{descending}"
+page_number = controls[2].number_input("Page", min_value=1, value=1, step=1,
+                                       key=f"queue_page_{hashlib.sha1(view.encode()).hexdigest()[:10]}")
 
-page = attempt(anomalies.list_anomalies, me, filters.current(), page=int(page_number), page_size=PAGE_SIZE,
-               sort=sort, descending=descending)
-if page is None:
-    st.stop()
+def queue_page(number: int) -> anomalies.Page:
+    found = attempt(anomalies.list_anomalies, me, filters.current(), page=number, page_size=PAGE_SIZE, sort=sort,
+                    descending=descending)
+    if found is None:
+        st.stop()
+    return found
+
+
+page = queue_page(int(page_number))
+if not page.rows and page.total:  # past the last page (rows left the view meanwhile): show the last one
+    page = queue_page(page.pages)
 controls[3].caption(f"{page.total:,} anomalies · page {page.page} of {page.pages}")
 
 if not page.rows:
@@ -53,8 +68,10 @@ table = pd.DataFrame([{
     "Amount": money(row.amount, row.currency), "Confidence": confidence(row.confidence),
     "Status": STATUS_LABELS.get(row.status, row.status), "Id": row.id,
 } for row in page.rows])
+shown = f"{st.session_state.get(CHANGES, 0)}|{[row.id for row in page.rows]}"
 event = st.dataframe(table, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row",
-                     key="queue_table", column_config={"Id": st.column_config.NumberColumn(format="%d", width="small")})
+                     key=f"queue_table_{hashlib.sha1(shown.encode()).hexdigest()[:10]}",
+                     column_config={"Id": st.column_config.NumberColumn(format="%d", width="small")})
 selected_ids = [page.rows[i].id for i in event.selection.rows] if event and event.selection else []
 
 
@@ -126,13 +143,21 @@ def dismiss_dialog(anomaly_ids: tuple[int, ...]) -> None:
     left, right = st.columns(2)
     confirmed = left.button("Dismiss", type="primary", key="dismiss_confirm")
     if confirmed and attempt(anomalies.bulk_set_status, me, list(anomaly_ids), "dismissed", reason) is not None:
+        changed(anomaly_ids)
         close_dialog()
         st.rerun()
     close_button(right, "Cancel", "dismiss_cancel")
 
 
+def changed(anomaly_ids: Any) -> None:
+    """After a status change: a fresh selection; the panel stays on the anomaly when it was one."""
+    st.session_state[CHANGES] = st.session_state.get(CHANGES, 0) + 1
+    st.session_state["anomaly_focus"] = anomaly_ids[0] if len(anomaly_ids) == 1 else None
+
+
 def set_status(anomaly_ids: list[int], status: str) -> None:
     if attempt(anomalies.bulk_set_status, me, anomaly_ids, status) is not None:
+        changed(anomaly_ids)
         st.toast(f"{len(anomaly_ids)} marked {STATUS_LABELS[status].lower()}")
 
 
@@ -200,7 +225,8 @@ def detail_panel(anomaly_id: int) -> None:
                       on_click=open_dialog, args=("crm", row.id))
     actions[2].button("Dismiss", disabled=row.status not in ("open", "actioned"), key="act_dismiss",
                       on_click=open_dialog, args=("dismiss", (row.id,)))
-    if actions[3].button("Mark recovered", disabled=row.status not in ("open", "actioned"), key="act_recovered"):
+    if actions[3].button("Mark recovered", disabled=not can_invoice, key="act_recovered",
+                         help=None if row.type in LEAK_TYPES else "Over-billing is a credit risk: nothing to recover"):
         set_status([row.id], "recovered")
         st.rerun()
     if actions[4].button("Reopen", disabled=row.status not in ("dismissed", "recovered"), key="act_reopen"):

@@ -253,6 +253,9 @@ def _change_status(session: Session, actor: Actor, anomaly: Anomaly, status: str
                            f"(actioned and resolved are set by actions and runs)")
     if anomaly.status not in allowed_from:
         raise InvalidInput(f"anomaly {anomaly.id} is {anomaly.status}; it cannot become {status}")
+    if status == "recovered" and anomaly.type not in LEAK_TYPES:
+        raise InvalidInput(f"anomaly {anomaly.id} is {anomaly.type}, a credit risk: there is nothing to recover; "
+                           "dismiss it with the reason (for example the credit note issued)")
     reason = (reason or "").strip() or None
     if status == "dismissed" and not reason:
         raise InvalidInput("reason: say why this anomaly is dismissed")

@@ -5,6 +5,10 @@ works in one CRM. The config is a JSON dict encrypted with db.crypto; only servi
 clear (`get_config`), pages and the API only ever see `IntegrationView` with secrets masked.
 Connecting, checking and disconnecting are admin-only and audited (the audit entry names the
 kind and which fields changed, never a value).
+
+A SQL source URL is shown through `connectors.sql_source.mask_url` (password and secret-like query
+parameters hidden), and must pass `services.source_policy` (not the app's own database, database
+files only from operator-allowed folders) to be saved or checked.
 """
 
 from __future__ import annotations
@@ -13,15 +17,15 @@ import importlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import select
 
 from connectors.base import CheckResult
+from connectors.sql_source import mask_url
 from db.crypto import decrypt_json, encrypt_json, mask_secret
 from db.models import Integration
 from db.session import org_session
-from services import audit
+from services import audit, source_policy
 from services.context import Actor, require_role
 from services.errors import InvalidInput, NotFound
 
@@ -60,20 +64,11 @@ class IntegrationView:
     last_synced_at: datetime | None
 
 
-def _mask_url(url: str) -> str:
-    """Keep a database URL recognisable (dialect, host, database) without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":…@", 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
 def masked(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     shown = dict(config)
     for field in SECRETS.get(kind, ()):
         if shown.get(field):
-            shown[field] = _mask_url(shown[field]) if field == "url" else mask_secret(str(shown[field]))
+            shown[field] = mask_url(str(shown[field])) if field == "url" else mask_secret(str(shown[field]))
     return shown
 
 
@@ -100,6 +95,7 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
         side = config.get("side", "actual")
         if side not in ("actual", "reported"):
             raise InvalidInput(f"side: expected 'actual' or 'reported', got {side!r}")
+    source_policy.check_usage_source(kind, config)
 
 
 def _view(row: Integration) -> IntegrationView:
@@ -166,12 +162,7 @@ def is_connected(actor: Actor, kind: str) -> bool:
 def test_connection(actor: Actor, kind: str) -> CheckResult:
     """Run the connector's health check and keep its verdict for the settings page."""
     require_role(actor, "admin")
-    config = get_config(actor, kind)
-    connector = importlib.import_module(f"connectors.{kind}")
-    try:
-        result: CheckResult = connector.check(config)
-    except Exception as exc:  # a connector bug must still give the admin a verdict, without the config
-        result = CheckResult(False, f"{LABELS[kind]} check failed: {type(exc).__name__}")
+    result = _check(kind, get_config(actor, kind))
     with org_session(actor.org_id) as session:
         row = _find(session, actor.org_id, kind)
         if row is not None:
@@ -180,6 +171,21 @@ def test_connection(actor: Actor, kind: str) -> CheckResult:
             row.last_checked_at = datetime.now(UTC)
             audit.append(session, actor, "integration.checked", "integration", row.id,
                          {"kind": kind, "ok": result.ok, "message": result.message})
+    return result
+
+
+def _check(kind: str, config: dict[str, Any]) -> CheckResult:
+    """The connector's verdict, unless the source policy refuses the config first (a config saved before
+    the policy existed must not be connected to either)."""
+    try:
+        source_policy.check_usage_source(kind, config)
+    except InvalidInput as exc:
+        return CheckResult(False, str(exc))
+    connector = importlib.import_module(f"connectors.{kind}")
+    try:
+        result: CheckResult = connector.check(config)
+    except Exception as exc:  # a connector bug must still give the admin a verdict, without the config
+        result = CheckResult(False, f"{LABELS[kind]} check failed: {type(exc).__name__}")
     return result
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+import os
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from itertools import pairwise
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -17,6 +21,13 @@ from services.context import Actor, require_role
 from services.errors import InvalidInput
 
 SCHEDULE_KINDS = ("off", "cron", "interval")
+# A minimum amount of a billion major units already disables detection; and up to 15 significant digits
+# (9 + 6 decimals) a value survives SQLite, which stores Numeric as a binary float, unchanged.
+MAX_AMOUNT = Decimal(10) ** 9
+MIN_INTERVAL_ENV = "RRC_SCHEDULER_MIN_INTERVAL_SECONDS"
+DEFAULT_MIN_INTERVAL = 300  # 5 minutes: a reconciliation re-reads every source, more often only loads the workers
+MAX_INTERVAL = 366 * 24 * 3600  # a schedule rarer than yearly is a mistake; also far below APScheduler's C-int limit
+CRON_SAMPLE = 24  # next fires inspected for the minimum gap (catches `* * * * *`, `0-4 6 * * *`, ...)
 
 
 def settings_row(session: Session, org_id: int) -> OrgSettings:
@@ -40,14 +51,31 @@ def reconcile_params(settings: OrgSettings) -> ReconcileParams:
                            over_billing_min=Decimal(settings.over_billing_min))
 
 
+def _threshold(name: str, value: Decimal, what: str, below: Decimal, example: str) -> Decimal:
+    """`value` if finite, >= 0, below `below` and exact at its column's scale; else InvalidInput naming the field.
+
+    NaN cannot be compared (a raw decimal.InvalidOperation), Infinity stored on SQLite silently stops
+    every anomaly, and PostgreSQL refuses it, or more digits than Numeric(p, s) holds, with a raw DataError.
+    """
+    column = OrgSettings.__table__.c[name].type
+    below = min(below, Decimal(10) ** (column.precision - column.scale))
+    try:
+        number = Decimal(value)
+        if number.is_finite() and 0 <= number < below and number == number.quantize(Decimal(1).scaleb(-column.scale)):
+            return number
+    except (InvalidOperation, TypeError, ValueError):
+        pass
+    raise InvalidInput(f"{name}: expected {what} >= 0 and < {below} with at most {column.scale} decimal places, "
+                       f"e.g. {example}; got {str(value)[:40]!r}")
+
+
 def update_thresholds(actor: Actor, *, rel_tolerance: Decimal, min_leak_amount: Decimal,
                       over_billing_min: Decimal) -> OrgSettings:
+    """Save the three thresholds together; all are checked before anything is written."""
     require_role(actor, "admin")
-    if not Decimal(0) <= rel_tolerance < Decimal(1):
-        raise InvalidInput("rel_tolerance: expected a share between 0 and 1, e.g. 0.005")
-    for name, value in (("min_leak_amount", min_leak_amount), ("over_billing_min", over_billing_min)):
-        if value < 0:
-            raise InvalidInput(f"{name}: expected an amount >= 0")
+    rel_tolerance = _threshold("rel_tolerance", rel_tolerance, "a share", Decimal(1), "0.005")
+    min_leak_amount = _threshold("min_leak_amount", min_leak_amount, "an amount", MAX_AMOUNT, "1.00")
+    over_billing_min = _threshold("over_billing_min", over_billing_min, "an amount", MAX_AMOUNT, "1.00")
     with org_session(actor.org_id) as session:
         settings = settings_row(session, actor.org_id)
         settings.rel_tolerance, settings.min_leak_amount = rel_tolerance, min_leak_amount
@@ -58,20 +86,61 @@ def update_thresholds(actor: Actor, *, rel_tolerance: Decimal, min_leak_amount: 
         return settings
 
 
+def min_interval_seconds() -> int:
+    """The shortest gap allowed between scheduled runs (RRC_SCHEDULER_MIN_INTERVAL_SECONDS, default 5 minutes)."""
+    raw = os.environ.get(MIN_INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MIN_INTERVAL
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_INTERVAL:
+        raise InvalidInput(f"{MIN_INTERVAL_ENV}: expected whole seconds between 1 and {MAX_INTERVAL}, got {raw!r}")
+    return int(raw)
+
+
 def validate_schedule(kind: str, expr: str | None, timezone: str) -> None:
+    """InvalidInput naming the field unless the scheduler can build this schedule and it fires within bounds.
+
+    The scheduler calls this for every stored schedule on every settings poll, so the result is cached.
+    """
+    problem = _schedule_problem(kind, expr, timezone, min_interval_seconds())
+    if problem:
+        raise InvalidInput(problem)
+
+
+@lru_cache(maxsize=4096)
+def _schedule_problem(kind: str, expr: str | None, timezone: str, floor: int) -> str | None:
     if kind not in SCHEDULE_KINDS:
-        raise InvalidInput(f"schedule kind: expected one of {', '.join(SCHEDULE_KINDS)}")
+        return f"schedule kind: expected one of {', '.join(SCHEDULE_KINDS)}"
+    if len(timezone) > 64:
+        return "time zone: at most 64 characters"
     try:
-        ZoneInfo(timezone)
+        zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidInput(f"time zone: unknown {timezone!r} (e.g. UTC, Europe/Paris)") from None
-    if kind == "cron":
-        try:
-            CronTrigger.from_crontab(expr or "", timezone=timezone)
-        except ValueError as exc:
-            raise InvalidInput(f"cron expression {expr!r}: {exc}") from None
-    if kind == "interval" and not (expr or "").isdigit():
-        raise InvalidInput("interval: expected a whole number of seconds, e.g. 3600")
+        return f"time zone: unknown {timezone!r} (e.g. UTC, Europe/Paris)"
+    if kind == "off":
+        return None
+    if len(expr or "") > 100:
+        return f"{kind} expression: at most 100 characters"
+    if kind == "interval":
+        if not (expr and expr.isascii() and expr.isdigit()):
+            return f"interval: expected a whole number of seconds, e.g. 3600; got {expr!r}"
+        if not floor <= int(expr) <= MAX_INTERVAL:
+            return f"interval: {int(expr)} s is out of bounds; the minimum is {floor} s, the maximum {MAX_INTERVAL} s"
+        return None
+    try:
+        trigger = CronTrigger.from_crontab(expr or "", timezone=timezone)
+    except ValueError as exc:
+        return f"cron expression {expr!r}: {exc}"
+    fires: list[datetime] = []
+    now = datetime.now(zone)
+    while len(fires) < CRON_SAMPLE and (fire := trigger.get_next_fire_time(None, now)):
+        fires.append(fire)
+        now = fire + timedelta(seconds=1)  # crontab's resolution is a minute
+    if not fires:
+        return f"cron expression {expr!r}: never fires (e.g. February 30)"
+    gap = min((later - earlier for earlier, later in pairwise(fires)), default=None)
+    if gap is not None and gap.total_seconds() < floor:
+        return f"cron expression {expr!r}: fires {int(gap.total_seconds())} s apart; the minimum is {floor} s"
+    return None
 
 
 def update_schedule(actor: Actor, kind: str, expr: str | None, timezone: str = "UTC") -> OrgSettings:

@@ -152,6 +152,17 @@ def test_overview_filters_carry_over_to_the_queue(app_env: Path) -> None:
     assert f"{expected.total:,} anomalies" in caption
 
 
+def test_the_queue_page_starts_again_at_one_when_the_filters_change(app_env: Path) -> None:
+    at = sign_in(*ANALYST[::2])
+    at.switch_page("pages/anomalies.py").run()
+    at.number_input[0].set_value(2).run()  # past the end: the demo has one page of open anomalies
+    assert "page 1 of 1" in texts(at.caption) and at.dataframe
+    at.number_input[0].set_value(2).run()
+    at.selectbox(key="queue_currency").select("EUR").run()
+    no_exceptions(at)
+    assert at.number_input[0].value == 1 and "page 1 of 1" in texts(at.caption) and at.dataframe
+
+
 def test_dismiss_requires_a_reason(app_env: Path) -> None:
     at = sign_in(*ANALYST[::2])
     at.switch_page("pages/anomalies.py").run()

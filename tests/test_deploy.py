@@ -149,6 +149,7 @@ def test_honcho_starts_the_stack_and_a_scheduled_run_happens(fresh_pg_url: str, 
         "RRC_DATA_DIR": str(tmp_path / "data"), "RRC_DEMO": "0",
         "RRC_API_PORT": str(api_port), "RRC_APP_PORT": str(app_port),
         "RRC_SCHEDULER_POLL_SECONDS": "0.5", "RRC_SCHEDULER_SETTINGS_POLL_SECONDS": "1", "RRC_SYNC_CRON": "off",
+        "RRC_SCHEDULER_MIN_INTERVAL_SECONDS": "1",  # the 3 s schedule below, for the test only
     }
     (tmp_path / "data").mkdir()
     (tmp_path / "empty.env").write_text("")
@@ -161,7 +162,7 @@ def test_honcho_starts_the_stack_and_a_scheduled_run_happens(fresh_pg_url: str, 
     try:
         assert poll(f"http://127.0.0.1:{api_port}/ready", 90, log).json()["status"] == "ready"
         # an admin sets a schedule in the freshly migrated database the stack created
-        for name in ("DATABASE_URL", "RRC_SECRET_KEYS", "RRC_DATA_DIR"):
+        for name in ("DATABASE_URL", "RRC_SECRET_KEYS", "RRC_DATA_DIR", "RRC_SCHEDULER_MIN_INTERVAL_SECONDS"):
             monkeypatch.setenv(name, env[name])
         org, admin = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
         actor = Actor.user(org.id, admin.id, "admin")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import sqlalchemy as sa
 
@@ -11,6 +14,7 @@ from services.context import Actor
 from services.errors import InvalidInput, NotFound, PermissionDenied
 
 KEY = "sk_test_51Hxyzabcdefghijklmnop1234"
+COLUMNS = {"account_id": "acct", "product_key": "product", "ts": "at", "units": "qty"}
 
 
 @pytest.fixture
@@ -57,7 +61,74 @@ def test_sql_url_password_is_masked(app_db: str, actors: tuple[Actor, Actor]) ->
     config = {"url": "postgresql+psycopg://reader:s3cret-pw@db.internal/prod", "table": "events",
               "columns": {"account_id": "acct", "product_key": "product", "ts": "at", "units": "qty"}}
     view = integrations.connect(admin, "sql_source", config)
-    assert view.config["url"] == "postgresql+psycopg://reader:…@db.internal/prod"
+    assert view.config["url"] == "postgresql+psycopg://reader:***@db.internal/prod"
+
+
+def test_sql_url_query_secrets_are_masked_in_views_checks_and_audit(app_db: str, actors: tuple[Actor, Actor]) -> None:
+    admin, analyst = actors
+    url = "postgresql+psycopg://reader@127.0.0.1:1/prod?password=s3cret-pw&sslmode=disable&token=t0k3n-value"
+    integrations.connect(admin, "sql_source", {"url": url, "table": "events", "columns": COLUMNS})
+    result = integrations.test_connection(admin, "sql_source")
+    (view,) = integrations.list_integrations(analyst)
+    assert view.config["url"] == "postgresql+psycopg://reader@127.0.0.1:1/prod?password=***&sslmode=disable&token=***"
+    assert not result.ok and view.status == "error"
+    with sa.create_engine(app_db).connect() as conn:
+        audit_text = " ".join(str(row[0]) for row in conn.execute(sa.text("select details from audit_log")))
+    shown = " ".join([view.config["url"], str(view.status_message), result.message, str(result.details), audit_text])
+    assert "s3cret-pw" not in shown and "t0k3n-value" not in shown
+    # the masked URL sent back unchanged keeps the stored one
+    integrations.connect(admin, "sql_source", {"url": view.config["url"], "table": "usage", "columns": COLUMNS})
+    assert integrations.get_config(admin, "sql_source")["url"] == url
+
+
+def _audited_actions(app_db: str) -> list[str]:
+    with sa.create_engine(app_db).connect() as conn:
+        return [row[0] for row in conn.execute(sa.text("select action from audit_log order by seq"))]
+
+
+def test_the_app_database_is_refused_as_a_source_and_nothing_stored(app_db: str, actors: tuple[Actor, Actor],
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Org A's admin must not read every org's users or usage through the app's own database, on SQLite
+    (even with its folder allowed for database files) and on PostgreSQL."""
+    admin, _ = actors
+    monkeypatch.setenv("RRC_SQL_SOURCE_FILE_DIRS", os.pathsep.join([str(tmp_path), str(tmp_path / "data")]))
+    before = _audited_actions(app_db)
+    for table in ("users", "usage_events"):
+        with pytest.raises(InvalidInput, match=r"^url: .*cannot be a usage source"):
+            integrations.connect(admin, "sql_source", {"url": app_db, "table": table, "columns": COLUMNS})
+    assert integrations.list_integrations(admin) == []
+    assert _audited_actions(app_db) == before
+
+
+def test_database_files_need_a_folder_the_operator_allows(app_db: str, actors: tuple[Actor, Actor], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, _ = actors
+    product = tmp_path / "product" / "usage.db"
+    product.parent.mkdir()
+    product.write_bytes(b"")
+    config = {"url": f"sqlite:///{product}", "table": "events", "columns": COLUMNS}
+    monkeypatch.delenv("RRC_SQL_SOURCE_FILE_DIRS", raising=False)
+    with pytest.raises(InvalidInput, match=r"^url: sqlite files are read only from folders the operator allows "
+                                           r"\(RRC_SQL_SOURCE_FILE_DIRS\)"):
+        integrations.connect(admin, "sql_source", config)
+    assert integrations.list_integrations(admin) == []
+    monkeypatch.setenv("RRC_SQL_SOURCE_FILE_DIRS", str(product.parent))
+    assert integrations.connect(admin, "sql_source", config).status == "unchecked"
+
+
+def test_a_source_saved_before_the_policy_fails_its_check(app_db: str, actors: tuple[Actor, Actor],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, _ = actors
+    users_as_usage = {"account_id": "email", "product_key": "password_hash", "ts": "created_at",
+                      "units": "failed_logins"}
+    with monkeypatch.context() as before_the_policy:
+        before_the_policy.setattr(integrations.source_policy, "check_usage_source", lambda kind, config: None)
+        integrations.connect(admin, "sql_source", {"url": app_db, "table": "users", "columns": users_as_usage})
+    result = integrations.test_connection(admin, "sql_source")
+    assert not result.ok and result.message.startswith("url: ") and "usage source" in result.message
+    (view,) = integrations.list_integrations(admin)
+    assert (view.status, view.status_message) == ("error", result.message)
 
 
 @pytest.mark.parametrize(("kind", "config", "message"), [

@@ -112,6 +112,10 @@ def test_status_changes_follow_the_rules_and_are_audited(demo_actors: tuple[Acto
         anomalies.bulk_set_status(analyst, [second.id, first.id], "dismissed", "again")
     assert anomalies.get_anomaly(analyst, second.id).row.status == "open"
     assert anomalies.set_status(analyst, first.id, "open").row.status == "open"
+    over = next(row for row in everything(analyst) if row.type == "over_billing")
+    with pytest.raises(InvalidInput, match="credit risk: there is nothing to recover"):
+        anomalies.bulk_set_status(analyst, [second.id, over.id], "recovered")
+    assert anomalies.get_anomaly(analyst, second.id).row.status == "open"
     noted = anomalies.add_note(analyst, first.id, "Called the customer's finance team")
     assert noted.notes[-1]["text"] == "Called the customer's finance team"
     assert activity.verify_audit(analyst).ok

@@ -23,11 +23,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
 import config
 import scheduler
 from core.demo import generate_demo_bundle
-from db.models import AuditEntry, ReconRun
+from db.models import AuditEntry, OrgSettings, ReconRun
 from db.repositories import runs as runs_repo
 from db.session import get_engine, org_session, system_session
 from services import integrations, reconciliation, settings, users
@@ -41,6 +42,7 @@ FAST = {
     "RRC_SCHEDULER_STALE_AFTER_SECONDS": "3",
     "RRC_SCHEDULER_SHUTDOWN_GRACE_SECONDS": "20",
     "RRC_SYNC_CRON": "off",
+    "RRC_SCHEDULER_MIN_INTERVAL_SECONDS": "1",  # lets the real-process tests use 2-second schedules
 }
 
 
@@ -257,8 +259,70 @@ def test_worker_runs_queued_runs_and_recovers_stale_ones(app_db: str, demo_bundl
     assert [r.status for r in runs_of(actor.org_id)][-2:] == ["interrupted", "interrupted"]
 
 
+def _store_schedule(org_id: int, kind: str, expr: str) -> None:
+    """Write a schedule past the service's validation, as a row saved before it or edited by hand would be."""
+    with org_session(org_id) as session:
+        row = session.get(OrgSettings, org_id)
+        assert row is not None
+        row.schedule_kind, row.schedule_expr = kind, expr
+
+
+def _dead_run(org_id: int) -> int:
+    """A run whose worker died: it says running, its heartbeat is old."""
+    with org_session(org_id) as session:
+        dead = runs_repo.create_run(session, org_id, trigger="manual", status="running")
+        runs_repo.update_run(session, org_id, dead.id, heartbeat_at=datetime.now(UTC) - timedelta(minutes=10),
+                             worker_id="dead")
+        return dead.id
+
+
+def test_a_bad_stored_schedule_is_skipped_and_never_stops_other_orgs(
+        app_db: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in FAST.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RRC_SCHEDULER_MIN_INTERVAL_SECONDS")  # the production bounds
+    bad = make_org("org-bad", demo_bundle, tmp_path / "bad")
+    good = make_org("org-good", demo_bundle, tmp_path / "good")
+    edited = make_org("org-edited", demo_bundle, tmp_path / "edited")
+    settings.update_schedule(good, "interval", "3600", "UTC")
+    settings.update_schedule(edited, "cron", "0 6 * * *", "UTC")
+    _store_schedule(bad.org_id, "interval", "99999999999999999999")  # IntervalTrigger: OverflowError
+
+    def job_ids() -> set[str]:
+        assert worker.scheduler is not None
+        return {job.id for job in worker.scheduler.get_jobs()}
+
+    worker = scheduler.Worker(config.load_settings(), worker_id="test-worker")
+    try:
+        with capture_logs() as logs:
+            worker.start_scheduler()  # used to crash here, for every org
+        assert job_ids() == {f"{scheduler.JOB_PREFIX}{good.org_id}", f"{scheduler.JOB_PREFIX}{edited.org_id}"}
+        (invalid,) = [entry for entry in logs if entry["event"] == "schedule.invalid"]
+        assert invalid["org_id"] == bad.org_id and "interval: " in invalid["error"]
+        # an org's valid schedule edited into one firing every second loses its job at the next refresh,
+        # and the same tick still recovers another org's stale run and runs the retry
+        _store_schedule(edited.org_id, "interval", "0")
+        dead = _dead_run(good.org_id)
+        worker.tick(refresh_schedules=True)
+        assert job_ids() == {f"{scheduler.JOB_PREFIX}{good.org_id}"}
+        assert [(r.id == dead, r.status) for r in runs_of(good.org_id)] == [(True, "interrupted"), (False, "succeeded")]
+        # even when reading the schedules fails altogether, stale runs are still recovered
+        monkeypatch.setattr(scheduler, "schedules_all_orgs", lambda session: 1 / 0)
+        dead = _dead_run(good.org_id)
+        with capture_logs() as logs:
+            worker.tick(refresh_schedules=True)
+        assert runs_of(good.org_id)[-2].id == dead and runs_of(good.org_id)[-2].status == "interrupted"
+        assert any(entry["event"] == "schedule.refresh_failed" and "ZeroDivisionError" in entry["error"]
+                   for entry in logs)
+    finally:
+        if worker.scheduler is not None and worker.scheduler.running:
+            worker.scheduler.shutdown(wait=False)
+
+
 def test_daily_sync_visits_connected_orgs_and_survives_their_failures(app_db: str, demo_bundle: Path,
-                                                                    tmp_path: Path) -> None:
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RRC_SQL_SOURCE_FILE_DIRS", str(tmp_path))  # the SQLite usage source below lives there
     connected = make_org("org-a", demo_bundle, tmp_path / "a")
     idle = make_org("org-b", demo_bundle, tmp_path / "b")
     integrations.connect(connected, "sql_source", {
@@ -295,7 +359,9 @@ def test_bad_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.slow
 def test_schedule_fires_in_a_real_process_and_sigterm_exits_0(app_db: str, demo_bundle: Path, tmp_path: Path,
-                                                              processes: Callable[..., Process]) -> None:
+                                                              processes: Callable[..., Process],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RRC_SCHEDULER_MIN_INTERVAL_SECONDS", FAST["RRC_SCHEDULER_MIN_INTERVAL_SECONDS"])
     actor = make_org("org-a", demo_bundle, tmp_path / "a")
     settings.update_schedule(actor, "interval", "2", "UTC")
     proc = processes()

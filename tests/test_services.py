@@ -60,6 +60,64 @@ def test_roles_are_enforced_in_services(org: tuple[Actor, Actor]) -> None:
     assert settings.update_schedule(admin, "cron", "0 6 * * *", "Europe/Paris").schedule_kind == "cron"
 
 
+def _settings_state(admin: Actor, action: str) -> tuple[object, ...]:
+    """The stored settings row and how many `action` audit entries exist: unchanged when a save is refused."""
+    stored = settings.get_settings(admin)
+    with org_session(admin.org_id) as session:
+        entries = session.scalar(sa.select(sa.func.count()).select_from(AuditEntry).where(AuditEntry.action == action))
+    return (stored.rel_tolerance, stored.min_leak_amount, stored.over_billing_min, stored.schedule_kind,
+            stored.schedule_expr, stored.schedule_timezone, entries)
+
+
+def test_thresholds_refuse_non_finite_and_oversized_values_naming_the_field(org: tuple[Actor, Actor]) -> None:
+    admin, _ = org
+    good = {"rel_tolerance": D("0.01"), "min_leak_amount": D(5), "over_billing_min": D(5)}
+    settings.update_thresholds(admin, **good)
+    before = _settings_state(admin, "settings.thresholds_changed")
+    bad = [("rel_tolerance", "NaN"), ("rel_tolerance", "sNaN"), ("rel_tolerance", "Infinity"), ("rel_tolerance", "1"),
+           ("rel_tolerance", "-0.1"), ("rel_tolerance", "0.0000001"), ("min_leak_amount", "Infinity"),
+           ("min_leak_amount", "-Infinity"), ("min_leak_amount", "1e15"), ("min_leak_amount", "1e9"),
+           ("min_leak_amount", "-1"), ("min_leak_amount", "1.0000001"), ("over_billing_min", "NaN"),
+           ("over_billing_min", "1e15")]
+    for field, value in bad:
+        with pytest.raises(InvalidInput, match=f"^{field}: ") as refused:
+            settings.update_thresholds(admin, **{**good, field: D(value)})
+        assert repr(str(D(value))) in str(refused.value)
+        assert _settings_state(admin, "settings.thresholds_changed") == before, f"{field}={value} wrote something"
+    edges = {"rel_tolerance": D("0.999999"), "min_leak_amount": D("999999999.999999"), "over_billing_min": D(0)}
+    settings.update_thresholds(admin, **edges)  # the largest values allowed are stored exactly, SQLite included
+    stored = settings.get_settings(admin)
+    assert (stored.rel_tolerance, stored.min_leak_amount, stored.over_billing_min) == tuple(edges.values())
+    assert settings.reconcile_params(stored).min_leak_amount == edges["min_leak_amount"]
+
+
+def test_schedule_settings_refuse_out_of_bounds_values_naming_the_field(org: tuple[Actor, Actor],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, _ = org
+    monkeypatch.delenv("RRC_SCHEDULER_MIN_INTERVAL_SECONDS", raising=False)
+    settings.update_schedule(admin, "cron", "0 6 * * *", "Europe/Paris")
+    before = _settings_state(admin, "settings.schedule_changed")
+    bad = [("interval", "99999999999999999999", "UTC", "interval"), ("interval", "0", "UTC", "interval"),
+           ("interval", "299", "UTC", "interval"), ("interval", str(366 * 86400 + 1), "UTC", "interval"),
+           ("interval", "-600", "UTC", "interval"), ("interval", "60\u00b2", "UTC", "interval"),
+           ("interval", None, "UTC", "interval"), ("interval", "3" * 101, "UTC", "interval"),
+           ("cron", "* * * * *", "UTC", "cron expression"), ("cron", "0-4 6 * * *", "UTC", "cron expression"),
+           ("cron", "0 0 30 2 *", "UTC", "cron expression"), ("cron", "0 6 * * * *", "UTC", "cron expression"),
+           ("cron", "0 6 * * 1-99999999999", "UTC", "cron expression"), ("cron", "0 6 * * *", "X" * 65, "time zone"),
+           ("weekly", "0 6 * * *", "UTC", "schedule kind")]
+    for kind, expr, zone, field in bad:
+        with pytest.raises(InvalidInput, match=f"^{field}"):
+            settings.update_schedule(admin, kind, expr, zone)
+        assert _settings_state(admin, "settings.schedule_changed") == before, f"{kind} {expr!r} wrote something"
+    for kind, expr in [("interval", "300"), ("interval", str(366 * 86400)), ("cron", "*/5 * * * *")]:
+        assert settings.update_schedule(admin, kind, expr, "UTC").schedule_expr == expr
+    monkeypatch.setenv("RRC_SCHEDULER_MIN_INTERVAL_SECONDS", "60")  # an operator may allow more frequent runs
+    assert settings.update_schedule(admin, "interval", "60", "UTC").schedule_expr == "60"
+    monkeypatch.setenv("RRC_SCHEDULER_MIN_INTERVAL_SECONDS", "soon")
+    with pytest.raises(InvalidInput, match="RRC_SCHEDULER_MIN_INTERVAL_SECONDS"):
+        settings.update_schedule(admin, "interval", "3600", "UTC")
+
+
 def test_sign_in_and_lockout(org: tuple[Actor, Actor]) -> None:
     admin, analyst = org
     assert users.authenticate("Admin@Acme.example ", "password-1").id == admin.user_id

@@ -219,6 +219,39 @@ def test_unreachable_database_is_a_clear_failed_check_without_the_password() -> 
     assert "s3cret-pw" not in str(info.value)
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+psycopg://bob:pw-1@db.internal:5432/prod", "postgresql+psycopg://bob:***@db.internal:5432/prod"),
+    ("postgresql+psycopg://bob@db.internal/prod?password=pw-1&sslmode=require",
+     "postgresql+psycopg://bob@db.internal/prod?password=***&sslmode=require"),
+    ("postgresql+psycopg://bob@db.internal/prod?sslpassword=pw-1&PWD=pw-1&passwd=pw-1",
+     "postgresql+psycopg://bob@db.internal/prod?PWD=***&passwd=***&sslpassword=***"),
+    ("snowflake://bob@acct/db?private_key_passphrase=pw-1&warehouse=wh&private-key=pw-1",
+     "snowflake://bob@acct/db?private-key=***&private_key_passphrase=***&warehouse=wh"),
+    ("trino://bob@host:443/hive?access_token=pw-1&client_secret=pw-1&secret_access_key=pw-1&api_key=pw-1",
+     "trino://bob@host:443/hive?access_token=***&api_key=***&client_secret=***&secret_access_key=***"),
+    ("mssql+pyodbc://?odbc_connect=DRIVER%3DX%3BSERVER%3Dh%3BPWD%3Dpw-1", "mssql+pyodbc://?odbc_connect=***"),
+    ("not a url, pw-1", "***"),
+])
+def test_mask_url_hides_the_password_and_secret_query_parameters(url: str, shown: str) -> None:
+    assert sql_source.mask_url(url) == shown
+    assert sql_source.mask_url(sa.make_url(url) if "://" in url else url) == shown
+
+
+def test_a_password_in_the_query_is_scrubbed_from_check_and_errors() -> None:
+    config = {"url": "postgresql+psycopg://bob@127.0.0.1:1/db?password=s3cret-pw&sslmode=disable&token=t0k3n-val",
+              "table": "events", "columns": COLUMNS}
+    result = sql_source.check(config)
+    assert not result.ok and "cannot read usage from postgresql+psycopg://bob@127.0.0.1:1/db?" in result.message
+    for secret in ("s3cret-pw", "t0k3n-val"):
+        assert secret not in result.message and secret not in str(result.details)
+    with pytest.raises(SqlSourceError) as info:
+        sql_source.fetch_daily_buckets(config, START, END)
+    assert "password=***" in str(info.value) and "s3cret-pw" not in str(info.value)
+    parsed = sql_source.parse_config(config)
+    echoed = "invalid dsn: password=s3cret-pw token=t0k3n-val%2B host=x\nsecond line"
+    assert sql_source._scrub(echoed, parsed) == "invalid dsn: password=*** token=***%2B host=x"
+
+
 @pytest.mark.postgres
 def test_postgres_timestamptz_is_bucketed_in_utc_whatever_the_session_zone(pg_url: str) -> None:
     """Aware columns are converted to UTC; naive ones (the other tests) are read as UTC already."""

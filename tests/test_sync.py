@@ -53,6 +53,13 @@ def _scenario() -> Scenario:
     return scenario
 
 
+@pytest.fixture(autouse=True)
+def product_files_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The product databases synced here are SQLite files under tmp_path: allow that folder, as an operator
+    does with RRC_SQL_SOURCE_FILE_DIRS (the app's data folder, tmp_path/data, stays refused all the same)."""
+    monkeypatch.setenv("RRC_SQL_SOURCE_FILE_DIRS", str(tmp_path))
+
+
 @pytest.fixture(scope="module")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "recording.jsonl")
@@ -270,6 +277,21 @@ def test_reported_side_source_replaces_stripe_usage_and_ingested_events_count(or
     assert roles == {"base_bundle": "billing", "sql_source": "reported", "ingest": "actual"}
     assert any("side=reported" in w for w in report.warnings)
     assert report.counts["actual_buckets"] == 2 and report.counts["reported_buckets"] == 3
+
+
+def test_a_source_saved_before_the_policy_is_refused_at_sync(org: tuple[Actor, Actor], app_db: str,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SQL source pointing at the app's own database (saved before the policy existed) is never read:
+    the sync fails naming the url field, and no other org's usage reaches this org's bundle."""
+    admin, _ = org
+    with monkeypatch.context() as before_the_policy:
+        before_the_policy.setattr(integrations.source_policy, "check_usage_source", lambda kind, config: None)
+        integrations.connect(admin, "sql_source", {"url": app_db, "table": "usage_events", "columns": {
+            "account_id": "account_id", "product_key": "product_key", "ts": "ts", "units": "units"}})
+    with pytest.raises(sync.SyncFailed, match=r"^SQL usage source: url: .*cannot be a usage source"):
+        sync.sync(admin, as_of=AS_OF, base_bundle=_scenario().write(tmp_path / "base"))
+    assert not sync.bundle_dir(admin.org_id).exists()
+    assert _last_audit(admin).action == "sync.failed"
 
 
 def test_one_sync_per_org_at_a_time(org: tuple[Actor, Actor], tmp_path: Path) -> None:
