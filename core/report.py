@@ -12,6 +12,7 @@ from typing import Any
 
 from core.money import ZERO
 from core.reconcile import Anomaly
+from core.spreadsheet import safe_cell
 
 CSV_COLUMNS = (
     "account_id", "product_key", "period_start", "period_end", "type", "severity",
@@ -52,7 +53,7 @@ def write_anomalies(anomalies: list[Anomaly], path: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(records)
+            writer.writerows({name: safe_cell(value) for name, value in record.items()} for record in records)
     else:
         raise ValueError(f"output {path}: expected a .csv or .json file name")
     tmp.replace(path)

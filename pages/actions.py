@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from core.spreadsheet import safe_cell
 from services import activity
 from ui.format import money, when
 from ui.session import actor, attempt
@@ -30,4 +31,5 @@ frame = pd.DataFrame([{
     "Error": r.error or "",
 } for r in rows])
 st.dataframe(frame, hide_index=True, width="stretch")
-st.download_button("Download CSV", frame.to_csv(index=False).encode(), file_name="actions.csv", key="actions_csv")
+st.download_button("Download CSV", frame.map(safe_cell).to_csv(index=False).encode(), file_name="actions.csv",
+                   key="actions_csv")

@@ -22,6 +22,7 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.money import plain_decimal
+from core.spreadsheet import safe_cell
 from db.models import Account, Action, Anomaly, AuditEntry
 from db.session import org_session
 from services import audit
@@ -318,7 +319,7 @@ def export_anomalies(actor: Actor, filters: AnomalyFilters, fmt: str = "csv") ->
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS)
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({name: safe_cell(value) for name, value in record.items()} for record in records)
         return buffer.getvalue().encode(), "anomalies.csv"
     table = pa.table({name: pa.array([r[name] for r in records], pa.string()) for name in EXPORT_COLUMNS})
     sink = io.BytesIO()

@@ -12,7 +12,9 @@ What "of the period" [start, end) (UTC, half-open) means, per table:
 
 Money and units are decimal strings in both formats (never floats: an auditor's sum must match
 to the cent); JSON columns (evidence, details...) are JSON text; timestamps are ISO 8601 UTC in
-CSV and timestamp[us, UTC] in Parquet.
+CSV and timestamp[us, UTC] in Parquet. CSV text that a spreadsheet would run as a formula (a
+reason typed as `=HYPERLINK(...)`) gets a leading apostrophe (core/spreadsheet.py); Parquet
+keeps every value as stored.
 
 Where it goes: with an export bucket configured it is uploaded with boto3 and handed out as a
 presigned GET URL that expires after `RRC_EXPORT_URL_TTL` seconds (default 900); otherwise the
@@ -44,6 +46,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import select
 
 from core.money import plain_decimal
+from core.spreadsheet import safe_cell
 from db.models import Action, Anomaly, AuditEntry
 from db.session import org_session
 from services import audit
@@ -147,7 +150,7 @@ def _csv(columns: list[Column], rows: Sequence[Any]) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([c.name for c in columns])
     for row in rows:
-        writer.writerow(["" if (v := _cell(c, row, "csv")) is None else v for c in columns])
+        writer.writerow(["" if (v := _cell(c, row, "csv")) is None else safe_cell(v) for c in columns])
     return buffer.getvalue().encode("utf-8")
 
 

