@@ -46,9 +46,18 @@ Progress = Callable[[float, str], None]
 
 
 def queue_run(actor: Actor, trigger: str = "manual") -> ReconRun:
-    """Record a run for the scheduler to pick up ("Run now" in the app, POST in the API)."""
+    """Record a run for the scheduler to pick up ("Run now" in the app, POST in the API).
+
+    An org has at most one run waiting: asking again while one is queued returns that run, so
+    repeated clicks or a script posting in a loop cannot fill the queue every org shares (the
+    worker takes the oldest queued run of any org). A run queued while another is running does
+    wait: it will see data that arrived meanwhile."""
     require_role(actor, "admin", "analyst")
     with org_session(actor.org_id) as session:
+        waiting = session.scalars(select(ReconRun).where(ReconRun.org_id == actor.org_id, ReconRun.status == "queued")
+                                  .order_by(ReconRun.id).limit(1)).first()
+        if waiting is not None:
+            return waiting
         run = ReconRun(org_id=actor.org_id, trigger=trigger, status="queued", created_by=actor.user_id)
         session.add(run)
         session.flush()

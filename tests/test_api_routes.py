@@ -118,6 +118,8 @@ def test_mirror_routes_for_an_analyst(client: TestClient, tenants: tuple[Tenant,
 
     queued = client.post("/api/runs", headers=headers)
     assert queued.status_code == 202 and queued.json()["status"] == "queued"
+    again = client.post("/api/runs", headers=headers)  # a loop posting runs cannot fill the shared queue
+    assert again.status_code == 202 and again.json()["id"] == queued.json()["id"]
     runs = client.get("/api/runs", headers=headers).json()["runs"]
     assert [r["id"] for r in runs] == [queued.json()["id"], a.run_id]
     assert client.get(f"/api/runs/{a.run_id}", headers=headers).json()["status"] == "succeeded"

@@ -149,7 +149,10 @@ def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
 def test_claim_is_exclusive_per_org(app_db: str, demo_bundle: Path, tmp_path: Path) -> None:
     a = make_org("org-a", demo_bundle, tmp_path / "a")
     b = make_org("org-b", demo_bundle, tmp_path / "b")
-    first, second = reconciliation.queue_run(a), reconciliation.queue_run(a)
+    first = reconciliation.queue_run(a)
+    assert reconciliation.queue_run(a).id == first.id  # one run waits per org, however often one asks
+    with org_session(a.org_id) as session:  # a second one, as a retried interrupted run would be
+        second = runs_repo.create_run(session, a.org_id, trigger="cli", status="queued")
     other = reconciliation.queue_run(b)
     with org_session(a.org_id) as session:
         assert runs_repo.claim_run_exclusive(session, a.org_id, first.id, "w1")
@@ -379,7 +382,8 @@ def test_two_schedulers_never_run_one_org_at_once(app_db: str, demo_bundle: Path
     a = make_org("org-a", demo_bundle, tmp_path / "a")
     b = make_org("org-b", demo_bundle, tmp_path / "b")
     blocked = BlockedBundle(tmp_path / "a")
-    runs_a = [reconciliation.queue_run(a).id for _ in range(3)]
+    with org_session(a.org_id) as session:  # three waiting runs (queue_run keeps one per org)
+        runs_a = [runs_repo.create_run(session, a.org_id, trigger="api", status="queued").id for _ in range(3)]
     run_b = reconciliation.queue_run(b).id
     first, second = processes("one"), processes("two")
     try:
