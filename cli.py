@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.bundle import load_bundle
+from core.demo import MIN_ACCOUNTS as MIN_DEMO_ACCOUNTS
 from core.errors import BundleError
 from core.money import format_money
 from core.reconcile import ReconcileParams, reconcile
@@ -78,7 +79,7 @@ def reconcile_command(
 @app.command("demo")
 def demo_command(
     out_dir: Path = typer.Argument(..., help="Folder to write the demo bundle into"),
-    accounts: int = typer.Option(60, min=1, help="Number of customer accounts"),
+    accounts: int = typer.Option(60, min=MIN_DEMO_ACCOUNTS, help="Number of customer accounts"),
     seed: int = typer.Option(7, help="Random seed: the same seed writes the same files"),
     parquet: bool = typer.Option(False, help="Write the usage tables as Parquet instead of CSV"),
 ) -> None:

@@ -65,6 +65,7 @@ DEFAULT_PRICE = {"api_calls": "price_api_usd", "seats": "price_seats_usd", "stor
 UPLIFT = {"price_api_usd": "price_api_usd_2026", "price_seats_usd": "price_seats_usd_2026"}
 SCENARIOS = ("under_reported_usage", "unbilled_usage", "usage_after_cancel", "renewal_drift", "missed_overage",
              "over_billing")
+MIN_ACCOUNTS = len(SCENARIOS)  # every anomaly type planted at least once
 
 
 @dataclass
@@ -133,6 +134,8 @@ def _take(events: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarr
 def generate_demo_bundle(out_dir: Path | str, accounts: int = 60, seed: int = 7, months: int = 3,
                          as_of: date | None = None, usage_format: str = "csv") -> DemoManifest:
     """Write a demo bundle into `out_dir` and return what was planted."""
+    if accounts < MIN_ACCOUNTS:
+        raise ValueError(f"accounts: at least {MIN_ACCOUNTS} (one per planted scenario), got {accounts}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -33,6 +33,15 @@ def test_demo_then_reconcile_to_csv_and_json(tmp_path: Path) -> None:
     assert all(r["expected_amount"].count(".") <= 1 and "e" not in r["leak_amount"].lower() for r in records)
 
 
+def test_demo_needs_one_account_per_planted_scenario(tmp_path: Path) -> None:
+    too_few = cli("demo", str(tmp_path / "small"), "--accounts", "5")
+    assert too_few.returncode == 2 and "greater than or equal to 6" in " ".join(too_few.stderr.split())
+    assert not (tmp_path / "small").exists()
+    assert cli("demo", str(tmp_path / "six"), "--accounts", "6").returncode == 0
+    planted = json.loads((tmp_path / "six" / "manifest.json").read_text())["planted"]
+    assert len({p["type"] for p in planted}) >= 5
+
+
 def test_thresholds_change_the_outcome(tmp_path: Path) -> None:
     bundle = tmp_path / "demo"
     cli("demo", str(bundle), "--accounts", "30", "--seed", "5")
