@@ -98,20 +98,27 @@ def _stripe_key(key: str) -> str:
     return "rrc-" + key.split(":", 1)[1]
 
 
-def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
-    """The invoice item's description (product, period, units, anomaly) and its quantity."""
+def _period_text(anomaly: Anomaly) -> str:
+    """The billing period as its first and last day (the end is exclusive)."""
     last_day = (anomaly.period_end - timedelta(days=1)).date().isoformat()
-    period = f"{anomaly.period_start.date().isoformat()} to {last_day}"
+    return f"{anomaly.period_start.date().isoformat()} to {last_day}"
+
+
+def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
+    """The invoice line as the customer will read it, and its quantity. Written for the customer:
+    no anomaly ids or internal wording (the item's metadata links it back to the anomaly), and a
+    missed overage says it is the part above the allowance, not the same units billed twice."""
+    period = _period_text(anomaly)
     actual, leak = Decimal(anomaly.actual_units), Decimal(anomaly.leak_units)
     product, used, missing = anomaly.product_key, plain_decimal(actual), plain_decimal(leak)
-    what = {
-        "unbilled_usage": (f"{product}: {used} units used {period} with no subscription billing them", actual),
-        "under_reported_usage": (f"{product}: {missing} units used {period} that never reached billing", leak),
-        "renewal_drift": (f"{product}: {used} units {period} billed below the contracted price "
-                          f"({anomaly.price_id})", actual),
-        "missed_overage": (f"{product}: usage above the allowance {period} not charged ({used} units used)", actual),
+    return {
+        "unbilled_usage": (f"{product}: {used} units used {period}", actual),
+        "under_reported_usage": (f"{product}: {missing} additional units used {period}, not included in earlier "
+                                 "invoices", leak),
+        "renewal_drift": (f"{product}: {used} units used {period}, adjusted to the contracted price", actual),
+        "missed_overage": (f"{product}: usage above the included allowance, {period} ({used} units used in "
+                           "total)", actual),
     }[anomaly.type]
-    return f"{what[0]} — anomaly #{anomaly.id} ({anomaly.fingerprint[:12]})", what[1]
 
 
 def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan | ActionResult:
@@ -153,8 +160,7 @@ def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan 
             {"product_key": anomaly.product_key, "anomaly_id": str(anomaly.id), "rrc_type": anomaly.type})
         metadata = {"rrc_anomaly_id": str(anomaly.id), "rrc_fingerprint": anomaly.fingerprint,
                     "rrc_account_id": account.account_id, "rrc_link": anomaly_link(anomaly.id)}
-        invoice_text = (f"Usage not billed for {account.name}, {anomaly.product_key}, "
-                        f"{anomaly.period_start.date().isoformat()} (Revenue Recovery Copilot)")
+        invoice_text = f"Usage of {_period_text(anomaly)} not included in earlier invoices"
         return _Plan(anomaly.id, key, _stripe_key(key), preview, (line,), metadata, invoice_text)
 
 
