@@ -12,6 +12,7 @@ import os
 
 import streamlit as st
 import streamlit_authenticator as stauth
+from streamlit.navigation.page import StreamlitPage
 
 from db.crypto import local_key
 from db.session import database_url
@@ -22,6 +23,8 @@ from ui import session
 
 COOKIE_NAME = "rrc_session"
 COOKIE_DAYS = 7
+AFTER_SIGN_IN = "after_sign_in"  # (url path, query params) a signed-out visitor asked for, opened after sign-in
+COOKIE_PENDING = "cookie_pending"  # signed in with a password: the remember-me cookie is still to be written
 
 st.set_page_config(page_title="Revenue Recovery Copilot", page_icon="💸", layout="wide")
 
@@ -84,7 +87,10 @@ def sign_in_page(authenticator: stauth.Authenticate, credentials: dict) -> None:
         st.error(f"This account is locked: {locked}." if locked else "Wrong email or password.")
     elif st.session_state.get("authentication_status"):
         if signed_in_actor() is not None:
-            st.rerun()  # signed in: start over with the app's pages
+            # Start over with the app's pages. This rerun drops the cookie component login() just drew
+            # before the browser runs it, so the next run draws it again (remember_sign_in).
+            st.session_state[COOKIE_PENDING] = True
+            st.rerun()
         st.error("This account cannot sign in (deactivated or locked).")
     create_organization_form()
 
@@ -108,6 +114,35 @@ def pages_for(role: str) -> dict[str, list]:
     return menu
 
 
+def sign_in_pages(authenticator: stauth.Authenticate, credentials: dict) -> list[StreamlitPage]:
+    """The sign-in form under its own address and under every page address of the app, so that a link
+    to /anomalies?id=16 opened signed out shows the form (not "Page not found") and is kept for later."""
+    def show() -> None:
+        sign_in_page(authenticator, credentials)
+
+    paths = [page.url_path for section in pages_for("admin").values() for page in section if page.url_path]
+    return [st.Page(show, title="Sign in", url_path="sign-in", default=True),
+            *[st.Page(show, title="Sign in", url_path=path) for path in paths]]
+
+
+def open_requested_page(current: StreamlitPage, pages: list[StreamlitPage]) -> None:
+    """After a sign-in, go where the visitor was heading (a deep link from an invoice or a CRM task).
+    Usually the browser is still at that address and `current` is already the page."""
+    path, params = st.session_state.pop(AFTER_SIGN_IN, (None, {}))
+    target = next((page for page in pages if page.url_path == path), None)
+    if target is not None and target.url_path != current.url_path:
+        st.switch_page(target, query_params=params)
+    elif target is not None and params and st.query_params.to_dict() != params:
+        st.query_params.from_dict(params)
+
+
+def remember_sign_in(authenticator: stauth.Authenticate) -> None:
+    """Write the remember-me cookie on the first run after a password sign-in, in a run that is not
+    cut short by a rerun (a rerun drops the component before the browser has set the cookie)."""
+    if st.session_state.pop(COOKIE_PENDING, False):
+        authenticator.cookie_controller.set_cookie()
+
+
 def main() -> None:
     prepare_database(database_url())
     credentials = users.credentials_for_authenticator()
@@ -119,15 +154,24 @@ def main() -> None:
     current = signed_in_actor()
     if current is None:
         st.session_state.pop("actor", None)
-        st.navigation([st.Page(lambda: sign_in_page(authenticator, credentials), title="Sign in",
-                               url_path="sign-in")], position="hidden").run()
+        page = st.navigation(sign_in_pages(authenticator, credentials), position="hidden")
+        if page.url_path:  # a page of the app, not the sign-in page itself ("")
+            st.session_state[AFTER_SIGN_IN] = (page.url_path, st.query_params.to_dict())
+        else:
+            st.session_state.pop(AFTER_SIGN_IN, None)
+        page.run()
         return
+    menu = pages_for(current.role)
+    page = st.navigation(menu)
+    if AFTER_SIGN_IN in st.session_state:
+        open_requested_page(page, [p for section in menu.values() for p in section])
     with st.sidebar:
         st.markdown(f"**{st.session_state.get('org_name', '')}**")
         st.caption(f"{st.session_state['username']} · {current.role}")
         authenticator.logout("Sign out", location="sidebar", key="sign_out",
                              callback=lambda _: st.session_state.pop("actor", None))
-    st.navigation(pages_for(current.role)).run()
+        remember_sign_in(authenticator)
+    page.run()
 
 
 main()

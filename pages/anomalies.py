@@ -96,6 +96,10 @@ def invoice_dialog(anomaly_id: int) -> None:
     if preview is None:
         close_button(st, "Close", "invoice_close_error")
         return
+    stripe_connected = integrations.is_connected(me, "stripe")
+    if not stripe_connected:
+        st.warning("Stripe is not connected, so no invoice can be drafted yet — an admin can connect Stripe in "
+                   "Settings. The preview below shows what the invoice would hold.")
     st.write(f"Customer **{preview.account_name}** (Stripe `{preview.customer}`) · "
              f"currency **{preview.currency.upper()}**")
     st.dataframe(pd.DataFrame([{"Description": line.description, "Quantity": units(line.quantity),
@@ -109,7 +113,7 @@ def invoice_dialog(anomaly_id: int) -> None:
         close_button(st, "Close", "invoice_close")
         return
     left, right = st.columns(2)
-    if left.button("Create draft invoice", type="primary", key="invoice_confirm"):
+    if left.button("Create draft invoice", type="primary", key="invoice_confirm", disabled=not stripe_connected):
         result = attempt(recovery.draft_invoice, me, anomaly_id)
         if result is not None:
             st.session_state["invoice_result"] = {"anomaly_id": anomaly_id, "external_id": result.external_id,

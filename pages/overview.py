@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pandas as pd
@@ -30,22 +31,27 @@ def live_run_status() -> None:
             f"({(run.progress or 0):.0%}). This page refreshes itself.")
 
 
-filters.filter_bar("overview", [c.upper() for c in dashboard.currencies(me)])
-summary = attempt(dashboard.summary, me, filters.current())
+org_currencies = dashboard.currencies(me)
+filters.filter_bar("overview", [c.upper() for c in org_currencies])
+chosen = filters.current()
+summary = attempt(dashboard.summary, me, chosen)
 if summary is None:
     st.stop()
 if summary.active_run:
     live_run_status()
 
 last = summary.last_run
+# An empty money tile still names its currencies ("0.00 USD"): those in view, else the org's
+in_view = summary.currencies or ([chosen.currency] if chosen.currency else org_currencies)
+nothing = " · ".join(money(Decimal(0), currency) for currency in sorted(in_view)) or "0"
 tiles: list[tuple[str, str, str]] = []  # label, value, help: one money tile per currency, never a mixed sum
 for label, amounts, hint in (
     ("Open leak", summary.open_leak, "Leaks still to recover (open or actioned)"),
-    ("Recovered", summary.recovered, "Leaks analysts marked recovered"),
+    ("Recovered", summary.recovered, "Leaks analysts marked recovered (whatever the Status filter shows)"),
     ("Over-billing risk", summary.over_billing, "Billed more than usage warrants: a credit risk, kept apart"),
 ):
     tiles += [(f"{label} · {currency.upper()}", money(amount, currency), hint)
-              for currency, amount in sorted(amounts.items())] or [(label, "0", hint)]
+              for currency, amount in sorted(amounts.items())] or [(label, nothing, hint)]
 tiles.append(("Accounts affected", f"{summary.accounts_affected:,}", f"{summary.open_count:,} open anomalies"))
 tiles.append(("Last run", last.status.title() if last else "Never",
               f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet"))

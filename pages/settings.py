@@ -13,13 +13,14 @@ import streamlit as st
 
 from services import api_keys, catalog, integrations, settings, users
 from ui.format import when
-from ui.session import actor, attempt, is_admin
+from ui.session import actor, attempt, flash, is_admin, show_flash
 
 me = actor()
 st.title("Settings")
 if not is_admin():
     st.error("Settings are for admins. Ask an admin of your organization for changes.")
     st.stop()
+show_flash()
 
 FIELDS: dict[str, list[tuple[str, str, bool]]] = {  # kind -> (field, label, secret)
     "stripe": [("api_key", "Restricted API key (rk_… or sk_…)", True), ("api_base", "API base URL (optional)", False)],
@@ -62,7 +63,7 @@ def integration_form(kind: str, current: integrations.IntegrationView | None) ->
                 st.caption(f"Column mapping is not valid JSON: {exc.msg}")
         saved = st.form_submit_button("Save" if current else "Connect")
         if saved and attempt(integrations.connect, me, kind, config) is not None:
-            st.success(f"{integrations.LABELS[kind]} saved. Test the connection to check it.")
+            flash(f"{integrations.LABELS[kind]} saved. Test the connection to check it.")
             st.rerun()
 
 
@@ -152,7 +153,7 @@ with tab_users:
         role = cols[2].selectbox("Role", ["analyst", "admin"])
         password = cols[3].text_input("First password", type="password")
         if st.form_submit_button("Add user") and attempt(users.create_user, me, email, name, role, password):
-            st.success(f"{email} can sign in now.")
+            flash(f"{email.strip().lower()} can sign in now.")
             st.rerun()
     if people:
         by_email = {u.email: u for u in people}
@@ -161,9 +162,11 @@ with tab_users:
         new_role = cols[1].selectbox("Role", ["analyst", "admin"], index=0 if chosen.role == "analyst" else 1,
                                      key="user_role")
         if cols[2].button("Change role", key="user_set_role") and attempt(users.set_role, me, chosen.id, new_role):
+            flash(f"{chosen.email} is now {new_role}.")
             st.rerun()
         label = "Deactivate" if chosen.active else "Reactivate"
         if cols[3].button(label, key="user_toggle") and attempt(users.set_active, me, chosen.id, not chosen.active):
+            flash(f"{chosen.email} {'deactivated' if chosen.active else 'reactivated'}.")
             st.rerun()
 
 with tab_keys:

@@ -3,12 +3,16 @@
 Every figure is per currency (amounts are never summed across currencies). "Open leak" is the
 money of leak-type anomalies still to recover (open or actioned); "recovered" what analysts
 marked recovered; over-billing is a credit risk and kept apart from leaks.
+
+The status filter narrows every figure except "recovered": the Overview's default filter is open
+and actioned anomalies, and finance must still see what was recovered within the other filters
+(period, currency, type, ...).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -100,7 +104,8 @@ def summary(actor: Actor, filters: AnomalyFilters = AnomalyFilters()) -> Dashboa
 
     The first groups by every dimension the charts use (type, status, currency, month, product,
     confidence decile: a few thousand groups at most); the second by account, for the top list
-    and the count of affected accounts.
+    and the count of affected accounts. The first scan ignores the status filter, which is applied
+    while folding, so the recovered total comes from the same scan whatever statuses are shown.
     """
     require_role(actor, "admin", "analyst")
     org = actor.org_id
@@ -110,7 +115,8 @@ def summary(actor: Actor, filters: AnomalyFilters = AnomalyFilters()) -> Dashboa
         out.last_run, out.active_run = _runs(session, org)
         dims = (Anomaly.type, Anomaly.status, Anomaly.currency, _month(session), Anomaly.product_key,
                 _bucket(session))
-        groups = session.execute(apply_filters(select(*dims, amount, count), org, filters).group_by(*dims)).all()
+        any_status = replace(filters, statuses=())
+        groups = session.execute(apply_filters(select(*dims, amount, count), org, any_status).group_by(*dims)).all()
         by_period: dict[tuple[str, str], Decimal] = {}
         by_type: dict[tuple[str, str], Decimal] = {}
         by_product: dict[tuple[str, str], Decimal] = {}
@@ -119,6 +125,10 @@ def summary(actor: Actor, filters: AnomalyFilters = AnomalyFilters()) -> Dashboa
         currencies = set()
         for kind, status, currency, month, product, decile, total, n in groups:
             total = Decimal(total)
+            if kind in LEAK_TYPES and status == "recovered":
+                _add(out.recovered, currency, total)
+            if filters.statuses and status not in filters.statuses:
+                continue
             currencies.add(currency)
             deciles[int(decile)] += n
             _add(by_type, (kind, currency), total)
@@ -134,8 +144,6 @@ def summary(actor: Actor, filters: AnomalyFilters = AnomalyFilters()) -> Dashboa
             if status in TO_RECOVER:
                 _add(out.open_leak, currency, total)
                 out.open_count += n
-            elif status == "recovered":
-                _add(out.recovered, currency, total)
         out.currencies = sorted(currencies)
         out.by_period = [{"month": m, "currency": c, "amount": a, "count": counts[("month", m, c)]}
                          for (m, c), a in sorted(by_period.items())]

@@ -12,6 +12,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from core.bundle import load_bundle
+from core.money import format_money
 from db.session import get_engine, upgrade
 from services import anomalies, demo, integrations, settings, users
 from services.context import Actor
@@ -298,3 +299,61 @@ def test_settings_page_shows_refused_thresholds_and_schedules_as_messages(app_en
     assert admin_user is not None
     stored = settings.get_settings(Actor.user(admin_user.org_id, admin_user.id, "admin"))
     assert stored.rel_tolerance.is_finite() and stored.min_leak_amount.is_finite() and stored.schedule_kind == "off"
+
+
+def test_overview_recovered_tile_shows_recoveries_under_the_default_filter(app_env: Path) -> None:
+    at = sign_in(*ANALYST[::2])
+    no_exceptions(at)
+    tiles = {m.label: m.value for m in at.metric}
+    empty = next(value for label, value in tiles.items() if label.startswith("Recovered"))
+    assert empty != "0" and "0.00 USD" in empty, tiles  # no bare zero: the currency is always shown
+    user = users.get_user_by_email(ANALYST[0])
+    assert user is not None
+    me = Actor.user(user.org_id, user.id, "analyst")
+    leak = anomalies.list_anomalies(me, anomalies.AnomalyFilters(types=anomalies.LEAK_TYPES, statuses=("open",),
+                                                                 currency="usd")).rows[0]
+    anomalies.set_status(me, leak.id, "recovered")
+    at.switch_page("pages/overview.py").run()
+    no_exceptions(at)
+    assert at.session_state["filters"]["statuses"] == ["open", "actioned"]  # the default filter, untouched
+    tiles = {m.label: m.value for m in at.metric}
+    assert tiles.get("Recovered · USD") == format_money(leak.amount, "usd"), tiles
+
+
+def test_settings_confirmations_survive_the_rerun(app_env: Path) -> None:
+    at = sign_in(*ADMIN[::2])
+    at.switch_page("pages/settings.py").run()
+    form = {t.label: t for t in at.text_input}
+    form["Email"].input("new.analyst@demo.example")
+    form["Name"].input("New Analyst")
+    form["First password"].input("password-77")
+    at.button(key="FormSubmitter:invite-Add user").click().run()
+    no_exceptions(at)
+    assert "new.analyst@demo.example can sign in now" in texts(at.success), texts(at.error)
+    with serve(FakeStripe()) as base:
+        at.text_input(key="stripe_api_key").input("rk_test_confirm")
+        at.text_input(key="stripe_api_base").input(base)
+        at.button(key="FormSubmitter:integration_stripe-Connect").click().run()
+        no_exceptions(at)
+        assert "Stripe saved" in texts(at.success), texts(at.error)
+    at.run()  # shown once, not on every later run
+    assert "Stripe saved" not in texts(at.success)
+
+
+def test_draft_invoice_dialog_says_up_front_that_stripe_is_not_connected(app_env: Path) -> None:
+    user = users.get_user_by_email(ANALYST[0])
+    assert user is not None
+    me = Actor.user(user.org_id, user.id, "analyst")
+    assert not integrations.is_connected(me, "stripe")
+    leak = anomalies.list_anomalies(me, anomalies.AnomalyFilters(types=("under_reported_usage",),
+                                                                 statuses=("open",))).rows[0]
+    at = sign_in(*ANALYST[::2])
+    at.switch_page("pages/anomalies.py").run()
+    at.session_state["anomaly_focus"] = leak.id
+    at.run()
+    at.button(key="act_invoice").click().run()
+    no_exceptions(at)
+    warning = texts(at.warning)
+    assert "Stripe is not connected" in warning and "admin" in warning, warning
+    assert at.button(key="invoice_confirm").disabled
+    assert "Total:" in texts(at.markdown)  # the preview still shows what the invoice would hold

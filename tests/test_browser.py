@@ -152,3 +152,67 @@ def test_sign_in_draft_invoice_and_see_it_in_actions(running_app: str, tmp_path:
             shot(page, "6-actions")
             assert page.locator("[data-testid='stException']").count() == 0
         browser.close()
+
+
+def sign_in_as(page, who: tuple[str, str, str]) -> None:  # type: ignore[no-untyped-def]
+    type_into(page.get_by_label("Email", exact=True), who[0])
+    type_into(page.get_by_label("Password", exact=True), who[2])
+    page.get_by_role("button", name="Sign in").click()
+
+
+def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        page = context.new_page()
+        page.goto(running_app)
+        settle(page)
+        sign_in_as(page, demo.DEMO_ANALYST)
+        page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
+        settle(page)
+        deadline = time.monotonic() + 15
+        while "rrc_session" not in {c["name"] for c in context.cookies()} and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+        assert "rrc_session" in {c["name"] for c in context.cookies()}, context.cookies()
+
+        page.reload()  # a reload (or a new tab, a bookmark) keeps the user signed in
+        settle(page)
+        page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
+        assert page.get_by_role("button", name="Sign in").count() == 0
+        second = context.new_page()
+        second.goto(f"{running_app}/runs")
+        settle(second)
+        second.get_by_role("heading", name="Runs").wait_for(timeout=60_000)
+        second.close()
+
+        page.locator("[data-testid='stSidebar']").get_by_role("button", name="Sign out").click()
+        page.get_by_role("button", name="Sign in").wait_for(timeout=60_000)
+        settle(page)
+        page.reload()  # signed out stays signed out
+        settle(page)
+        page.get_by_role("button", name="Sign in").wait_for(timeout=60_000)
+        assert page.get_by_role("heading", name="Overview").count() == 0
+
+        # A link written into an invoice or a CRM task, opened signed out: the sign-in form, no
+        # "Page not found", and after signing in that very anomaly.
+        user = users.get_user_by_email(demo.DEMO_ANALYST[0])
+        assert user is not None
+        target = anomalies.list_anomalies(Actor.user(user.org_id, user.id, "analyst"),
+                                          AnomalyFilters(statuses=("open",)), page_size=50).rows[-1]
+        fresh = browser.new_context(viewport={"width": 1440, "height": 1000})
+        linked = fresh.new_page()
+        linked.goto(f"{running_app}/anomalies?id={target.id}")
+        settle(linked)
+        linked.get_by_role("button", name="Sign in").wait_for(timeout=60_000)
+        assert linked.get_by_text("Page not found").count() == 0
+        shot(linked, "7-deep-link-signed-out")
+        sign_in_as(linked, demo.DEMO_ANALYST)
+        linked.get_by_role("heading", name="Anomalies").wait_for(timeout=60_000)
+        settle(linked)
+        expect(linked.get_by_text(f"anomaly #{target.id}").first).to_be_visible(timeout=30_000)
+        assert f"id={target.id}" in linked.url
+        assert linked.locator("[data-testid='stException']").count() == 0
+        shot(linked, "8-deep-link-signed-in")
+        browser.close()

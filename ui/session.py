@@ -48,3 +48,17 @@ def attempt(call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     except ServiceError as exc:
         st.error(str(exc))
         return None
+
+
+FLASH = "flash_messages"
+
+
+def flash(message: str) -> None:
+    """A confirmation to show on the next run: `st.success` followed by `st.rerun()` is never seen."""
+    st.session_state.setdefault(FLASH, []).append(message)
+
+
+def show_flash() -> None:
+    """Show (once) the confirmations queued by `flash` before the last rerun."""
+    for message in st.session_state.pop(FLASH, []):
+        st.success(message, icon=":material/check_circle:")
