@@ -180,7 +180,10 @@ def run_reconciliation(actor: Actor, *, trigger: str = "manual", bundle_dir: Pat
                        progress: Progress | None = None) -> ReconRun:
     """Create (or take a queued) run, reconcile the org's data, store anomalies, finish the run."""
     require_role(actor, "admin", "analyst")
-    params = params or reconcile_params(get_settings(actor))
+    try:
+        params = params or reconcile_params(get_settings(actor))
+    except InvalidInput as exc:  # the run is recorded as failed with the reason, not left queued
+        return _finish(actor, _start(actor, trigger, run_id, ReconcileParams()), "failed", None, str(exc))
     run_id = _start(actor, trigger, run_id, params)
     started = time.monotonic()
     try:

@@ -46,9 +46,21 @@ def get_settings(actor: Actor) -> OrgSettings:
 
 
 def reconcile_params(settings: OrgSettings) -> ReconcileParams:
-    return ReconcileParams(rel_tolerance=Decimal(settings.rel_tolerance),
-                           min_leak_amount=Decimal(settings.min_leak_amount),
-                           over_billing_min=Decimal(settings.over_billing_min))
+    """The org's thresholds as engine parameters, checked again: a row stored before the bounds
+    (Infinity on SQLite switched detection off) fails the run with the reason, never silently."""
+    try:
+        rel_tolerance, min_leak_amount, over_billing_min = _checked_thresholds(
+            settings.rel_tolerance, settings.min_leak_amount, settings.over_billing_min)
+    except InvalidInput as exc:
+        raise InvalidInput(f"stored thresholds: {exc} — save valid thresholds in Settings") from None
+    return ReconcileParams(rel_tolerance=rel_tolerance, min_leak_amount=min_leak_amount,
+                           over_billing_min=over_billing_min)
+
+
+def _checked_thresholds(rel_tolerance: Any, min_leak_amount: Any, over_billing_min: Any) -> tuple[Decimal, ...]:
+    return (_threshold("rel_tolerance", rel_tolerance, "a share", Decimal(1), "0.005"),
+            _threshold("min_leak_amount", min_leak_amount, "an amount", MAX_AMOUNT, "1.00"),
+            _threshold("over_billing_min", over_billing_min, "an amount", MAX_AMOUNT, "1.00"))
 
 
 def _threshold(name: str, value: Decimal, what: str, below: Decimal, example: str) -> Decimal:
@@ -73,9 +85,8 @@ def update_thresholds(actor: Actor, *, rel_tolerance: Decimal, min_leak_amount: 
                       over_billing_min: Decimal) -> OrgSettings:
     """Save the three thresholds together; all are checked before anything is written."""
     require_role(actor, "admin")
-    rel_tolerance = _threshold("rel_tolerance", rel_tolerance, "a share", Decimal(1), "0.005")
-    min_leak_amount = _threshold("min_leak_amount", min_leak_amount, "an amount", MAX_AMOUNT, "1.00")
-    over_billing_min = _threshold("over_billing_min", over_billing_min, "an amount", MAX_AMOUNT, "1.00")
+    rel_tolerance, min_leak_amount, over_billing_min = _checked_thresholds(rel_tolerance, min_leak_amount,
+                                                                           over_billing_min)
     with org_session(actor.org_id) as session:
         settings = settings_row(session, actor.org_id)
         settings.rel_tolerance, settings.min_leak_amount = rel_tolerance, min_leak_amount

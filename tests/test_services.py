@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from db.models import Anomaly, AuditEntry, ReconRun
+from db.models import Anomaly, AuditEntry, OrgSettings, ReconRun
 from db.session import get_engine, org_session
 from services import audit, reconciliation, settings, users
 from services.context import Actor
@@ -216,6 +216,22 @@ def test_failed_runs_record_why(org: tuple[Actor, Actor], tmp_path: Path) -> Non
         assert session.execute(sa.select(sa.func.count()).select_from(Anomaly)).scalar() == 0
         actions = session.execute(sa.select(AuditEntry.action).order_by(AuditEntry.seq)).scalars().all()
         assert actions.count("run.failed") == 2
+
+
+def test_thresholds_stored_before_the_bounds_fail_the_run_with_the_reason(org: tuple[Actor, Actor],
+                                                                         tmp_path: Path) -> None:
+    """A row saved before the bounds existed (SQLite kept Infinity, which switched detection off)
+    must fail the run loudly, never reconcile with it; a queued run is not left waiting."""
+    admin, _ = org
+    settings.get_settings(admin)  # the row exists
+    with org_session(admin.org_id) as session:
+        session.execute(sa.update(OrgSettings).where(OrgSettings.org_id == admin.org_id).values(min_leak_amount=-5))
+    queued = reconciliation.queue_run(admin)
+    run = reconciliation.run_reconciliation(admin, run_id=queued.id, bundle_dir=under_reported().write(tmp_path / "b"))
+    assert (run.id, run.status) == (queued.id, "failed")
+    assert "stored thresholds: min_leak_amount" in run.error and "save valid thresholds in Settings" in run.error
+    with org_session(admin.org_id) as session:
+        assert session.execute(sa.select(sa.func.count()).select_from(Anomaly)).scalar() == 0
 
 
 def test_a_second_run_of_one_org_is_refused_while_one_is_running(org: tuple[Actor, Actor], tmp_path: Path) -> None:
