@@ -58,7 +58,6 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import text
 
@@ -69,7 +68,7 @@ from db.repositories.schedules import OrgSchedule, orgs_with_integrations, sched
 from db.session import get_engine, is_current, org_session, system_session
 from services import reconciliation
 from services.context import Actor
-from services.settings import validate_schedule
+from services.settings import crontab_trigger, validate_schedule
 
 log = get_logger("scheduler")
 
@@ -194,34 +193,6 @@ def sync_all_orgs(signature: str = "") -> dict[int, str]:
 
 
 # --- schedules ---------------------------------------------------------------------------------
-
-CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def _cron_days(item: str) -> list[int]:
-    """The standard-cron days (0 or 7 = Sunday) one day-of-week item selects: 5, 1-5, */2, 1-5/2."""
-    base, _, step = item.partition("/")
-    first, last = (0, 6) if base == "*" else (int(base.split("-")[0]), int(base.split("-")[-1]))
-    days = range(first, last + 1, int(step) if step else 1)
-    return sorted({day % 7 for day in days})
-
-
-def crontab_trigger(expr: str, timezone: str) -> CronTrigger:
-    """A CronTrigger that reads day-of-week numbers as crontab does (1 = Monday, 0 and 7 = Sunday).
-
-    APScheduler 3 counts day-of-week from Monday = 0, so `from_crontab("0 6 * * 1")` would fire on
-    Tuesdays; numeric day items are translated to day names, which mean the same to both.
-    """
-    fields = expr.split()
-    if len(fields) == 5 and fields[4] != "*" and not any(ch.isalpha() for ch in fields[4]):
-        try:
-            days = sorted({day for item in fields[4].split(",") for day in _cron_days(item)})
-        except ValueError:
-            days = []
-        if days:
-            fields[4] = ",".join(CRON_DAYS[day] for day in days)
-    return CronTrigger.from_crontab(" ".join(fields), timezone=timezone)
-
 
 def trigger_for(schedule: OrgSchedule) -> BaseTrigger | None:
     """The APScheduler trigger of an org's schedule; None when off; ServiceError when invalid.

@@ -107,6 +107,39 @@ def min_interval_seconds() -> int:
     return int(raw)
 
 
+CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_days(item: str) -> list[int]:
+    """The standard-cron days (0 or 7 = Sunday) one numeric day-of-week item selects: 5, 1-5, */2, 1-5/2."""
+    base, _, step = item.partition("/")
+    first, last = (0, 6) if base == "*" else (int(base.split("-")[0]), int(base.split("-")[-1]))
+    if not (0 <= first <= 7 and 0 <= last <= 7):
+        raise ValueError(item)
+    days = range(first, last + 1, int(step) if step else 1)
+    return sorted({day % 7 for day in days})
+
+
+def crontab_trigger(expr: str, timezone: str) -> CronTrigger:
+    """A CronTrigger that reads day-of-week numbers as crontab does (1 = Monday, 0 and 7 = Sunday).
+
+    APScheduler 3 counts day-of-week from Monday = 0, so `from_crontab("0 6 * * 1")` would fire on
+    Tuesdays; numeric day items are translated to day names, which mean the same to both (items
+    that are names already, `sun` or `mon-fri`, stay as they are, also in a mix like `sun,1`). An
+    item that is neither is left for APScheduler to refuse.
+    """
+    fields = expr.split()
+    if len(fields) == 5 and fields[4] != "*":
+        try:
+            items = [item if any(ch.isalpha() for ch in item) else ",".join(CRON_DAYS[d] for d in _cron_days(item))
+                     for item in fields[4].split(",")]
+        except (ValueError, IndexError):
+            items = []
+        if items:
+            fields[4] = ",".join(items)
+    return CronTrigger.from_crontab(" ".join(fields), timezone=timezone)
+
+
 def validate_schedule(kind: str, expr: str | None, timezone: str) -> None:
     """InvalidInput naming the field unless the scheduler can build this schedule and it fires within bounds.
 
@@ -138,7 +171,7 @@ def _schedule_problem(kind: str, expr: str | None, timezone: str, floor: int) ->
             return f"interval: {int(expr)} s is out of bounds; the minimum is {floor} s, the maximum {MAX_INTERVAL} s"
         return None
     try:
-        trigger = CronTrigger.from_crontab(expr or "", timezone=timezone)
+        trigger = crontab_trigger(expr or "", timezone)
     except ValueError as exc:
         return f"cron expression {expr!r}: {exc}"
     fires: list[datetime] = []

@@ -33,6 +33,7 @@ from db.repositories import runs as runs_repo
 from db.session import get_engine, org_session, system_session
 from services import integrations, reconciliation, settings, users
 from services.context import Actor
+from services.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {
@@ -216,10 +217,17 @@ def test_schedules_follow_settings_and_keep_their_next_fire_time(
 @pytest.mark.parametrize(("expr", "days"), [
     ("0 6 * * 1", "mon"), ("0 6 * * 0", "sun"), ("0 6 * * 7", "sun"), ("0 6 * * 1-5", "mon,tue,wed,thu,fri"),
     ("0 6 * * */2", "sun,tue,thu,sat"), ("0 6 * * 5,6", "fri,sat"), ("0 6 * * mon-fri", "mon-fri"), ("0 6 * * *", "*"),
+    ("0 6 * * sun,1", "sun,mon"), ("0 6 * * 6-7", "sun,sat"),
 ])
 def test_crontab_days_mean_what_crontab_means(expr: str, days: str) -> None:
     trigger = scheduler.crontab_trigger(expr, "UTC")
     assert str(next(f for f in trigger.fields if f.name == "day_of_week")) == days
+    settings.validate_schedule("cron", expr, "UTC")  # what the scheduler runs, the Settings page accepts
+
+
+def test_a_day_of_week_beyond_7_is_refused_by_name() -> None:
+    with pytest.raises(InvalidInput, match="cron expression"):
+        settings.validate_schedule("cron", "0 6 * * 8", "UTC")
 
 
 def test_scheduled_enqueue_is_audited_and_coalesced(app_db: str, demo_bundle: Path, tmp_path: Path) -> None:
