@@ -7,21 +7,45 @@ import plotly.express as px
 import streamlit as st
 
 from services import accounts
-from ui.format import STATUS_LABELS, confidence, money, period, type_label, units, when
+from ui.format import STATUS_LABELS, confidence, money, period, plural, type_label, units, when
+from ui.links import ACCOUNT_FOCUS, open_anomaly
 from ui.session import actor, attempt
 
 me = actor()
 st.title("Account")
 
+# A link (?id=acct_0003) opens that account; so do the Overview's top accounts and the queue's "Open account".
+if st.query_params.get("id"):
+    st.session_state[ACCOUNT_FOCUS] = st.query_params.pop("id")  # once: a later pick in the box wins
+focus = st.session_state.get(ACCOUNT_FOCUS)
+
 query = st.text_input("Find an account", placeholder="name, account id or Stripe customer id", key="account_search")
-found = attempt(accounts.search_accounts, me, query)
+found = attempt(accounts.search_accounts, me, query) or []
+if focus and not query.strip() and focus not in {a.account_id for a in found}:
+    focused = attempt(accounts.get_account, me, focus)  # beyond the first results: still shown
+    found = [focused, *found] if focused else found
 if not found:
-    st.info("No account matches. Accounts appear here after the first reconciliation run.")
+    st.info("No account matches. Accounts appear here after the first reconciliation run." if not query.strip()
+            else f"No account matches “{query.strip()}”. Search by name, account id or Stripe customer id.")
     st.stop()
-labels = {a.account_id: f"{a.name} ({a.account_id})" for a in found}
-preselected = st.session_state.get("account_focus")
-chosen = st.selectbox("Account", list(labels), format_func=labels.get, key="account_pick",
-                      index=list(labels).index(preselected) if preselected in labels else 0)
+
+
+def label(brief: accounts.AccountBrief) -> str:
+    count = plural(brief.anomaly_count, "anomaly", "anomalies") if brief.anomaly_count else "no anomalies"
+    return f"{brief.name} ({brief.account_id}) · {count}"
+
+
+labels = {a.account_id: label(a) for a in found}
+if query.strip():
+    with_anomalies = sum(1 for a in found if a.anomaly_count)
+    st.caption(f"{plural(len(found), 'account')} {'matches' if len(found) == 1 else 'match'} “{query.strip()}”"
+               + (f", {with_anomalies:,} with anomalies (listed first)" if len(found) > 1 else "")
+               + (" — showing the first ones, narrow the search" if len(found) >= accounts.SEARCH_LIMIT else ""))
+options = list(labels)
+# The key carries the focus: an account opened from another page is shown even if this box had a choice.
+chosen = st.selectbox("Account", options, format_func=labels.get, key=f"account_pick_{focus}",
+                      index=options.index(focus) if focus in options else 0)
+st.session_state[ACCOUNT_FOCUS] = chosen  # the menu brings this account back
 view = attempt(accounts.account_view, me, chosen)
 if view is None:
     st.stop()
@@ -58,8 +82,9 @@ if view.anomalies:
     target = st.selectbox("Open in the queue", [a.id for a in view.anomalies], key="account_open_id",
                           format_func=lambda i: f"#{i}")
     if st.button("Open anomaly", key="account_open"):
-        st.session_state["anomaly_focus"] = target
-        st.switch_page("pages/anomalies.py")
+        open_anomaly(target)
+else:
+    st.caption("No anomalies for this account.")
 
 st.subheader("Actions taken")
 if view.actions:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from core.spreadsheet import safe_cell
 from services import activity
-from ui.format import money, when
+from ui.format import money, plural, when
 from ui.session import actor, attempt
 
 PAGE_SIZE = 100
@@ -23,7 +23,7 @@ if not total:
     st.info("No action yet. Open an anomaly and click “Draft invoice” or “Create CRM task”.")
     st.stop()
 latest = rows[0]
-st.caption(f"{total:,} actions · latest: {latest.kind.replace('_', ' ')} {latest.external_id or latest.status} "
+st.caption(f"{plural(total, 'action')} · latest: {latest.kind.replace('_', ' ')} {latest.external_id or latest.status} "
            f"for {latest.account_id} ({money(latest.amount, latest.currency)}), {when(latest.created_at)}")
 frame = pd.DataFrame([{
     "When": when(r.created_at), "Kind": r.kind.replace("_", " "), "Status": r.status, "External id": r.external_id,

@@ -17,7 +17,8 @@ import streamlit as st
 from services import anomalies, crm_tasks, dashboard, integrations, recovery
 from services.anomalies import LEAK_TYPES, AnomalyDetail
 from ui import filters
-from ui.format import STATUS_LABELS, confidence, money, period, type_label, units, when
+from ui.format import STATUS_LABELS, confidence, explanation, money, period, plural, price, type_label, units, when
+from ui.links import open_account
 from ui.session import actor, attempt
 
 PAGE_SIZE = 25
@@ -56,7 +57,7 @@ def queue_page(number: int) -> anomalies.Page:
 page = queue_page(int(page_number))
 if not page.rows and page.total:  # past the last page (rows left the view meanwhile): show the last one
     page = queue_page(page.pages)
-controls[3].caption(f"{page.total:,} anomalies · page {page.page} of {page.pages}")
+controls[3].caption(f"{plural(page.total, 'anomaly', 'anomalies')} · page {page.page} of {page.pages}")
 
 if not page.rows:
     st.info("No anomalies match these filters. Widen them, or run a reconciliation on the Runs page.")
@@ -162,14 +163,15 @@ def changed(anomaly_ids: Any) -> None:
 def set_status(anomaly_ids: list[int], status: str) -> None:
     if attempt(anomalies.bulk_set_status, me, anomaly_ids, status) is not None:
         changed(anomaly_ids)
-        st.toast(f"{len(anomaly_ids)} marked {STATUS_LABELS[status].lower()}")
+        st.toast(f"{plural(len(anomaly_ids), 'anomaly', 'anomalies')} marked {STATUS_LABELS[status].lower()}")
 
 
 # Bulk actions on the selected rows, and the export of the whole filtered view.
 bulk = st.columns([1.2, 1.2, 1.2, 3])
 bulk[0].button("Dismiss selected", disabled=not selected_ids, key="bulk_dismiss",
                on_click=open_dialog, args=("dismiss", tuple(selected_ids)))
-if bulk[1].button("Mark selected recovered", disabled=not selected_ids, key="bulk_recovered"):
+if bulk[1].button("Mark recovered", disabled=not selected_ids, key="bulk_recovered",
+                  help="Mark the selected anomalies recovered"):
     set_status(selected_ids, "recovered")
     st.rerun()
 with bulk[2].popover("Export view"):
@@ -185,8 +187,13 @@ def evidence_chart(detail: AnomalyDetail) -> go.Figure:
     daily = pd.DataFrame(detail.evidence.get("daily") or [])
     figure = go.Figure()
     if not daily.empty:
-        for column, name in (("actual", "Actual usage"), ("reported", "Reported to billing")):
-            figure.add_scatter(x=daily["day"], y=daily[column].map(float), mode="lines+markers", name=name)
+        # Where both series agree the reported line lies on the actual one: drawn thinner, dashed and with
+        # hollow markers on top of a wide solid line, both stay visible.
+        figure.add_scatter(x=daily["day"], y=daily["actual"].map(float), mode="lines+markers", name="Actual usage",
+                           line={"width": 5, "color": "#1f77b4"}, marker={"size": 9, "symbol": "circle"})
+        figure.add_scatter(x=daily["day"], y=daily["reported"].map(float), mode="lines+markers",
+                           name="Reported to billing", line={"width": 2, "dash": "dash", "color": "#ff7f0e"},
+                           marker={"size": 7, "symbol": "diamond-open", "line": {"width": 2}})
     figure.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h"},
                          title="Daily units, UTC")
     return figure
@@ -198,8 +205,10 @@ def pricing_table(breakdown: dict[str, Any] | None, currency: str) -> None:
         return
     st.caption(f"{breakdown['price_id']} ({breakdown['model']}) on {units(Decimal(breakdown['quantity']))} units")
     st.dataframe(pd.DataFrame([{"Tier": line["tier"], "Units": units(Decimal(line["units"])),
-                                "Unit price": line["unit_amount"], "Flat fee": line["flat_amount"],
-                                "Subtotal": line["subtotal"]} for line in breakdown["lines"]]),
+                                "Unit price": price(line["unit_amount"], currency),
+                                "Flat fee": money(Decimal(line["flat_amount"]), currency),
+                                "Subtotal": money(Decimal(line["subtotal"]), currency)}
+                               for line in breakdown["lines"]]),
                  hide_index=True, width="stretch")
     st.markdown(f"Total **{money(Decimal(breakdown['total']), currency)}**")
 
@@ -210,10 +219,14 @@ def detail_panel(anomaly_id: int) -> None:
         return
     row = detail.row
     span = period(row.period_start, row.period_end)
-    st.subheader(f"{row.account_name or row.account_id} · {row.product_key} · {span}")
+    head = st.columns([5, 1], vertical_alignment="bottom")
+    head[0].subheader(f"{row.account_name or row.account_id} · {row.product_key} · {span}")
+    if head[1].button("Open account", key="act_account", icon=":material/person_search:",
+                      help="Everything about this account: periods, anomalies, actions"):
+        open_account(row.account_id)
     st.caption(f"{type_label(row.type)} · severity {row.severity} · {STATUS_LABELS[row.status]}"
                + (f" ({detail.status_reason})" if detail.status_reason else "") + f" · anomaly #{row.id}")
-    st.write(detail.explanation)
+    st.write(explanation(detail.explanation))
     figures = st.columns(5)
     figures[0].metric("Amount", money(row.amount, row.currency))
     figures[1].metric("Expected", money(row.expected_amount, row.currency))
@@ -244,7 +257,11 @@ def detail_panel(anomaly_id: int) -> None:
         lines = detail.evidence.get("invoice_lines") or []
         st.caption(f"Invoice lines for this period: {len(lines)}" if lines else "No invoice line for this period.")
         if lines:
-            st.dataframe(pd.DataFrame(lines), hide_index=True)
+            st.dataframe(pd.DataFrame([{
+                "Invoice": line.get("invoice_id"),
+                "Quantity": units(Decimal(line["quantity"])) if line.get("quantity") is not None else "—",
+                "Amount": money(Decimal(line["amount"]), row.currency) if line.get("amount") is not None else "—",
+            } for line in lines]), hide_index=True)
     with tab_pricing:
         pricing = detail.evidence.get("pricing") or {}
         left, right = st.columns(2)

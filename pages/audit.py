@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from datetime import date, timedelta
 
 import pandas as pd
 import streamlit as st
 
 from services import activity, exports
-from ui.format import when
+from ui.format import audit_details, plural, when
 from ui.session import actor, attempt
 
 PAGE_SIZE = 100
@@ -29,10 +28,10 @@ listed = attempt(activity.list_audit, me, limit=PAGE_SIZE, offset=(int(page) - 1
 if listed is None:
     st.stop()
 rows, total = listed
-st.caption(f"{total:,} entries, newest first")
+st.caption(f"{plural(total, 'entry', 'entries')}, newest first")
 st.dataframe(pd.DataFrame([{
-    "#": r.seq, "When": when(r.ts), "Who": r.actor, "What": r.action, "Target": r.target,
-    "Details": json.dumps(r.details, default=str)} for r in rows]), hide_index=True, width="stretch")
+    "#": r.seq, "When": when(r.ts), "Who": r.who or r.actor, "What": r.action, "Target": r.target,
+    "Details": audit_details(r.details)} for r in rows]), hide_index=True, width="stretch")
 
 with st.expander("Export anomalies, actions and audit log of a period"):
     span = st.date_input("Period", value=(date.today().replace(day=1), date.today()), key="audit_export_span")

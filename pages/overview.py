@@ -11,11 +11,14 @@ import plotly.express as px
 import streamlit as st
 
 from services import dashboard
+from services.anomalies import LEAK_TYPES
 from ui import filters
-from ui.format import money, money_by_currency, type_label, when
+from ui.format import money, money_by_currency, plural, type_label, when
+from ui.links import open_account
 from ui.session import actor, attempt
 
 REFRESH_WHILE_RUNNING = timedelta(seconds=3)
+TILES_PER_ROW = 3  # four did not fit "2,490.03 USD" at 1400 px
 
 st.title("Overview")
 me = actor()
@@ -41,22 +44,24 @@ if summary.active_run:
     live_run_status()
 
 last = summary.last_run
-# An empty money tile still names its currencies ("0.00 USD"): those in view, else the org's
+# An empty money tile still names its currency ("0.00 USD"), one tile per currency in view, else the org's
 in_view = summary.currencies or ([chosen.currency] if chosen.currency else org_currencies)
-nothing = " · ".join(money(Decimal(0), currency) for currency in sorted(in_view)) or "0"
 tiles: list[tuple[str, str, str]] = []  # label, value, help: one money tile per currency, never a mixed sum
 for label, amounts, hint in (
     ("Open leak", summary.open_leak, "Leaks still to recover (open or actioned)"),
     ("Recovered", summary.recovered, "Leaks analysts marked recovered (whatever the Status filter shows)"),
     ("Over-billing risk", summary.over_billing, "Billed more than usage warrants: a credit risk, kept apart"),
 ):
+    shown = amounts or {currency: Decimal(0) for currency in in_view}
     tiles += [(f"{label} · {currency.upper()}", money(amount, currency), hint)
-              for currency, amount in sorted(amounts.items())] or [(label, nothing, hint)]
-tiles.append(("Accounts affected", f"{summary.accounts_affected:,}", f"{summary.open_count:,} open anomalies"))
+              for currency, amount in sorted(shown.items())] or [(label, "0", hint)]
+tiles.append(("Accounts affected", f"{summary.accounts_affected:,}",
+              f"{plural(summary.open_count, 'open anomaly', 'open anomalies')} to recover"))
 tiles.append(("Last run", last.status.title() if last else "Never",
               f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet"))
-for start in range(0, len(tiles), 4):
-    for column, (label, value, hint) in zip(st.columns(4), tiles[start:start + 4], strict=False):
+for start in range(0, len(tiles), TILES_PER_ROW):
+    for column, (label, value, hint) in zip(st.columns(TILES_PER_ROW), tiles[start:start + TILES_PER_ROW],
+                                            strict=False):
         column.metric(label, value, help=hint, border=True)
 if last and last.status == "failed":
     st.error(f"The last run failed: {last.error}. See Runs for details.")
@@ -79,31 +84,71 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return data
 
 
+def count_step(largest: int) -> int:
+    """A whole-number tick step giving at most about six ticks (never 0.5 of an anomaly)."""
+    steps = (1, 2, 5)
+    scale = 1
+    while True:
+        for step in steps:
+            if largest <= 6 * step * scale:
+                return step * scale
+        scale *= 10
+
+
 def leak_chart(where: Any, title: str, rows: list[dict[str, Any]], x: str, x_label: str, key: str) -> None:
     """Leak amounts per `x`, one bar per currency side by side (currencies are never stacked)."""
     where.subheader(title)
-    if rows:
-        chart = px.bar(frame(rows), x=x, y="amount", color="currency", barmode="group",
-                       labels={"amount": "Leak", x: x_label})
-        where.plotly_chart(chart, width="stretch", key=key)
+    chart = px.bar(frame(rows), x=x, y="amount", color="currency", barmode="group",
+                   labels={"amount": "Leak", x: x_label, "currency": "Currency"})
+    where.plotly_chart(chart, width="stretch", key=key)
 
 
-by_type = frame(summary.by_type)
+def confidence_chart(where: Any) -> None:
+    where.subheader("Confidence")
+    chart = px.bar(frame(summary.confidence), x="bucket", y="count",
+                   labels={"bucket": "Confidence", "count": "Anomalies"})
+    largest = max((row["count"] for row in summary.confidence), default=0)
+    chart.update_yaxes(tick0=0, dtick=count_step(largest), tickformat=",d", rangemode="tozero")
+    where.plotly_chart(chart, width="stretch", key="confidence")
+
+
+leak_types = [row for row in summary.by_type if row["type"] in LEAK_TYPES]
+over_billing = [row for row in summary.by_type if row["type"] not in LEAK_TYPES]
+over_billing_note = (
+    f"Over-billing (a credit risk, not a leak, so not in the leak charts): "
+    f"{money_by_currency({row['currency']: row['amount'] for row in over_billing})} in "
+    f"{plural(sum(row['count'] for row in over_billing), 'anomaly', 'anomalies')}."
+) if over_billing else ""
+
+if not leak_types:
+    where = f" in {chosen.currency.upper()}" if chosen.currency else ""
+    st.info(f"No leaks{where} for these filters.", icon=":material/check_circle:")
+    if over_billing_note:
+        st.caption(over_billing_note)
+    confidence_chart(st.columns(2)[0])
+    st.stop()
+
+by_type = frame(leak_types)
 by_type["type"] = by_type["type"].map(type_label)
 charts = [st.columns(2), st.columns(2)]
 leak_chart(charts[0][0], "Leak by period", summary.by_period, "month", "Billing period", "by_period")
-charts[0][1].subheader("By type")
+charts[0][1].subheader("Leak by type")
 charts[0][1].plotly_chart(px.bar(by_type, x="amount", y="type", color="currency", orientation="h",
-                                 labels={"amount": "Amount", "type": ""}), width="stretch", key="by_type")
-leak_chart(charts[1][0], "By product", summary.by_product, "product_key", "Product", "by_product")
-charts[1][1].subheader("Confidence")
-charts[1][1].plotly_chart(px.bar(frame(summary.confidence), x="bucket", y="count",
-                                 labels={"bucket": "Confidence", "count": "Anomalies"}),
-                          width="stretch", key="confidence")
+                                 labels={"amount": "Leak", "type": "", "currency": "Currency"}),
+                          width="stretch", key="by_type")
+if over_billing_note:
+    charts[0][1].caption(over_billing_note)
+leak_chart(charts[1][0], "Leak by product", summary.by_product, "product_key", "Product", "by_product")
+confidence_chart(charts[1][1])
 
 st.subheader("Top accounts")
-st.dataframe(
+top = summary.top_accounts
+picked = st.dataframe(
     [{"Account": row["name"], "Id": row["account_id"], "Leak": money_by_currency({row["currency"]: row["amount"]}),
-      "Anomalies": row["count"]} for row in summary.top_accounts],
-    hide_index=True, width="stretch",
+      "Anomalies": row["count"]} for row in top],
+    hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="top_accounts",
 )
+st.caption("Select an account to open it on the Account page.")
+rows = picked.selection.rows if picked and picked.selection else []
+if rows and rows[0] < len(top):
+    open_account(top[rows[0]]["account_id"])

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from services import api_keys, catalog, integrations, settings, users
-from ui.format import when
+from ui.format import decimal_text, when
 from ui.session import actor, attempt, flash, is_admin, show_flash
 
 me = actor()
@@ -115,9 +115,10 @@ with tab_thresholds:
     if current is not None:
         with st.form("thresholds"):
             st.markdown("**Thresholds** — keep rounding and late events from raising anomalies")
-            tolerance = st.text_input("Relative tolerance (share of actual usage)", value=str(current.rel_tolerance))
-            minimum = st.text_input("Minimum leak amount (major units)", value=str(current.min_leak_amount))
-            over = st.text_input("Minimum over-billing amount", value=str(current.over_billing_min))
+            tolerance = st.text_input("Relative tolerance (share of actual usage)",
+                                      value=decimal_text(current.rel_tolerance))
+            minimum = st.text_input("Minimum leak amount (major units)", value=decimal_text(current.min_leak_amount, 2))
+            over = st.text_input("Minimum over-billing amount", value=decimal_text(current.over_billing_min, 2))
             if st.form_submit_button("Save thresholds"):
                 try:
                     values = Decimal(tolerance), Decimal(minimum), Decimal(over)

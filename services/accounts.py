@@ -23,6 +23,7 @@ class AccountBrief:
     name: str
     stripe_customer_id: str | None
     crm_id: str | None
+    anomaly_count: int = 0  # every anomaly of the account, whatever its status (the search ranks by it)
 
 
 @dataclass
@@ -35,16 +36,34 @@ class AccountView:
 
 
 def search_accounts(actor: Actor, text: str = "", limit: int = SEARCH_LIMIT) -> list[AccountBrief]:
-    """Accounts whose id, name or Stripe customer id contains `text` (all when empty), by name."""
+    """Accounts whose id, name or Stripe customer id contains `text` (all when empty): those with the
+    most anomalies first (an account without any has nothing to drill into), then by name."""
     require_role(actor, "admin", "analyst")
     with org_session(actor.org_id) as session:
-        query = select(Account).where(Account.org_id == actor.org_id)
+        counts = (select(Anomaly.account_id, func.count(Anomaly.id).label("n"))
+                  .where(Anomaly.org_id == actor.org_id).group_by(Anomaly.account_id).subquery())
+        n = func.coalesce(counts.c.n, 0)
+        query = (select(Account, n).outerjoin(counts, counts.c.account_id == Account.account_id)
+                 .where(Account.org_id == actor.org_id))
         if text.strip():
             needle = f"%{text.strip().lower()}%"
             query = query.where(or_(func.lower(Account.account_id).like(needle), func.lower(Account.name).like(needle),
                                     func.lower(Account.stripe_customer_id).like(needle)))
-        rows = session.scalars(query.order_by(Account.name).limit(limit)).all()
-        return [AccountBrief(r.account_id, r.name, r.stripe_customer_id, r.crm_id) for r in rows]
+        rows = session.execute(query.order_by(n.desc(), Account.name, Account.account_id).limit(limit)).all()
+        return [AccountBrief(r.account_id, r.name, r.stripe_customer_id, r.crm_id, int(count)) for r, count in rows]
+
+
+def get_account(actor: Actor, account_id: str) -> AccountBrief | None:
+    """One account by its exact id (the page focused from the Overview or an anomaly), None if unknown."""
+    require_role(actor, "admin", "analyst")
+    with org_session(actor.org_id) as session:
+        row = session.scalars(select(Account).where(Account.org_id == actor.org_id,
+                                                    Account.account_id == account_id)).one_or_none()
+        if row is None:
+            return None
+        count = session.scalar(select(func.count(Anomaly.id)).where(Anomaly.org_id == actor.org_id,
+                                                                    Anomaly.account_id == account_id)) or 0
+        return AccountBrief(row.account_id, row.name, row.stripe_customer_id, row.crm_id, int(count))
 
 
 def account_view(actor: Actor, account_id: str) -> AccountView:

@@ -34,10 +34,21 @@ class ActionRow:
 class AuditRow:
     seq: int
     ts: datetime
-    actor: str
+    actor: str  # as stored (and hashed): user:3, system:scheduler, api_key:7
     action: str
     target: str
     details: dict[str, Any]
+    who: str = ""  # for people: the user's email, else the stored label
+
+
+def _who(session: Any, org_id: int, labels: set[str]) -> dict[str, str]:
+    """`user:3` -> that user's email (users of this org only); other labels stay as they are."""
+    ids = {int(label.split(":", 1)[1]) for label in labels
+           if label.startswith("user:") and label.split(":", 1)[1].isdigit()}
+    if not ids:
+        return {}
+    emails = session.execute(select(User.id, User.email).where(User.org_id == org_id, User.id.in_(ids))).all()
+    return {f"user:{user_id}": email for user_id, email in emails}
 
 
 def list_actions(actor: Actor, *, limit: int = 100, offset: int = 0) -> tuple[list[ActionRow], int]:
@@ -57,8 +68,9 @@ def list_audit(actor: Actor, *, limit: int = 100, offset: int = 0) -> tuple[list
     with org_session(actor.org_id) as session:
         entries = audit.list_entries(session, actor.org_id, limit=limit, offset=offset)
         total = audit.count_entries(session, actor.org_id)
+        names = _who(session, actor.org_id, {e.actor for e in entries})
         return [AuditRow(e.seq, e.ts, e.actor, e.action, f"{e.target_type or ''} {e.target_id or ''}".strip(),
-                         dict(e.details)) for e in entries], total
+                         dict(e.details), names.get(e.actor, e.actor)) for e in entries], total
 
 
 def verify_audit(actor: Actor) -> audit.VerifyResult:

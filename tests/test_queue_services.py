@@ -172,6 +172,30 @@ def test_account_drill_down(demo_actors: tuple[Actor, Actor]) -> None:
         accounts.account_view(analyst, "acct_missing")
 
 
+def test_account_search_lists_accounts_with_anomalies_first(demo_actors: tuple[Actor, Actor]) -> None:
+    _, analyst = demo_actors
+    found = accounts.search_accounts(analyst, "")
+    counts = defaultdict(int)
+    for row in everything(analyst, AnomalyFilters()):
+        counts[row.account_id] += 1
+    assert [a.anomaly_count for a in found] == [counts[a.account_id] for a in found]
+    assert [a.anomaly_count for a in found] == sorted((a.anomaly_count for a in found), reverse=True)
+    assert found[0].anomaly_count > 0 and found[-1].anomaly_count == 0  # the demo has clean accounts too
+    clean = found[-1]
+    assert accounts.get_account(analyst, clean.account_id) == clean
+    assert accounts.get_account(analyst, "acct_missing") is None
+
+
+def test_audit_log_names_people_by_email(demo_actors: tuple[Actor, Actor]) -> None:
+    admin, analyst = demo_actors
+    target = everything(analyst, AnomalyFilters(types=LEAK_TYPES, statuses=("open",)))[0]
+    anomalies.set_status(analyst, target.id, "recovered")
+    rows, _ = activity.list_audit(admin)
+    latest = rows[0]
+    assert latest.actor == f"user:{analyst.user_id}" and latest.who == demo.DEMO_ANALYST[0]
+    assert all(not row.who.startswith("user:") for row in rows)
+
+
 def test_recovered_total_ignores_the_status_filter_but_keeps_the_others(demo_actors: tuple[Actor, Actor]) -> None:
     """The Overview's default filter is open + actioned: the Recovered tile must still show what was recovered."""
     _, analyst = demo_actors

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
+from typing import Any
 
-from core.money import format_money
+from core.money import currency_exponent, format_money
 from services.anomalies import TYPE_LABELS
 
 STATUS_LABELS = {"open": "Open", "dismissed": "Dismissed", "actioned": "Actioned", "recovered": "Recovered",
@@ -16,6 +19,30 @@ def money(amount: Decimal | None, currency: str | None) -> str:
     if amount is None or not currency:
         return "—"
     return format_money(Decimal(amount), currency)
+
+
+def price(amount: Decimal | str | None, currency: str | None) -> str:
+    """A unit price: the currency's decimals, more when the price has them (`0.002 USD`, never `0.00 USD`)."""
+    if amount is None or not currency:
+        return "—"
+    value = Decimal(amount)
+    places = max(currency_exponent(currency), -value.normalize().as_tuple().exponent)  # type: ignore[operator]
+    return f"{value:,.{places}f} {currency.upper()}"
+
+
+def decimal_text(value: Decimal | str | None, min_places: int = 0) -> str:
+    """A stored decimal as a person would type it: `0.005000` -> `0.005`; `1.000000` -> `1.00` with 2 places."""
+    if value is None:
+        return ""
+    normalized = Decimal(value).normalize()
+    places = max(min_places, -normalized.as_tuple().exponent)  # type: ignore[operator]
+    return f"{normalized:.{places}f}"
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """`1 anomaly`, `2 anomalies`, `1,204 actions`."""
+    word = singular if count == 1 else plural_form or f"{singular}s"
+    return f"{count:,} {word}"
 
 
 def money_by_currency(amounts: dict[str, Decimal]) -> str:
@@ -39,6 +66,62 @@ def period(start: datetime, end: datetime) -> str:
 
 def when(value: datetime | None) -> str:
     return f"{value:%Y-%m-%d %H:%M} UTC" if value else "—"
+
+
+PRICE_SOURCES = {
+    "contract": "contract price",
+    "subscription": "subscription price",
+    "list:previous_subscription": "list price of an earlier subscription",
+    "list:default": "default list price",
+    "list:first": "first listed price",
+}
+_NUMBER = re.compile(r"(?<![\w.\-])(\d{4,})(\.\d+)?(?![\w\-])")
+_PRICE_SOURCE = re.compile(r"\((" + "|".join(re.escape(key) for key in PRICE_SOURCES) + r")\)")
+
+
+def explanation(text: str | None) -> str:
+    """A stored explanation as a sentence: capitalised, thousands separators, price sources in words.
+
+    `reported usage above the allowance was not charged: actual 31369 vs reported 31369 units; expected
+    479.00 USD under price_seats_usd (subscription)` ->
+    `Reported usage above the allowance was not charged: actual 31,369 vs reported 31,369 units; expected
+    479.00 USD under price_seats_usd (subscription price)`. The stored text (and exports) stay as they are.
+    """
+    if not text:
+        return ""
+    shown = _NUMBER.sub(lambda m: f"{int(m.group(1)):,}{m.group(2) or ''}", text)
+    shown = _PRICE_SOURCE.sub(lambda m: f"({PRICE_SOURCES[m.group(1)]})", shown)
+    return shown[:1].upper() + shown[1:]
+
+
+AMOUNT_KEYS = ("amount", "total", "leak_amount", "overbilled_amount", "expected_amount", "billed_amount")
+THRESHOLD_PLACES = {"rel_tolerance": 0, "min_leak_amount": 2, "over_billing_min": 2}
+
+
+def audit_details(details: dict[str, Any]) -> str:
+    """An audit entry's details for people: `amount: 145.00 USD · kind: draft_invoice`, not raw JSON
+    with `"145.000000"`. The stored entry (and its hash chain) is untouched."""
+    currency = details.get("currency") if isinstance(details.get("currency"), str) else None
+    parts = []
+    for key, value in details.items():
+        if key == "currency" and currency and any(k in details for k in AMOUNT_KEYS):
+            continue  # shown with the amount
+        if key in AMOUNT_KEYS and currency and value is not None:
+            try:
+                shown = money(Decimal(str(value)), currency)
+            except InvalidOperation:
+                shown = str(value)
+        elif key in THRESHOLD_PLACES and value is not None:
+            try:
+                shown = decimal_text(Decimal(str(value)), THRESHOLD_PLACES[key])
+            except InvalidOperation:
+                shown = str(value)
+        elif isinstance(value, dict | list):
+            shown = json.dumps(value, default=str)
+        else:
+            shown = "—" if value is None else str(value)
+        parts.append(f"{key}: {shown}")
+    return " · ".join(parts)
 
 
 def type_label(anomaly_type: str) -> str:
