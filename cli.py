@@ -130,6 +130,22 @@ def db_seed_demo() -> None:
                f"or {DEMO_ANALYST[0]} / {DEMO_ANALYST[2]}")
 
 
+@db_app.command("reseal-audit-heads")
+def db_reseal_audit_heads() -> None:
+    """After putting a new key first in RRC_SECRET_KEYS: re-seal every audit chain head with it, so
+    the old key can be dropped. A head whose seal checks with no configured key is left as it is."""
+    from db.session import system_session
+    from services import audit
+
+    with system_session() as session:
+        resealed, refused = audit.reseal_heads(session)
+    typer.echo(f"re-sealed {resealed} audit chain head(s) with the first key of RRC_SECRET_KEYS")
+    if refused:
+        typer.echo(f"left alone, their seal checks with no configured key (tampered, or sealed with a key no "
+                   f"longer configured): organization id(s) {', '.join(map(str, refused))}", err=True)
+        raise typer.Exit(1)
+
+
 def _org_actor(slug: str, name: str):  # type: ignore[no-untyped-def]
     from services.context import Actor
     from services.users import find_organization

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
                     "may read SQLite or DuckDB database files (absolute paths, symlinks resolved). Empty: such "
                     "files are refused and only database servers can be sources. The data folder and the app's "
                     "own database are refused even when listed (services/source_policy.py).")
+    s3_allow_server_credentials: bool = Field(
+        False,
+        description="1: an organization's S3 settings (S3 Parquet usage source, and its audit-export prefix) may "
+                    "leave out access_key_id/secret_access_key and then use this server's own AWS credentials "
+                    "(AWS_* variables, ~/.aws, instance or task role). 0 (default): they must carry their own "
+                    "keys, since the server's role could reach other organizations' and the operator's buckets. "
+                    "Only for a single-tenant install whose role reaches nothing else. RRC_EXPORT_BUCKET always "
+                    "uses the server's credentials (services/source_policy.py).")
 
     # --- front doors ---------------------------------------------------------------------------
     demo: bool = Field(
@@ -109,7 +117,9 @@ class Settings(BaseSettings):
     aws_region: str | None = Field(
         None, validation_alias="AWS_REGION",
         description="Region of RRC_EXPORT_BUCKET (AWS_DEFAULT_REGION is used too; default us-east-1). Credentials "
-                    "come from boto3's usual chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile, instance role.")
+                    "come from boto3's usual chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile, instance role "
+                    "(for this operator bucket only; organizations' S3 settings bring their own keys, see "
+                    "RRC_S3_ALLOW_SERVER_CREDENTIALS).")
 
     # --- scheduler -----------------------------------------------------------------------------
     scheduler_poll_seconds: float = Field(

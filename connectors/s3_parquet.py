@@ -9,9 +9,15 @@ are filtered on `ts` in the scan; DuckDB then sums the stream into daily UTC buc
 (units are cast to DECIMAL(38, 12)).
 
 Time: a `ts` column with a time zone is converted to UTC; a naive one is taken to hold UTC.
-Credentials: `access_key_id` + `secret_access_key` when given, otherwise the standard AWS chain
-(environment, profile, instance role). `endpoint_url` points at S3-compatible stores (MinIO, the
-moto server of the tests). Nothing here logs, and messages never carry a secret.
+Credentials: `access_key_id` + `secret_access_key`, given to the clients explicitly (boto3 and Arrow
+then use only them: no environment variable, profile or instance role is consulted). Without keys
+nothing connects (S3SourceError naming `access_key_id`) unless the caller passes
+`server_credentials=True`, which hands the request to the standard AWS chain of *this server*
+(environment, profile, instance role). Callers decide who may use that: the operator's own export
+bucket does; an organization's settings only when the operator allows it
+(services/source_policy.py, RRC_S3_ALLOW_SERVER_CREDENTIALS). `endpoint_url` points at
+S3-compatible stores (MinIO, the moto server of the tests). Nothing here logs, and messages never
+carry a secret.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class S3Config:
     endpoint_url: str | None
     hive_partitioned: bool
     columns: dict[str, str]
+    server_credentials: bool = False  # keyless: may this server's own AWS credential chain be used?
 
     @property
     def base(self) -> str:
@@ -79,17 +86,22 @@ class S3Config:
 
 def _text(config: dict[str, Any], key: str, *, required: bool, default: str | None = None) -> str | None:
     value = config.get(key)
-    if value in (None, ""):
+    if value is not None and not isinstance(value, str):
+        raise S3SourceError(f"{key}: expected text")
+    value = (value or "").strip()
+    if not value:  # blank counts as absent (a key of spaces must not mean "no key")
         if required:
             raise S3SourceError(f"{key}: required")
         return default
-    if not isinstance(value, str):
-        raise S3SourceError(f"{key}: expected text")
-    return value.strip()
+    return value
 
 
-def parse_config(config: dict[str, Any]) -> S3Config:
-    """Check the shape of the admin's settings before anything connects."""
+def parse_config(config: dict[str, Any], *, server_credentials: bool = False) -> S3Config:
+    """Check the shape of the admin's settings before anything connects.
+
+    Keys are required unless `server_credentials` (then a config without keys uses this server's
+    AWS credential chain).
+    """
     if not isinstance(config, dict):
         raise S3SourceError("s3_parquet config: expected an object")
     bucket = _text(config, "bucket", required=True) or ""
@@ -99,9 +111,12 @@ def parse_config(config: dict[str, Any]) -> S3Config:
     region = _text(config, "region", required=False, default="us-east-1") or "us-east-1"
     key_id = _text(config, "access_key_id", required=False)
     secret = _text(config, "secret_access_key", required=False)
+    if not key_id and not secret and not server_credentials:
+        raise S3SourceError("access_key_id: required, with secret_access_key (an access key of your own AWS "
+                            "account or S3 store: this server does not lend its own credentials)")
     if bool(key_id) != bool(secret):
-        raise S3SourceError("access_key_id and secret_access_key: give both, or neither to use the AWS "
-                            "credential chain (environment, profile, instance role)")
+        missing = "secret_access_key" if key_id else "access_key_id"
+        raise S3SourceError(f"{missing}: required; access_key_id and secret_access_key are given together")
     endpoint = _text(config, "endpoint_url", required=False)
     if endpoint and urlparse(endpoint).scheme not in ("http", "https"):
         raise S3SourceError(f"endpoint_url: expected an http(s) URL, got {endpoint!r}")
@@ -109,11 +124,24 @@ def parse_config(config: dict[str, Any]) -> S3Config:
     if not isinstance(hive, bool):
         raise S3SourceError("hive_partitioned: expected true or false")
     mapping = usage_column_mapping(config.get("columns"), S3SourceError, "Parquet column")
-    return S3Config(bucket, prefix, region, key_id, secret, endpoint, hive, mapping)
+    return S3Config(bucket, prefix, region, key_id, secret, endpoint, hive, mapping,
+                    server_credentials=server_credentials)
+
+
+def _require_keys(access_key_id: str | None, secret_access_key: str | None, server_credentials: bool) -> None:
+    """Never build a client that would fall back to this server's credentials unless the caller allowed it."""
+    if not (access_key_id and secret_access_key) and not server_credentials:
+        raise S3SourceError("access_key_id: required, with secret_access_key (this server does not lend its own "
+                            "AWS credentials)")
 
 
 def filesystem(cfg: S3Config) -> pafs.S3FileSystem:
-    """Arrow's S3 client (multi-threaded ranged reads), configured like the boto3 client."""
+    """Arrow's S3 client (multi-threaded ranged reads), configured like the boto3 client.
+
+    With keys, only those keys (Arrow's AWS SDK then reads no environment, profile or instance role);
+    without, the server's chain, and only when `cfg.server_credentials`.
+    """
+    _require_keys(cfg.access_key_id, cfg.secret_access_key, cfg.server_credentials)
     options: dict[str, Any] = {"region": cfg.region, "connect_timeout": 5, "request_timeout": 60,
                                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
     if cfg.access_key_id:
@@ -125,11 +153,14 @@ def filesystem(cfg: S3Config) -> pafs.S3FileSystem:
 
 
 def s3_client(region: str, endpoint_url: str | None = None, access_key_id: str | None = None,
-              secret_access_key: str | None = None) -> Any:
-    """boto3 S3 client; without keys, boto3's credential chain (AWS_* variables, profile, role).
+              secret_access_key: str | None = None, *, server_credentials: bool = False) -> Any:
+    """boto3 S3 client signing with the keys given (explicit keys: boto3 consults no AWS_* variable,
+    profile or role). Without keys it uses this server's credential chain, and only when the caller
+    says so with `server_credentials` (the operator's own export bucket); otherwise S3SourceError.
 
     SigV4 always, so presigned URLs carry X-Amz-Expires and work in every region.
     """
+    _require_keys(access_key_id, secret_access_key, server_credentials)
     return boto3.client(
         "s3", region_name=region, endpoint_url=endpoint_url, aws_access_key_id=access_key_id,
         aws_secret_access_key=secret_access_key,
@@ -140,7 +171,8 @@ def s3_client(region: str, endpoint_url: str | None = None, access_key_id: str |
 
 def boto_client(cfg: S3Config) -> Any:
     """boto3 S3 client for the same settings (health check, exports)."""
-    return s3_client(cfg.region, cfg.endpoint_url, cfg.access_key_id, cfg.secret_access_key)
+    return s3_client(cfg.region, cfg.endpoint_url, cfg.access_key_id, cfg.secret_access_key,
+                     server_credentials=cfg.server_credentials)
 
 
 def _scrub(message: str, cfg: S3Config) -> str:
@@ -205,13 +237,14 @@ def _empty() -> pa.Table:
 
 
 def fetch_daily_buckets(config: dict[str, Any], start: datetime, end: datetime, *,
-                        max_products: frozenset[str] | set[str] = frozenset()) -> pa.Table:
+                        max_products: frozenset[str] | set[str] = frozenset(),
+                        server_credentials: bool = False) -> pa.Table:
     """Daily usage buckets of [start, end) from the period's Parquet files (projection + pruning).
 
     Units are summed per day, except for the product keys in `max_products` (seats-like daily
-    snapshots), whose daily value is the largest reading.
+    snapshots), whose daily value is the largest reading. `server_credentials`: see parse_config.
     """
-    cfg = parse_config(config)
+    cfg = parse_config(config, server_credentials=server_credentials)
     if end <= start:
         raise S3SourceError("period: end must be after start")
     fs = filesystem(cfg)
@@ -272,10 +305,10 @@ def _aggregate(reader: pa.RecordBatchReader, *, aware: bool, event_id: bool, uni
     ], schema=BUCKET_SCHEMA)
 
 
-def check(config: dict[str, Any]) -> CheckResult:
+def check(config: dict[str, Any], *, server_credentials: bool = False) -> CheckResult:
     """Bucket reachable, credentials accepted, Parquet files listed and readable, columns mapped."""
     try:
-        cfg = parse_config(config)
+        cfg = parse_config(config, server_credentials=server_credentials)
     except S3SourceError as exc:
         return CheckResult(False, str(exc))
     details = {"location": cfg.location}

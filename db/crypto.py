@@ -7,11 +7,17 @@ embedded SQLite default with no key configured, one is generated once into <data
 clear. A server database without a configured key is refused rather than silently given a local
 key file that other app instances would not share.
 
+The same keys also give MAC keys (`mac_keys`): for each Fernet key, HKDF-SHA256 derives a separate
+32-byte key per purpose (the audit log's chain head seal uses one), so no Fernet key is ever used
+directly as an HMAC key, and rotating RRC_SECRET_KEYS rotates them too (the first writes, all verify).
+
 Nothing here logs, and exception messages never contain a secret or a token.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -22,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from db.session import data_dir, is_embedded
 
@@ -64,12 +72,40 @@ def _fernet(keys: str | None, folder: Path) -> MultiFernet:
     return MultiFernet([Fernet(_key_file_key(folder))])
 
 
-def fernet() -> MultiFernet:
-    """The keys in force now (re-read from the environment on every call, so rotation needs no restart)."""
+def _configured() -> tuple[str | None, Path]:
     keys = os.environ.get("RRC_SECRET_KEYS", "").strip() or None
     if not keys and not is_embedded():
         raise SecretKeyMissing("RRC_SECRET_KEYS must be set when DATABASE_URL is not the embedded SQLite")
-    return _fernet(keys, data_dir().resolve())
+    return keys, data_dir().resolve()
+
+
+def fernet() -> MultiFernet:
+    """The keys in force now (re-read from the environment on every call, so rotation needs no restart)."""
+    return _fernet(*_configured())
+
+
+@cache
+def _mac_keys(keys: str | None, folder: Path, purpose: bytes) -> tuple[bytes, ...]:
+    encoded = [k.strip().encode() for k in keys.split(",") if k.strip()] if keys else [_key_file_key(folder)]
+    derived = []
+    for key in encoded:
+        try:
+            material = base64.urlsafe_b64decode(key)
+        except (binascii.Error, ValueError):
+            material = b""
+        if len(material) != 32:
+            raise SecretKeyMissing("RRC_SECRET_KEYS: every key must be a Fernet key (Fernet.generate_key())")
+        derived.append(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"rrc-mac-key/" + purpose)
+                       .derive(material))
+    return tuple(derived)
+
+
+def mac_keys(purpose: str) -> tuple[bytes, ...]:
+    """HMAC keys for `purpose`, one per configured secret key, the primary first (write with the
+    first, accept any). Derived with HKDF, so they are independent of the Fernet keys and of the
+    keys of any other purpose."""
+    keys, folder = _configured()
+    return _mac_keys(keys, folder, purpose.encode())
 
 
 def local_key(name: str) -> str:

@@ -31,7 +31,7 @@ MONEY = Numeric(20, 6)
 UNITS = Numeric(38, 9)
 TENANT_TABLES = (
     "users", "integrations", "org_settings", "accounts", "recon_runs", "anomalies", "actions",
-    "audit_log", "api_keys", "usage_events",
+    "audit_log", "api_keys", "usage_events", "audit_heads",
 )
 
 
@@ -223,6 +223,23 @@ class AuditEntry(OrgScoped, Base):
     details: Mapped[dict[str, Any]]
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(OrgScoped, Base):
+    """The newest entry of an org's audit chain, sealed (migration 0007; services/audit.py).
+
+    Written in the transaction of every append, so deleting the newest entries leaves a head that
+    points past the end of the log. `mac` is an HMAC-SHA256 of (org_id, seq, hash) under a key
+    derived from RRC_SECRET_KEYS, so someone who can write the database but lacks the key cannot
+    move the head back.
+    """
+
+    __tablename__ = "audit_heads"
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True,
+                                        autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
 
 
 class ApiKey(OrgScoped, Base):

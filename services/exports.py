@@ -2,8 +2,9 @@
 
 `export_audit(actor, start, end, fmt)` writes one zip holding `anomalies`, `actions` and
 `audit_log` of one organization as CSV or Parquet, plus `manifest.json` (org, period, row
-counts, SHA-256 of every file, the verdict of the audit hash chain). One archive whatever the
-format, so a single presigned URL or download hands over everything.
+counts, SHA-256 of every file, the verdict of the audit hash chain and the log's head: seq and
+hash of its newest entry at export time). One archive whatever the format, so a single presigned
+URL or download hands over everything.
 
 What "of the period" [start, end) (UTC, half-open) means, per table:
 - anomalies whose billing period overlaps it (period_start < end and period_end > start): the
@@ -198,9 +199,14 @@ class _Target:
 
 
 def _target(actor: Actor) -> _Target | None:
-    """Where exports go: the environment's export bucket, else the S3 integration's export_prefix."""
+    """Where exports go: the environment's export bucket, else the S3 integration's export_prefix.
+
+    The environment's bucket is the operator's: its client uses this server's AWS credential chain.
+    The integration is an org's setting: it must carry its own keys (services/source_policy.py,
+    also for one saved before that rule), and its client signs with those keys only.
+    """
     from connectors import s3_parquet
-    from services import integrations
+    from services import integrations, source_policy
 
     bucket = os.environ.get("RRC_EXPORT_BUCKET", "").strip()
     if bucket:
@@ -209,7 +215,8 @@ def _target(actor: Actor) -> _Target | None:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         endpoint = os.environ.get("RRC_EXPORT_ENDPOINT_URL", "").strip() or None
         prefix = os.environ.get("RRC_EXPORT_PREFIX", "exports").strip("/")
-        return _Target(bucket, prefix, s3_parquet.s3_client(region, endpoint), "RRC_EXPORT_BUCKET")
+        return _Target(bucket, prefix, s3_parquet.s3_client(region, endpoint, server_credentials=True),
+                       "RRC_EXPORT_BUCKET")
     try:
         config = integrations.get_config(actor, "s3_parquet")
     except NotFound:
@@ -217,11 +224,12 @@ def _target(actor: Actor) -> _Target | None:
     if not config.get("export_prefix"):
         return None
     try:
-        cfg = s3_parquet.parse_config(config)
-    except s3_parquet.S3SourceError as exc:
+        source_policy.check_s3_credentials(config)
+        cfg = s3_parquet.parse_config(config, server_credentials=source_policy.s3_server_credentials_allowed())
+        client = s3_parquet.boto_client(cfg)
+    except (InvalidInput, s3_parquet.S3SourceError) as exc:
         raise InvalidInput(f"S3 integration: {exc}") from None
-    return _Target(cfg.bucket, str(config["export_prefix"]).strip("/"), s3_parquet.boto_client(cfg),
-                   "s3_parquet integration")
+    return _Target(cfg.bucket, str(config["export_prefix"]).strip("/"), client, "s3_parquet integration")
 
 
 def _query(actor: Actor, start: datetime, end: datetime) -> tuple[list[Any], list[Any], list[Any], dict[str, Any]]:
@@ -236,8 +244,11 @@ def _query(actor: Actor, start: datetime, end: datetime) -> tuple[list[Any], lis
             select(AuditEntry).where(AuditEntry.org_id == actor.org_id, AuditEntry.ts >= start, AuditEntry.ts < end)
             .order_by(AuditEntry.seq)))
         verdict = audit.verify(session, actor.org_id)
+        head = audit.read_head(session, actor.org_id)
+    # head: the newest entry of the whole log when the export was made (not only of the period), so
+    # an auditor holding this file can tell a later copy of the log lost entries if it lacks that one
     chain = {"ok": verdict.ok, "checked": verdict.checked, "first_broken_seq": verdict.first_broken_seq,
-             "reason": verdict.reason}
+             "reason": verdict.reason, "head": {"seq": head[0], "hash": head[1]} if head else None}
     return anomalies, actions, entries, chain
 
 

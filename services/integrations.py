@@ -8,7 +8,9 @@ kind and which fields changed, never a value).
 
 A SQL source URL is shown through `connectors.sql_source.mask_url` (password and secret-like query
 parameters hidden), and must pass `services.source_policy` (not the app's own database, database
-files only from operator-allowed folders) to be saved or checked.
+files only from operator-allowed folders) to be saved or checked. So must an S3 Parquet source: it
+carries its own access key (never this server's AWS credentials, unless the operator allows it with
+RRC_S3_ALLOW_SERVER_CREDENTIALS).
 """
 
 from __future__ import annotations
@@ -179,11 +181,12 @@ def _check(kind: str, config: dict[str, Any]) -> CheckResult:
     the policy existed must not be connected to either)."""
     try:
         source_policy.check_usage_source(kind, config)
+        options = source_policy.connector_options(kind)  # e.g. S3: may a keyless config use the server's keys?
     except InvalidInput as exc:
         return CheckResult(False, str(exc))
     connector = importlib.import_module(f"connectors.{kind}")
     try:
-        result: CheckResult = connector.check(config)
+        result: CheckResult = connector.check(config, **options)
     except Exception as exc:  # a connector bug must still give the admin a verdict, without the config
         result = CheckResult(False, f"{LABELS[kind]} check failed: {type(exc).__name__}")
     return result

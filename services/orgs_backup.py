@@ -11,11 +11,14 @@ events. Files on disk (synced bundles under the data dir) are not in it: the nex
 Import is one transaction: all or nothing. Row ids are kept when they are free in the target
 (always the case in an empty database); otherwise every id of a table is shifted past the
 target's ids and the references follow. The audit log's hash chain is verified from the archive
-first. With unchanged ids it is inserted byte for byte (same hashes, `verify` passes). When the
-org id or referenced ids had to change, the hashes (which cover the org id, target id and actor)
-no longer match, so the chain is re-sealed over the new ids, and the entry
-`organization.imported` records the original chain's head hash and the archive's checksum, which
-ties the new chain to the verified old one.
+first, and it must end at the archive's audit head (`audit_heads.jsonl`), so an archive whose
+newest audit entries were cut off is refused too. With unchanged ids the chain is inserted byte
+for byte (same hashes, `verify` passes). When the org id or referenced ids had to change, the
+hashes (which cover the org id, target id and actor) no longer match, so the chain is re-sealed
+over the new ids, and the entry `organization.imported` records the original chain's head hash
+and the archive's checksum, which ties the new chain to the verified old one. Either way the head
+is sealed anew with this installation's key (`audit.set_head`); the archive's own seal is checked
+with this installation's keys, and a note says so when none of them made it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from db.models import (
     Anomaly,
     ApiKey,
     AuditEntry,
+    AuditHead,
     Base,
     Integration,
     Organization,
@@ -66,8 +70,9 @@ CHUNK = 2_000
 TABLES: tuple[tuple[str, type[Base]], ...] = (
     ("organizations", Organization), ("org_settings", OrgSettings), ("users", User), ("integrations", Integration),
     ("accounts", Account), ("recon_runs", ReconRun), ("anomalies", Anomaly), ("actions", Action),
-    ("audit_log", AuditEntry), ("api_keys", ApiKey), ("usage_events", UsageEvent),
+    ("audit_log", AuditEntry), ("audit_heads", AuditHead), ("api_keys", ApiKey), ("usage_events", UsageEvent),
 )
+ORG_KEYED = ("org_settings", "audit_heads")  # one row per org, keyed by org_id: no id of their own
 MODELS = dict(TABLES)
 # column -> the table whose id it holds
 REFERENCES: dict[str, dict[str, str]] = {
@@ -144,7 +149,7 @@ def _columns(table: str) -> list[str]:
 def _rows_of(session: Session, table: str, org_id: int) -> Iterator[dict[str, Any]]:
     model_table = MODELS[table].__table__
     key = model_table.c.id if table == "organizations" else model_table.c.org_id
-    order = model_table.c.org_id if table == "org_settings" else model_table.c.id
+    order = model_table.c.org_id if table in ORG_KEYED else model_table.c.id
     result = session.execute(select(model_table).where(key == org_id).order_by(order).execution_options(
         yield_per=CHUNK))
     for row in result:
@@ -251,7 +256,7 @@ class _Archive:
 
 
 def _verify_chain(org_id: int, entries: list[dict[str, Any]]) -> str:
-    """The archive's audit chain must be intact; returns its head hash."""
+    """The archive's audit chain must be intact; returns the hash of its newest entry."""
     previous, expected_seq = audit.GENESIS, 1
     for entry in entries:
         if entry["seq"] != expected_seq or entry["prev_hash"] != previous:
@@ -262,6 +267,27 @@ def _verify_chain(org_id: int, entries: list[dict[str, Any]]) -> str:
             raise InvalidInput(f"audit_log.jsonl: entry {entry['seq']} was changed after it was written")
         previous, expected_seq = entry["hash"], expected_seq + 1
     return previous
+
+
+def _check_head(org_id: int, entries: list[dict[str, Any]], heads: list[dict[str, Any]]) -> list[str]:
+    """The archive's chain must end where its audit head says; returns notes (an unconfirmed seal)."""
+    if len(heads) > 1 or any(head["org_id"] != org_id for head in heads):
+        raise InvalidInput("audit_heads.jsonl: expected at most one audit head, of the exported organization")
+    if not heads:
+        if entries:
+            raise InvalidInput("audit_heads.jsonl: the audit log has no head, so its completeness cannot be checked")
+        return []
+    head, last_seq = heads[0], entries[-1]["seq"] if entries else 0
+    if head["seq"] > last_seq:
+        first = last_seq + 1
+        missing = f"entry {first} is" if head["seq"] == first else f"entries {first}..{head['seq']} are"
+        raise InvalidInput(f"audit_log.jsonl: {missing} missing: the archive's audit head says {head['seq']}")
+    if head["seq"] < last_seq or head["hash"] != entries[-1]["hash"]:
+        raise InvalidInput(f"audit_log.jsonl does not end at the archive's audit head (entry {head['seq']})")
+    if audit.seal_ok(org_id, head["seq"], head["hash"], head["mac"]):
+        return []
+    return ["the archive's audit head is not sealed with a key of this installation (exported elsewhere, or "
+            "edited): the audit log is complete as far as the archive itself tells"]
 
 
 # --- import --------------------------------------------------------------------------------------
@@ -368,7 +394,7 @@ def _bump_sequences(session: Session) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
     for table, _model in TABLES:
-        if table == "org_settings":
+        if table in ORG_KEYED:
             continue
         sequence = session.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table}).scalar()
         if sequence:
@@ -385,7 +411,8 @@ def import_org(path: Path | str, *, new_slug: str | None = None, new_name: str |
         raise InvalidInput("slug: lower-case letters, digits and dashes, 2 to 63 characters")
     entries = list(archive.rows("audit_log"))
     head = _verify_chain(archive.source_org_id, entries)
-    spans = {table: _id_span(archive, table) for table, _ in TABLES if table != "org_settings"}
+    notes = _check_head(archive.source_org_id, entries, list(archive.rows("audit_heads")))
+    spans = {table: _id_span(archive, table) for table, _ in TABLES if table not in ORG_KEYED}
     rows: dict[str, int] = {}
     with system_session() as session:
         _lock_tables(session)
@@ -394,10 +421,16 @@ def import_org(path: Path | str, *, new_slug: str | None = None, new_name: str |
         org_id = archive.source_org_id + offsets.pop("organizations")
         offsets["organizations"] = org_id - archive.source_org_id
         ids_kept = not any(offsets.values())
+        sealed: list[dict[str, Any]] = []
         for table, _model in TABLES:
             if table == "audit_log":
                 sealed = entries if ids_kept else _reseal(entries, org_id, offsets)
                 rows[table] = _insert(session, table, (_remap(table, e, org_id, offsets) for e in sealed))
+                continue
+            if table == "audit_heads":  # checked above; sealed anew here, over the chain as inserted
+                if sealed:
+                    audit.set_head(session, org_id, sealed[-1]["seq"], sealed[-1]["hash"])
+                rows[table] = 1 if sealed else 0
                 continue
             source_rows: Iterable[dict[str, Any]] = archive.rows(table)
             if table == "organizations":
@@ -410,10 +443,13 @@ def import_org(path: Path | str, *, new_slug: str | None = None, new_name: str |
             "ids_kept": ids_kept, "id_offsets": {t: o for t, o in offsets.items() if o},
         })
         result = audit.verify(session, org_id)
-        if not result.ok:  # cannot happen unless this code is wrong: refuse rather than store a broken chain
+        recorded = {e["seq"] for e in entries if e["action"] == audit.HEAD_MISMATCH}
+        if not result.ok and result.first_broken_seq in recorded:  # history: the source's log already said so
+            notes.append(f"the audit log records at entry {result.first_broken_seq} that its head did not match "
+                         "in the source installation: verify keeps reporting it")
+        elif not result.ok:  # cannot happen unless this code is wrong: refuse rather than store a broken chain
             raise InvalidInput(f"audit_log: the imported chain does not verify at entry {result.first_broken_seq}")
         undecryptable = _undecryptable(session, org_id)
-    notes = []
     if undecryptable:
         notes.append(f"{undecryptable} integration secret(s) cannot be decrypted with this installation's "
                      "RRC_SECRET_KEYS: add the exporting installation's key, or reconnect them in Settings")

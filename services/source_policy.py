@@ -1,4 +1,5 @@
-"""Which databases an org's SQL usage source may read: never the app's own, files only where the operator says.
+"""What an org's usage source may reach: never the app's own database, files only where the operator says,
+and S3 only with the org's own keys.
 
 Why: the SQL usage source connects, from the app's servers, to whatever SQLAlchemy URL an org
 admin types. Pointed at the app's own database it would read every organization's data (on
@@ -24,6 +25,18 @@ existed is refused as well.
 Limit: a host name is judged by its DNS answer at check time, so a name whose answer changes before
 the connection (DNS rebinding) is not caught; the app's PostgreSQL role must therefore also require
 a password no tenant has (docs/deploy.md).
+
+S3 (the `s3_parquet` usage source, which is also the org's audit-export destination when it has an
+`export_prefix`): without keys, boto3 and Arrow would sign with *this server's* AWS credentials
+(AWS_* variables, ~/.aws, instance or task role), so any org admin could list and read, or write
+exports into, every bucket the server's role reaches (other orgs' data, the operator's export
+bucket). An org's S3 settings must therefore carry `access_key_id` and `secret_access_key`
+(`check_s3_credentials`), unless the operator sets RRC_S3_ALLOW_SERVER_CREDENTIALS=1 (a
+single-tenant install whose role only reaches that tenant's buckets). Applied where S3 settings
+are saved and checked (above), synced (`sync`) and exported to (`exports._target`); the connector
+is told the same verdict (`connector_options`), and never builds a keyless client without it. The
+operator's own export bucket (RRC_EXPORT_BUCKET) is not an org's setting and keeps the server's
+credentials.
 """
 
 from __future__ import annotations
@@ -42,6 +55,10 @@ from db.session import data_dir, database_url
 from services.errors import InvalidInput
 
 FILE_DIRS_ENV = "RRC_SQL_SOURCE_FILE_DIRS"
+S3_SERVER_CREDENTIALS_ENV = "RRC_S3_ALLOW_SERVER_CREDENTIALS"
+S3_KEY_FIELDS = ("access_key_id", "secret_access_key")
+TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})  # what pydantic (config.Settings) reads as a bool
+FALSE_WORDS = frozenset({"", "0", "false", "f", "no", "n", "off"})
 FILE_BACKENDS = frozenset({"sqlite", "duckdb"})
 FAMILIES = {"postgres": "postgresql", "redshift": "postgresql", "cockroachdb": "postgresql", "mariadb": "mysql"}
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
@@ -51,8 +68,11 @@ THIS_MACHINE = "this machine"
 
 
 def check_usage_source(kind: str, config: dict[str, Any]) -> None:
-    """Raise InvalidInput (naming the `url` field, never quoting a secret) for a source this server must not
-    read; kinds other than the SQL source pass."""
+    """Raise InvalidInput (naming the field, never quoting a secret) for a source this server must not read;
+    kinds other than the SQL and S3 sources pass."""
+    if kind == "s3_parquet":
+        check_s3_credentials(config)
+        return
     if kind != "sql_source":
         return
     try:
@@ -63,6 +83,46 @@ def check_usage_source(kind: str, config: dict[str, Any]) -> None:
         _check_file(url)
     else:
         _check_server(url)
+
+
+def s3_server_credentials_allowed() -> bool:
+    """RRC_S3_ALLOW_SERVER_CREDENTIALS: may an org's keyless S3 settings use this server's AWS credentials?
+    Off by default; a value that is not a yes/no word is an error (never taken as yes)."""
+    raw = os.environ.get(S3_SERVER_CREDENTIALS_ENV, "").strip().lower()
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise InvalidInput(f"{S3_SERVER_CREDENTIALS_ENV}: expected 0 or 1, got {raw!r}")
+
+
+def check_s3_credentials(config: dict[str, Any]) -> None:
+    """An org's S3 settings (usage source or export destination) carry their own access key, unless the
+    operator lets keyless ones use the server's credentials. InvalidInput names the missing field."""
+    given = {field: _given(config.get(field)) for field in S3_KEY_FIELDS}
+    if all(given.values()):
+        return
+    if not any(given.values()):
+        if s3_server_credentials_allowed():
+            return
+        raise InvalidInput("access_key_id: required, with secret_access_key: S3 settings of an organization "
+                           "must carry their own access key (this server does not lend its AWS credentials; "
+                           f"operator setting {S3_SERVER_CREDENTIALS_ENV})")
+    missing = next(field for field, present in given.items() if not present)
+    raise InvalidInput(f"{missing}: required; access_key_id and secret_access_key are given together")
+
+
+def connector_options(kind: str) -> dict[str, Any]:
+    """Keyword arguments the policy gives a usage connector's check/fetch (the S3 connector builds a keyless
+    client only when told `server_credentials=True`)."""
+    if kind == "s3_parquet":
+        return {"server_credentials": s3_server_credentials_allowed()}
+    return {}
+
+
+def _given(value: Any) -> bool:
+    """Present for the credential rule: anything but None or blank text (the connector rejects non-text)."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def allowed_file_dirs() -> list[Path]:

@@ -295,11 +295,13 @@ def _usage_source(actor: Actor, kind: str, start: datetime, end: datetime,
         raise InvalidInput(f"{integrations.LABELS[kind]}: side must be 'actual' or 'reported', got {side!r}")
     try:
         source_policy.check_usage_source(kind, config)  # also a source saved before the policy existed
+        options = source_policy.connector_options(kind)  # e.g. S3: may a keyless config use the server's keys?
     except InvalidInput as exc:
         raise SyncFailed(f"{integrations.LABELS[kind]}: {exc}") from None
     connector = sql_source if kind == "sql_source" else s3_parquet
     try:
-        table, seconds = _timed(lambda: connector.fetch_daily_buckets(config, start, end, max_products=seats))
+        table, seconds = _timed(lambda: connector.fetch_daily_buckets(config, start, end, max_products=seats,
+                                                                      **options))
     except (sql_source.SqlSourceError, s3_parquet.S3SourceError) as exc:
         raise SyncFailed(f"{integrations.LABELS[kind]}: {exc}") from None
     table = _conform(table)

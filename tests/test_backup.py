@@ -119,10 +119,13 @@ def test_round_trip_into_an_empty_database_keeps_everything(app_db: str, other_d
     assert chain_ok(result.org_id).ok
     again = orgs_backup.export_org(Actor.system(result.org_id, "test"), tmp_path / "again.zip")
     for table, _model in orgs_backup.TABLES:
-        if table != "audit_log":
+        if table not in ("audit_log", "audit_heads"):
             assert jsonl(again.path, table) == jsonl(archive, table), table
     before, after = jsonl(archive, "audit_log"), jsonl(again.path, "audit_log")
     assert after[:len(before)] == before, "the chain is the same, hash for hash"
+    for path, entries in ((archive, before), (again.path, after)):  # the head moves with the log
+        (head,) = jsonl(path, "audit_heads")
+        assert (head["seq"], head["hash"]) == (entries[-1]["seq"], entries[-1]["hash"])
     assert [e["action"] for e in after[len(before):]] == ["organization.imported", "organization.exported"]
     assert after[len(before)]["details"]["source_audit_head"] == before[-1]["hash"]
     # the restored organization works: sign-in, API key, decrypted integration, new audit entries, new rows
@@ -208,6 +211,9 @@ def test_a_conflicting_or_altered_archive_is_refused_and_nothing_is_written(
     with pytest.raises(InvalidInput, match="broken at entry 2"):
         orgs_backup.import_org(altered("cut", lambda d: b"".join(d.splitlines(keepends=True)[0:1] +
                                                                     d.splitlines(keepends=True)[2:]), True))
+    newest = jsonl(archive, "audit_heads")[0]["seq"]
+    with pytest.raises(InvalidInput, match=f"entry {newest} is missing: the archive's audit head says {newest}"):
+        orgs_backup.import_org(altered("newest cut", lambda d: b"".join(d.splitlines(keepends=True)[:-1]), True))
     not_zip = tmp_path / "x.zip"
     not_zip.write_text("hello")
     with pytest.raises(InvalidInput, match="not a zip file"):
@@ -245,3 +251,17 @@ def test_cli_export_and_import(app_db: str, other_db: str, demo_bundle: Path, tm
 def test_every_tenant_table_is_in_the_archive() -> None:
     """A new tenant table must be added to the backup, or restores would silently lose it."""
     assert {table for table, _ in orgs_backup.TABLES} == {"organizations", *TENANT_TABLES}
+
+
+def test_a_log_that_recorded_a_head_mismatch_is_restored_as_it_is(app_db: str, other_db: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    org, admin_user = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
+    with get_engine(app_db).begin() as conn:  # entries 1..2; a head seal edited by hand
+        conn.execute(sa.text("UPDATE audit_heads SET mac = :m WHERE org_id = :o"), {"m": "0" * 64, "o": org.id})
+    archive = orgs_backup.export_org(Actor.user(org.id, admin_user.id, "admin"), tmp_path / "acme.zip").path
+    assert [e["action"] for e in jsonl(archive, "audit_log")][2:] == [audit.HEAD_MISMATCH, "organization.exported"]
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    result = orgs_backup.import_org(archive)
+    assert any("records at entry 3 that its head did not match" in note for note in result.notes), result.notes
+    verdict = chain_ok(result.org_id)
+    assert (verdict.ok, verdict.first_broken_seq) == (False, 3) and "the chain head was altered" in verdict.reason

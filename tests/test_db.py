@@ -72,8 +72,29 @@ def test_row_level_security_isolates_tenants(fresh_pg_url: str, monkeypatch: pyt
         conn.execute(sa.text("SET ROLE rrc_app"))
         assert conn.execute(sa.text("SELECT count(*) FROM accounts")).scalar() == 0
         assert conn.execute(sa.text("SELECT count(*) FROM users")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM audit_heads")).scalar() == 0
     with system_session() as session:
         assert session.execute(sa.text("SELECT count(*) FROM accounts")).scalar() == 2
+        assert session.execute(sa.text("SELECT count(*) FROM audit_heads")).scalar() == 2
+
+
+@pytest.mark.postgres
+def test_audit_heads_are_tenant_rows_that_only_move_forward(fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", fresh_pg_url)
+    monkeypatch.setenv("RRC_SECRET_KEYS", Fernet.generate_key().decode())
+    upgrade(fresh_pg_url)
+    org_a, org_b = two_orgs()
+    with org_session(org_a) as session:
+        assert session.execute(sa.text("SELECT org_id FROM audit_heads")).scalars().all() == [org_a]
+    with org_session(org_b) as session:
+        moved = session.execute(sa.text("UPDATE audit_heads SET seq = 99 WHERE org_id = :o"), {"o": org_a})
+        assert moved.rowcount == 0
+    with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), org_session(org_a) as session:
+        session.execute(sa.text("DELETE FROM audit_heads"))
+    for statement, refusal in (("UPDATE audit_heads SET seq = seq - 1", "only moves forward"),
+                               ("DELETE FROM audit_heads", "never deleted")):
+        with pytest.raises(sa.exc.DBAPIError, match=refusal), system_session() as session:
+            session.execute(sa.text(statement))
 
 
 def test_secrets_roundtrip_rotation_and_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

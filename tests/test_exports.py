@@ -86,6 +86,8 @@ def no_s3(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def export_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """The operator's export bucket, reached with the server's own credentials (AWS_* variables); organizations
+    are not allowed those (RRC_S3_ALLOW_SERVER_CREDENTIALS unset), which does not concern the operator's bucket."""
     bucket = f"exports-{abs(hash(request.node.name)) % 10**8}"
     s3_client(moto_endpoint).create_bucket(Bucket=bucket)
     monkeypatch.setenv("RRC_EXPORT_BUCKET", bucket)
@@ -94,6 +96,7 @@ def export_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEYS["aws_secret_access_key"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("RRC_EXPORT_URL_TTL", raising=False)
+    monkeypatch.delenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", raising=False)
     return bucket
 
 
@@ -134,6 +137,9 @@ def test_csv_download_when_no_s3(orgs: dict[str, Any], no_s3: None) -> None:
     manifest = json.loads(files["manifest.json"])
     assert manifest["counts"] == {"anomalies": 2, "actions": 1, "audit_log": len(audit_before)}
     assert manifest["audit_chain"]["ok"] is True and manifest["org_id"] == org
+    with org_session(org) as session:  # the log's newest entry when the export was made
+        newest = session.query(AuditEntry).where(AuditEntry.org_id == org, AuditEntry.seq == audit_before[-1]).one()
+    assert manifest["audit_chain"]["head"] == {"seq": newest.seq, "hash": newest.hash}
     for name in ("anomalies.csv", "actions.csv", "audit_log.csv"):
         assert manifest["sha256"][name] == hashlib.sha256(files[name]).hexdigest()
     with org_session(org) as session:
@@ -202,6 +208,50 @@ def test_s3_integration_with_export_prefix_is_used(orgs: dict[str, Any], moto_en
     result = exports.export_audit(orgs["analyst"], START, END, "csv")
     assert result.location and result.location.startswith(
         f"s3://usage-and-exports/audit-exports/org-{orgs['analyst'].org_id}/")
+    assert httpx.get(result.url or "").status_code == 200
+
+
+def _objects(endpoint: str, bucket: str) -> list[str]:
+    return [o["Key"] for o in s3_client(endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def test_an_org_export_destination_without_keys_is_refused(orgs: dict[str, Any], moto_endpoint: str, no_s3: None,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           request: pytest.FixtureRequest) -> None:
+    """An org's S3 integration saved without keys (before the rule) must not write with the server's credentials,
+    which here could write the bucket; allowed only when the operator says so."""
+    bucket = f"server-role-{abs(hash(request.node.name)) % 10**8}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEYS["aws_access_key_id"])  # the server's own credentials
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEYS["aws_secret_access_key"])
+    monkeypatch.delenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", raising=False)
+    s3_client(moto_endpoint).create_bucket(Bucket=bucket)
+    with monkeypatch.context() as before_the_rule:
+        before_the_rule.setattr(integrations.source_policy, "check_usage_source", lambda kind, config: None)
+        integrations.connect(orgs["admin"], "s3_parquet", {
+            "bucket": bucket, "prefix": "usage", "region": "us-east-1", "endpoint_url": moto_endpoint,
+            "columns": COLUMNS, "export_prefix": "audit-exports"})
+    before = _expected_audit(orgs["admin"])
+    with pytest.raises(InvalidInput, match=r"^S3 integration: access_key_id: required"):
+        exports.export_audit(orgs["analyst"], START, END, "csv")
+    assert _objects(moto_endpoint, bucket) == []
+    assert _expected_audit(orgs["admin"]) == before
+
+    monkeypatch.setenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", "1")  # a single-tenant operator's choice
+    result = exports.export_audit(orgs["analyst"], START, END, "csv")
+    assert result.location and result.location.startswith(f"s3://{bucket}/audit-exports/")
+    assert len(_objects(moto_endpoint, bucket)) == 1
+
+
+def test_the_operator_bucket_wins_over_a_keyless_org_integration(orgs: dict[str, Any], export_bucket: str,
+                                                                 moto_endpoint: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as before_the_rule:
+        before_the_rule.setattr(integrations.source_policy, "check_usage_source", lambda kind, config: None)
+        integrations.connect(orgs["admin"], "s3_parquet", {
+            "bucket": "usage-without-keys", "region": "us-east-1", "endpoint_url": moto_endpoint,
+            "columns": COLUMNS, "export_prefix": "audit-exports"})
+    result = exports.export_audit(orgs["admin"], START, END, "parquet")
+    assert result.location and result.location.startswith(f"s3://{export_bucket}/exports/org-")
     assert httpx.get(result.url or "").status_code == 200
 
 

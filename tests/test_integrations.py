@@ -170,3 +170,85 @@ def test_check_verdict_is_kept_and_disconnect_removes(app_db: str, actors: tuple
     integrations.disconnect(admin, "hubspot")
     with pytest.raises(NotFound, match="connect HubSpot in Settings"):
         integrations.get_config(admin, "hubspot")
+
+
+S3_COLUMNS = {"account_id": "acct", "product_key": "product", "ts": "at", "units": "qty"}
+S3_KEYLESS = {"bucket": "operator-exports", "prefix": "", "region": "us-east-1", "endpoint_url": "http://127.0.0.1:1",
+              "columns": S3_COLUMNS, "export_prefix": "x"}
+
+
+@pytest.fixture
+def server_aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server holds AWS credentials of its own; the operator has not let organizations use them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASERVERROLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "server-secret-value")
+    monkeypatch.delenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", raising=False)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({}, r"^access_key_id: required, with secret_access_key"),
+    ({"access_key_id": "  ", "secret_access_key": ""}, r"^access_key_id: required"),
+    ({"access_key_id": "AKIATENANT"}, r"^secret_access_key: required"),
+    ({"secret_access_key": "tenant-secret-value"}, r"^access_key_id: required"),
+])
+def test_s3_source_without_its_own_keys_is_refused_and_nothing_stored(
+        app_db: str, actors: tuple[Actor, Actor], server_aws_credentials: None, keys: dict[str, str],
+        message: str) -> None:
+    admin, _ = actors
+    before = _audited_actions(app_db)
+    with pytest.raises(InvalidInput, match=message) as info:
+        integrations.connect(admin, "s3_parquet", {**S3_KEYLESS, **keys})
+    assert "tenant-secret-value" not in str(info.value)
+    assert integrations.list_integrations(admin) == []
+    assert _audited_actions(app_db) == before
+
+
+def test_a_keyless_s3_source_saved_before_the_rule_fails_its_check(app_db: str, actors: tuple[Actor, Actor],
+                                                                   server_aws_credentials: None,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connector call, so no request signed with the server's credentials; the verdict names the field."""
+    from connectors import s3_parquet
+
+    admin, _ = actors
+    with monkeypatch.context() as before_the_rule:
+        before_the_rule.setattr(integrations.source_policy, "check_usage_source", lambda kind, config: None)
+        integrations.connect(admin, "s3_parquet", dict(S3_KEYLESS))
+    calls: list[object] = []
+    monkeypatch.setattr(s3_parquet, "check", lambda config, **options: calls.append(options) or CheckResult(True, ""))
+    result = integrations.test_connection(admin, "s3_parquet")
+    assert not result.ok and result.message.startswith("access_key_id: required") and calls == []
+    (view,) = integrations.list_integrations(admin)
+    assert (view.status, view.status_message) == ("error", result.message)
+
+
+def test_the_operator_may_let_keyless_s3_sources_use_the_server_credentials(
+        app_db: str, actors: tuple[Actor, Actor], server_aws_credentials: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from connectors import s3_parquet
+
+    admin, _ = actors
+    monkeypatch.setenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", "1")
+    assert integrations.connect(admin, "s3_parquet", dict(S3_KEYLESS)).status == "unchecked"
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(s3_parquet, "check",
+                        lambda config, **options: calls.append(options) or CheckResult(True, "connected"))
+    assert integrations.test_connection(admin, "s3_parquet").ok
+    assert calls == [{"server_credentials": True}]
+    monkeypatch.setenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", "0")  # withdrawn: the stored source is refused again
+    result = integrations.test_connection(admin, "s3_parquet")
+    assert not result.ok and result.message.startswith("access_key_id: required") and len(calls) == 1
+
+
+def test_s3_source_with_its_own_keys_is_checked_with_them_only(app_db: str, actors: tuple[Actor, Actor],
+                                                              server_aws_credentials: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from connectors import s3_parquet
+
+    admin, _ = actors
+    view = integrations.connect(admin, "s3_parquet", {**S3_KEYLESS, "access_key_id": "AKIATENANT",
+                                                      "secret_access_key": "tenant-secret-value"})
+    assert view.config["secret_access_key"] != "tenant-secret-value"
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(s3_parquet, "check", lambda config, **options: calls.append(options) or CheckResult(True, ""))
+    integrations.test_connection(admin, "s3_parquet")
+    assert calls == [{"server_credentials": False}]

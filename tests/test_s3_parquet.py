@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal as D
@@ -89,6 +90,14 @@ class Recording:
 
     def objects_read(self) -> set[str]:
         return {path for method, path in self.requests() if method == "GET" and path.endswith(".parquet")}
+
+    def signers(self) -> set[str]:
+        """The access key ids that signed the recorded requests (SigV4 `Credential=<key id>/...`)."""
+        httpx.post(f"{self.endpoint}/moto-api/recorder/stop-recording")
+        text = httpx.get(f"{self.endpoint}/moto-api/recorder/download-recording").text
+        headers = [json.loads(line).get("headers") or {} for line in text.splitlines() if line.strip()]
+        found = {re.search(r"Credential=([^/]+)/", h.get("Authorization", "")) for h in headers}
+        return {match.group(1) if match else "unsigned" for match in found}
 
 
 def _parquet(rows: list[tuple[Any, ...]], *, ts_type: pa.DataType, units_type: pa.DataType = pa.decimal128(20, 6),
@@ -241,3 +250,82 @@ def test_bad_config_names_the_field(change: dict[str, Any], field: str) -> None:
         s3_parquet.fetch_daily_buckets(config, START, END)
     result = s3_parquet.check(config)
     assert not result.ok and field.replace("\\", "") in result.message
+
+
+# ---- credentials: an org's settings never borrow this server's AWS credentials --------------------------------
+
+SERVER_KEYS = {"AWS_ACCESS_KEY_ID": "AKIASERVERROLE", "AWS_SECRET_ACCESS_KEY": "server-secret-value",
+               "AWS_SESSION_TOKEN": "server-session-token"}
+
+
+@pytest.fixture
+def server_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This server has AWS credentials of its own in the environment, as on an instance with a role."""
+    for name, value in SERVER_KEYS.items():
+        monkeypatch.setenv(name, value)
+
+
+def _keyless(endpoint: str, bucket: str, **extra: Any) -> dict[str, Any]:
+    config = _config(endpoint, bucket, **extra)
+    del config["access_key_id"], config["secret_access_key"]
+    return config
+
+
+@pytest.mark.parametrize("blank", [{}, {"access_key_id": "", "secret_access_key": ""},
+                                   {"access_key_id": "  ", "secret_access_key": " "}])
+def test_keyless_config_never_builds_a_client(server_credentials: None, monkeypatch: pytest.MonkeyPatch,
+                                              blank: dict[str, str]) -> None:
+    """Without keys (and without server_credentials) neither boto3 nor Arrow is ever asked for a client."""
+    built: list[str] = []
+    monkeypatch.setattr(s3_parquet.boto3, "client", lambda *a, **k: built.append("boto3"))
+    monkeypatch.setattr(s3_parquet.pafs, "S3FileSystem", lambda **k: built.append("arrow"))
+    config = {**_keyless("http://127.0.0.1:1", "usage-bucket"), **blank}
+    with pytest.raises(S3SourceError, match=r"^access_key_id: required"):
+        s3_parquet.parse_config(config)
+    with pytest.raises(S3SourceError, match=r"^access_key_id: required"):
+        s3_parquet.fetch_daily_buckets(config, START, END)
+    result = s3_parquet.check(config)
+    assert not result.ok and result.message.startswith("access_key_id: required")
+    cfg = s3_parquet.parse_config(config, server_credentials=True)
+    unlicensed = s3_parquet.S3Config(**{**cfg.__dict__, "server_credentials": False})  # built by hand
+    for build in (lambda: s3_parquet.s3_client("us-east-1"), lambda: s3_parquet.boto_client(unlicensed),
+                  lambda: s3_parquet.filesystem(unlicensed)):
+        with pytest.raises(S3SourceError, match=r"^access_key_id: required"):
+            build()
+    assert built == []
+
+
+def test_half_a_key_names_the_missing_field_without_quoting_the_secret() -> None:
+    config = _config("http://127.0.0.1:1", "usage-bucket")
+    with pytest.raises(S3SourceError, match=r"^secret_access_key: required") as missing_secret:
+        s3_parquet.parse_config({**config, "secret_access_key": None}, server_credentials=True)
+    with pytest.raises(S3SourceError, match=r"^access_key_id: required") as missing_id:
+        s3_parquet.parse_config({**config, "access_key_id": " "}, server_credentials=True)
+    assert KEYS["aws_secret_access_key"] not in str(missing_secret.value) + str(missing_id.value)
+
+
+def test_explicit_keys_are_the_only_credentials_used(server_credentials: None, moto_endpoint: str,
+                                                     hive_bucket: str) -> None:
+    """With the org's keys, no request is signed with the server's (environment) key, nor carries its token."""
+    config = _config(moto_endpoint, hive_bucket, hive_partitioned=True)
+    recording = Recording(moto_endpoint)
+    recording.start()
+    assert s3_parquet.check(config).ok
+    assert _rows(s3_parquet.fetch_daily_buckets(config, START, END)) == _expected()
+    assert recording.signers() == {KEYS["aws_access_key_id"]}
+    url = s3_parquet.boto_client(s3_parquet.parse_config(config)).generate_presigned_url(
+        "get_object", Params={"Bucket": hive_bucket, "Key": "k"})
+    query = url.split("?", 1)[1]
+    assert f"X-Amz-Credential={KEYS['aws_access_key_id']}%2F" in query and "X-Amz-Security-Token" not in query
+
+
+def test_server_credentials_only_when_the_caller_allows_them(server_credentials: None, moto_endpoint: str,
+                                                             hive_bucket: str) -> None:
+    config = _keyless(moto_endpoint, hive_bucket, hive_partitioned=True)
+    recording = Recording(moto_endpoint)
+    recording.start()
+    table = s3_parquet.fetch_daily_buckets(config, START, END, server_credentials=True)
+    assert s3_parquet.check(config, server_credentials=True).ok
+    assert _rows(table) == _expected()
+    assert recording.signers() == {SERVER_KEYS["AWS_ACCESS_KEY_ID"]}
+

@@ -1,4 +1,5 @@
-"""Source policy: a SQL usage source never reaches the app's own database, nor a server file outside allowed folders."""
+"""Source policy: a SQL usage source never reaches the app's own database, nor a server file outside allowed folders;
+an S3 source never borrows the server's AWS credentials unless the operator allows it."""
 
 from __future__ import annotations
 
@@ -158,3 +159,58 @@ def test_other_databases_of_the_same_kind_are_accepted(data: Path, monkeypatch: 
                 "snowflake://tenant@acct/rrc"):
         _check(url)
     source_policy.check_usage_source("stripe", {"api_key": "sk_test_x"})  # other kinds: nothing to judge
+
+
+# ---- S3: an org's settings carry their own keys ------------------------------------------------------------------
+
+S3_SOURCE = {"bucket": "usage", "prefix": "events", "columns": COLUMNS}
+TENANT_KEYS = {"access_key_id": "AKIATENANT", "secret_access_key": "tenant-secret-value"}
+
+
+def _s3(config: dict[str, object]) -> None:
+    source_policy.check_usage_source("s3_parquet", {**S3_SOURCE, **config})
+
+
+@pytest.mark.parametrize(("keys", "field"), [
+    ({}, "access_key_id"),
+    ({"access_key_id": "", "secret_access_key": None}, "access_key_id"),
+    ({"access_key_id": "   ", "secret_access_key": "\t"}, "access_key_id"),
+    ({"access_key_id": "AKIATENANT"}, "secret_access_key"),
+    ({"secret_access_key": "tenant-secret-value"}, "access_key_id"),
+])
+def test_s3_settings_must_carry_their_own_keys(monkeypatch: pytest.MonkeyPatch, keys: dict[str, object],
+                                               field: str) -> None:
+    monkeypatch.delenv(source_policy.S3_SERVER_CREDENTIALS_ENV, raising=False)
+    with pytest.raises(InvalidInput, match=f"^{field}: required") as info:
+        _s3(keys)
+    assert "tenant-secret-value" not in str(info.value)
+    _s3(TENANT_KEYS)
+    assert source_policy.connector_options("s3_parquet") == {"server_credentials": False}
+    assert source_policy.connector_options("sql_source") == {}
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
+def test_the_operator_may_let_keyless_s3_settings_use_the_server_credentials(monkeypatch: pytest.MonkeyPatch,
+                                                                             value: str) -> None:
+    monkeypatch.setenv(source_policy.S3_SERVER_CREDENTIALS_ENV, value)
+    _s3({})
+    _s3(TENANT_KEYS)
+    assert source_policy.connector_options("s3_parquet") == {"server_credentials": True}
+    with pytest.raises(InvalidInput, match=r"^secret_access_key: required"):  # half a key is still a mistake
+        _s3({"access_key_id": "AKIATENANT"})
+
+
+@pytest.mark.parametrize("value", ["", "0", "off", "False", "no"])
+def test_server_credentials_are_off_unless_said_yes(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(source_policy.S3_SERVER_CREDENTIALS_ENV, value)
+    with pytest.raises(InvalidInput, match=r"^access_key_id: required"):
+        _s3({})
+
+
+def test_an_unreadable_setting_is_an_error_not_a_yes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(source_policy.S3_SERVER_CREDENTIALS_ENV, "sometimes")
+    with pytest.raises(InvalidInput, match=r"^RRC_S3_ALLOW_SERVER_CREDENTIALS: expected 0 or 1"):
+        _s3({})
+    with pytest.raises(InvalidInput, match=r"^RRC_S3_ALLOW_SERVER_CREDENTIALS"):
+        source_policy.connector_options("s3_parquet")
+    _s3(TENANT_KEYS)  # settings with keys never need the operator's word

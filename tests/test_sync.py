@@ -294,6 +294,42 @@ def test_a_source_saved_before_the_policy_is_refused_at_sync(org: tuple[Actor, A
     assert _last_audit(admin).action == "sync.failed"
 
 
+def _keyless_s3_usage(endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """An S3 source without keys, on a server whose own AWS credentials (the environment) reach the bucket."""
+    config = _s3_usage(endpoint, bucket)
+    del config["access_key_id"], config["secret_access_key"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEYS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEYS["aws_secret_access_key"])
+    return config
+
+
+def test_a_keyless_s3_source_saved_before_the_rule_is_refused_at_sync(org: tuple[Actor, Actor], moto_endpoint: str,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's credentials could read the bucket, but an org's S3 source never borrows them: the sync fails
+    naming access_key_id, and nothing read through them reaches the org's bundle."""
+    admin, _ = org
+    monkeypatch.delenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", raising=False)
+    config = _keyless_s3_usage(moto_endpoint, "keyless-before-the-rule", monkeypatch)
+    with monkeypatch.context() as before_the_rule:
+        before_the_rule.setattr(integrations.source_policy, "check_usage_source", lambda kind, config: None)
+        integrations.connect(admin, "s3_parquet", config)
+    with pytest.raises(sync.SyncFailed, match=r"^S3 Parquet usage source: access_key_id: required"):
+        sync.sync(admin, as_of=AS_OF, base_bundle=_scenario().write(tmp_path / "base"))
+    assert not sync.bundle_dir(admin.org_id).exists()
+    assert _last_audit(admin).action == "sync.failed"
+
+
+def test_a_keyless_s3_source_syncs_when_the_operator_allows_server_credentials(
+        org: tuple[Actor, Actor], moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, _ = org
+    monkeypatch.setenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", "1")
+    integrations.connect(admin, "s3_parquet", _keyless_s3_usage(moto_endpoint, "keyless-allowed", monkeypatch))
+    report = sync.sync(admin, as_of=AS_OF, base_bundle=_scenario().write(tmp_path / "base"))
+    by_source = {s.source: s for s in report.sources}
+    assert by_source["s3_parquet"].counts["buckets"] == 1 and by_source["s3_parquet"].role == "actual"
+
+
 def test_one_sync_per_org_at_a_time(org: tuple[Actor, Actor], tmp_path: Path) -> None:
     from services.errors import Conflict
 
@@ -328,7 +364,7 @@ def test_end_to_end_sync_reconcile_and_one_draft_invoice(connected: dict[str, An
     items = [item for item in fake.invoiceitems.values() if item.get("invoice") == invoice["id"]]
     assert invoice["id"] == first.external_id and invoice["currency"] == "usd" and invoice["total"] == 5000
     assert len(items) == 1 and items[0]["amount"] == 5000
-    assert leak.product_key in items[0]["description"] and f"#{leak.id}" in items[0]["description"]
+    assert leak.product_key in items[0]["description"] and items[0]["metadata"]["anomaly_id"] == str(leak.id)
     assert anomalies.get_anomaly(analyst, leak.id).row.status == "actioned"
     with org_session(analyst.org_id) as session:
         assert audit.verify(session, analyst.org_id).ok
