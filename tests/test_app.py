@@ -75,6 +75,17 @@ def sign_in(email: str, password: str) -> AppTest:
     return at.button[0].click().run()
 
 
+def open_invoice_dialog(anomaly_id: int) -> AppTest:
+    """The analyst's "Draft invoice" dialog for one anomaly, opened from its detail panel."""
+    at = sign_in(*ANALYST[::2])
+    at.switch_page("pages/anomalies.py").run()
+    at.session_state["anomaly_focus"] = anomaly_id
+    at.run()
+    at.button(key="act_invoice").click().run()
+    no_exceptions(at)
+    return at
+
+
 def no_exceptions(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
@@ -192,12 +203,7 @@ def test_draft_invoice_dialog_creates_one_invoice_after_two_clicks(app_env: Path
         integrations.connect(admin, "stripe", {"api_key": next(iter(fake.api_keys)), "api_base": base})
         leak = anomalies.list_anomalies(admin, anomalies.AnomalyFilters(
             types=("under_reported_usage",), statuses=("open",))).rows[0]
-        at = sign_in(*ANALYST[::2])
-        at.switch_page("pages/anomalies.py").run()
-        at.session_state["anomaly_focus"] = leak.id
-        at.run()
-        at.button(key="act_invoice").click().run()
-        no_exceptions(at)
+        at = open_invoice_dialog(leak.id)
         dialog_text = texts(at.markdown)
         assert "Total:" in dialog_text and leak.currency.upper() in dialog_text
         assert fake.draft_invoices() == []  # the preview sends nothing
@@ -347,12 +353,7 @@ def test_draft_invoice_dialog_says_up_front_that_stripe_is_not_connected(app_env
     assert not integrations.is_connected(me, "stripe")
     leak = anomalies.list_anomalies(me, anomalies.AnomalyFilters(types=("under_reported_usage",),
                                                                  statuses=("open",))).rows[0]
-    at = sign_in(*ANALYST[::2])
-    at.switch_page("pages/anomalies.py").run()
-    at.session_state["anomaly_focus"] = leak.id
-    at.run()
-    at.button(key="act_invoice").click().run()
-    no_exceptions(at)
+    at = open_invoice_dialog(leak.id)
     warning = texts(at.warning)
     assert "Stripe is not connected" in warning and "admin" in warning, warning
     assert at.button(key="invoice_confirm").disabled

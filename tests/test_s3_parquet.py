@@ -91,11 +91,15 @@ class Recording:
     def objects_read(self) -> set[str]:
         return {path for method, path in self.requests() if method == "GET" and path.endswith(".parquet")}
 
-    def signers(self) -> set[str]:
-        """The access key ids that signed the recorded requests (SigV4 `Credential=<key id>/...`)."""
+    def signers(self, bucket: str) -> set[str]:
+        """The access key ids that signed the recorded requests to `bucket` (SigV4 `Credential=<key id>/...`).
+        Only that bucket's: moto's recorder is one per process, shared with other modules' servers."""
         httpx.post(f"{self.endpoint}/moto-api/recorder/stop-recording")
         text = httpx.get(f"{self.endpoint}/moto-api/recorder/download-recording").text
-        headers = [json.loads(line).get("headers") or {} for line in text.splitlines() if line.strip()]
+        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        headers = [e.get("headers") or {} for e in entries
+                   if unquote(urlparse(e["url"]).path).strip("/").split("/")[0] == bucket]
+        assert headers, f"no request to {bucket} was recorded"
         found = {re.search(r"Credential=([^/]+)/", h.get("Authorization", "")) for h in headers}
         return {match.group(1) if match else "unsigned" for match in found}
 
@@ -312,7 +316,7 @@ def test_explicit_keys_are_the_only_credentials_used(server_credentials: None, m
     recording.start()
     assert s3_parquet.check(config).ok
     assert _rows(s3_parquet.fetch_daily_buckets(config, START, END)) == _expected()
-    assert recording.signers() == {KEYS["aws_access_key_id"]}
+    assert recording.signers(hive_bucket) == {KEYS["aws_access_key_id"]}
     url = s3_parquet.boto_client(s3_parquet.parse_config(config)).generate_presigned_url(
         "get_object", Params={"Bucket": hive_bucket, "Key": "k"})
     query = url.split("?", 1)[1]
@@ -327,5 +331,5 @@ def test_server_credentials_only_when_the_caller_allows_them(server_credentials:
     table = s3_parquet.fetch_daily_buckets(config, START, END, server_credentials=True)
     assert s3_parquet.check(config, server_credentials=True).ok
     assert _rows(table) == _expected()
-    assert recording.signers() == {SERVER_KEYS["AWS_ACCESS_KEY_ID"]}
+    assert recording.signers(hive_bucket) == {SERVER_KEYS["AWS_ACCESS_KEY_ID"]}
 
