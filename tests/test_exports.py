@@ -23,7 +23,7 @@ from db.session import org_session
 from services import exports, integrations, users
 from services.context import Actor
 from services.errors import InvalidInput, PermissionDenied
-from tests.test_s3_parquet import COLUMNS, KEYS, s3_client, start_moto
+from tests.test_s3_parquet import COLUMNS, KEYS, SERVER_KEYS, s3_client, start_moto
 
 START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
 pytestmark = pytest.mark.slow  # each test migrates a fresh database and hashes three passwords (~2 s)
@@ -92,8 +92,10 @@ def export_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: 
     s3_client(moto_endpoint).create_bucket(Bucket=bucket)
     monkeypatch.setenv("RRC_EXPORT_BUCKET", bucket)
     monkeypatch.setenv("RRC_EXPORT_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEYS["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEYS["aws_secret_access_key"])
+    # The server's keys are SERVER_KEYS wherever a test sets them: Arrow's AWS SDK resolves the server's
+    # credential chain once per process, so another value here would be what a later test sees.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SERVER_KEYS["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SERVER_KEYS["AWS_SECRET_ACCESS_KEY"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("RRC_EXPORT_URL_TTL", raising=False)
     monkeypatch.delenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", raising=False)
@@ -221,8 +223,8 @@ def test_an_org_export_destination_without_keys_is_refused(orgs: dict[str, Any],
     """An org's S3 integration saved without keys (before the rule) must not write with the server's credentials,
     which here could write the bucket; allowed only when the operator says so."""
     bucket = f"server-role-{abs(hash(request.node.name)) % 10**8}"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEYS["aws_access_key_id"])  # the server's own credentials
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEYS["aws_secret_access_key"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SERVER_KEYS["AWS_ACCESS_KEY_ID"])  # the server's own credentials
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SERVER_KEYS["AWS_SECRET_ACCESS_KEY"])
     monkeypatch.delenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", raising=False)
     s3_client(moto_endpoint).create_bucket(Bucket=bucket)
     with monkeypatch.context() as before_the_rule:

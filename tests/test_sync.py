@@ -27,7 +27,7 @@ from services.errors import InvalidInput, NotFound, PermissionDenied
 from tests.bundles import FEB, JAN, MAR, Scenario
 from tests.fakes.serving import wait_for
 from tests.fakes.stripe_server import DEFAULT_KEY, FakeStripe, serve
-from tests.test_s3_parquet import KEYS, s3_client, start_moto
+from tests.test_s3_parquet import KEYS, SERVER_KEYS, s3_client, start_moto
 
 pytestmark = pytest.mark.slow  # a fresh migrated database, a fake Stripe and moto per test (~2-4 s)
 AS_OF = datetime(2026, 4, 15, tzinfo=UTC)  # window: January 1 to April 16, 2026
@@ -298,8 +298,8 @@ def _keyless_s3_usage(endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatc
     """An S3 source without keys, on a server whose own AWS credentials (the environment) reach the bucket."""
     config = _s3_usage(endpoint, bucket)
     del config["access_key_id"], config["secret_access_key"]
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEYS["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEYS["aws_secret_access_key"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SERVER_KEYS["AWS_ACCESS_KEY_ID"])  # see tests/test_exports.py
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SERVER_KEYS["AWS_SECRET_ACCESS_KEY"])
     return config
 
 
