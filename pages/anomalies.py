@@ -18,7 +18,7 @@ from services import anomalies, crm_tasks, dashboard, integrations, recovery
 from services.anomalies import LEAK_TYPES, AnomalyDetail
 from ui import filters
 from ui.format import STATUS_LABELS, confidence, explanation, money, period, plural, price, type_label, units, when
-from ui.links import open_account
+from ui.links import ANOMALY_FOCUS, open_account
 from ui.session import actor, attempt
 
 PAGE_SIZE = 25
@@ -32,7 +32,7 @@ st.title("Anomalies")
 
 # A link from an invoice or a CRM task (?id=123) opens that anomaly directly.
 if "id" in st.query_params and st.query_params["id"].isdigit():
-    st.session_state["anomaly_focus"] = int(st.query_params["id"])
+    st.session_state[ANOMALY_FOCUS] = int(st.query_params["id"])
 
 filters.filter_bar("queue", [c.upper() for c in dashboard.currencies(me)], with_account=True)
 controls = st.columns([2, 1, 1, 3])
@@ -157,7 +157,7 @@ def dismiss_dialog(anomaly_ids: tuple[int, ...]) -> None:
 def changed(anomaly_ids: Any) -> None:
     """After a status change: a fresh selection; the panel stays on the anomaly when it was one."""
     st.session_state[CHANGES] = st.session_state.get(CHANGES, 0) + 1
-    st.session_state["anomaly_focus"] = anomaly_ids[0] if len(anomaly_ids) == 1 else None
+    st.session_state[ANOMALY_FOCUS] = anomaly_ids[0] if len(anomaly_ids) == 1 else None
 
 
 def set_status(anomaly_ids: list[int], status: str) -> None:
@@ -290,7 +290,7 @@ def detail_panel(anomaly_id: int) -> None:
                 st.rerun()
 
 
-focus = selected_ids[0] if selected_ids else st.session_state.get("anomaly_focus")
+focus = selected_ids[0] if selected_ids else st.session_state.get(ANOMALY_FOCUS)
 if focus:
     st.divider()
     detail_panel(focus)

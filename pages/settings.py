@@ -13,11 +13,11 @@ import streamlit as st
 
 from services import api_keys, catalog, integrations, settings, users
 from ui.format import decimal_text, when
-from ui.session import actor, attempt, flash, is_admin, show_flash
+from ui.session import actor, attempt, flash, show_flash
 
 me = actor()
 st.title("Settings")
-if not is_admin():
+if me.role != "admin":
     st.error("Settings are for admins. Ask an admin of your organization for changes.")
     st.stop()
 show_flash()

@@ -126,13 +126,21 @@ def _head_problem(org_id: int, head: AuditHead | None, last_seq: int, last_hash:
         return last_seq + 1, f"the log has no chain head, so deleted entries after {last_seq} would go unnoticed"
     if not seal_ok(org_id, head.seq, head.hash, head.mac):
         return last_seq + 1, "the chain head was altered: its seal does not check with the configured secret keys"
-    if head.seq > last_seq:
-        return last_seq + 1, f"{_entries(last_seq + 1, head.seq)} missing: the log's head says {head.seq}"
-    if head.seq < last_seq:
-        return head.seq + 1, (f"{_entries(head.seq + 1, last_seq)} after the log's head ({head.seq}): "
+    return chain_gap(head.seq, head.hash, last_seq, last_hash)
+
+
+def chain_gap(head_seq: int, head_hash: str, last_seq: int, last_hash: str,
+              head: str = "the log's head") -> tuple[int, str] | None:
+    """Whether a chain whose last entry is (`last_seq`, `last_hash`) ends where its head says, as
+    (first entry concerned, reason naming the head as `head`); None when it does. The seal is the
+    caller's to judge."""
+    if head_seq > last_seq:
+        return last_seq + 1, f"{_entries(last_seq + 1, head_seq)} missing: {head} says {head_seq}"
+    if head_seq < last_seq:
+        return head_seq + 1, (f"{_entries(head_seq + 1, last_seq)} after {head} ({head_seq}): "
                               "written outside the app, or the head was rolled back")
-    if head.hash != last_hash:
-        return last_seq, f"entry {last_seq} is not the entry the log's head records: it was replaced"
+    if head_hash != last_hash:
+        return last_seq, f"entry {last_seq} is not the entry {head} records: it was replaced"
     return None
 
 

@@ -277,13 +277,11 @@ def _check_head(org_id: int, entries: list[dict[str, Any]], heads: list[dict[str
         if entries:
             raise InvalidInput("audit_heads.jsonl: the audit log has no head, so its completeness cannot be checked")
         return []
-    head, last_seq = heads[0], entries[-1]["seq"] if entries else 0
-    if head["seq"] > last_seq:
-        first = last_seq + 1
-        missing = f"entry {first} is" if head["seq"] == first else f"entries {first}..{head['seq']} are"
-        raise InvalidInput(f"audit_log.jsonl: {missing} missing: the archive's audit head says {head['seq']}")
-    if head["seq"] < last_seq or head["hash"] != entries[-1]["hash"]:
-        raise InvalidInput(f"audit_log.jsonl does not end at the archive's audit head (entry {head['seq']})")
+    head = heads[0]
+    last_seq, last_hash = (entries[-1]["seq"], entries[-1]["hash"]) if entries else (0, "")
+    gap = audit.chain_gap(head["seq"], head["hash"], last_seq, last_hash, head="the archive's audit head")
+    if gap is not None:
+        raise InvalidInput(f"audit_log.jsonl: {gap[1]}")
     if audit.seal_ok(org_id, head["seq"], head["hash"], head["mac"]):
         return []
     return ["the archive's audit head is not sealed with a key of this installation (exported elsewhere, or "

@@ -65,7 +65,9 @@ def queue_run(actor: Actor, trigger: str = "manual") -> ReconRun:
         return run
 
 
-def _start(actor: Actor, trigger: str, run_id: int | None, params: ReconcileParams) -> int:
+def _start(actor: Actor, trigger: str, run_id: int | None, params: ReconcileParams | None) -> int:
+    """Mark the run running (creating it unless queued) with the parameters it uses (None: it will
+    not reconcile, so it records none)."""
     with org_session(actor.org_id) as session:
         if run_id is None:
             run = ReconRun(org_id=actor.org_id, trigger=trigger, created_by=actor.user_id)
@@ -77,7 +79,7 @@ def _start(actor: Actor, trigger: str, run_id: int | None, params: ReconcilePara
                 raise NotFound(f"run {run_id} not found")
         now = datetime.now(UTC)
         run.status, run.started_at, run.heartbeat_at = "running", now, now
-        run.params = {k: str(v) for k, v in asdict(params).items() if v is not None}
+        run.params = {k: str(v) for k, v in asdict(params).items() if v is not None} if params else {}
         try:
             session.flush()
         except IntegrityError:  # ux_recon_runs_one_running: another worker is reconciling this org
@@ -183,7 +185,7 @@ def run_reconciliation(actor: Actor, *, trigger: str = "manual", bundle_dir: Pat
     try:
         params = params or reconcile_params(get_settings(actor))
     except InvalidInput as exc:  # the run is recorded as failed with the reason, not left queued
-        return _finish(actor, _start(actor, trigger, run_id, ReconcileParams()), "failed", None, str(exc))
+        return _finish(actor, _start(actor, trigger, run_id, None), "failed", None, str(exc))
     run_id = _start(actor, trigger, run_id, params)
     started = time.monotonic()
     try:

@@ -201,6 +201,8 @@ def _record_found(actor: Actor, plan: _Plan, config: dict[str, Any], invoice: di
         attempts = session.scalars(select(Action).where(
             Action.org_id == actor.org_id, Action.anomaly_id == plan.anomaly_id, Action.kind == KIND,
             Action.status != "succeeded").order_by(Action.id.desc())).all()
+        if not attempts:  # another request recorded it meanwhile: _plan now replays or refuses
+            return
         maker = next((a for a in attempts if _stripe_key(a.idempotency_key) == invoice["metadata"].get("rrc_key")),
                      next((a for a in attempts if a.amount is not None and Decimal(a.amount) == total), attempts[0]))
         key, amount, request = maker.idempotency_key, maker.amount, maker.request

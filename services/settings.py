@@ -114,7 +114,7 @@ def _cron_days(item: str) -> list[int]:
     """The standard-cron days (0 or 7 = Sunday) one numeric day-of-week item selects: 5, 1-5, */2, 1-5/2."""
     base, _, step = item.partition("/")
     first, last = (0, 6) if base == "*" else (int(base.split("-")[0]), int(base.split("-")[-1]))
-    if not (0 <= first <= 7 and 0 <= last <= 7):
+    if not (0 <= first <= last <= 7):  # 5-1 wraps round: left as typed, for APScheduler to explain
         raise ValueError(item)
     days = range(first, last + 1, int(step) if step else 1)
     return sorted({day % 7 for day in days})

@@ -225,9 +225,11 @@ def test_crontab_days_mean_what_crontab_means(expr: str, days: str) -> None:
     settings.validate_schedule("cron", expr, "UTC")  # what the scheduler runs, the Settings page accepts
 
 
-def test_a_day_of_week_beyond_7_is_refused_by_name() -> None:
-    with pytest.raises(InvalidInput, match="cron expression"):
-        settings.validate_schedule("cron", "0 6 * * 8", "UTC")
+@pytest.mark.parametrize("days", ["8", "5-1"])
+def test_a_day_of_week_crontab_cannot_read_is_refused_naming_it(days: str) -> None:
+    with pytest.raises(InvalidInput, match=f"cron expression '0 6 \\* \\* {days}'") as refused:
+        settings.validate_schedule("cron", f"0 6 * * {days}", "UTC")
+    assert "number of fields" not in str(refused.value)
 
 
 def test_scheduled_enqueue_is_audited_and_coalesced(app_db: str, demo_bundle: Path, tmp_path: Path) -> None:

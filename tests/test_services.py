@@ -228,7 +228,7 @@ def test_thresholds_stored_before_the_bounds_fail_the_run_with_the_reason(org: t
         session.execute(sa.update(OrgSettings).where(OrgSettings.org_id == admin.org_id).values(min_leak_amount=-5))
     queued = reconciliation.queue_run(admin)
     run = reconciliation.run_reconciliation(admin, run_id=queued.id, bundle_dir=under_reported().write(tmp_path / "b"))
-    assert (run.id, run.status) == (queued.id, "failed")
+    assert (run.id, run.status, run.params) == (queued.id, "failed", {})  # it used no thresholds
     assert "stored thresholds: min_leak_amount" in run.error and "save valid thresholds in Settings" in run.error
     with org_session(admin.org_id) as session:
         assert session.execute(sa.select(sa.func.count()).select_from(Anomaly)).scalar() == 0

@@ -27,7 +27,9 @@ def refreshed(current: Actor) -> Actor | None:
 
 
 def actor() -> Actor:
-    """The signed-in user as app.py put them in the session, re-read on every call."""
+    """The signed-in user as app.py put them in the session, re-read once more: app.py re-reads the
+    role to build the menu, but a page can run without it (AppTest's switch_page), and the services
+    trust this Actor — one primary-key lookup per page run, called once at the top of each page."""
     current = st.session_state.get("actor")
     if current is not None:
         current = refreshed(current)
@@ -35,10 +37,6 @@ def actor() -> Actor:
         st.error("Your session ended — sign in again.")
         st.stop()
     return current
-
-
-def is_admin() -> bool:
-    return actor().role == "admin"
 
 
 def attempt(call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
