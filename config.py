@@ -57,6 +57,10 @@ class Settings(BaseSettings):
         description="Key signing the REST API's user tokens (POST /api/auth/token). Unset: derived from "
                     "RRC_SECRET_KEYS (or the embedded key file on SQLite).")
     api_token_ttl: int = Field(3600, gt=0, description="Lifetime of a REST API user token, in seconds.")
+    bcrypt_rounds: int = Field(
+        12, ge=4, le=16,
+        description="bcrypt cost (log2 of the rounds) for new password hashes; existing hashes keep the cost they "
+                    "were made with. 12 takes about a quarter of a second per sign-in here; the test suite sets 4.")
 
     # --- integrations ----------------------------------------------------------------------------
     sql_source_file_dirs: str = Field(

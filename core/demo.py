@@ -294,7 +294,7 @@ def _write_usage(out: Path, stem: str, chunks: list[dict[str, np.ndarray]], usag
     if usage_format == "parquet":
         pq.write_table(table, out / f"{stem}.parquet")
         return
-    ts_text = [_iso(datetime.fromtimestamp(int(t), UTC)) for t in columns["ts"]]
+    ts_text = np.char.add(np.datetime_as_string(columns["ts"].astype("datetime64[s]"), unit="s"), "Z")
     csv_table = table.set_column(2, "ts", pa.array(ts_text))
     with (out / f"{stem}.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

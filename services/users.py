@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime, timedelta
 
 import bcrypt
 from sqlalchemy import func, select
 
+from config import load_settings
 from db.models import Organization, OrgSettings, User
 from db.session import org_session, system_session
 from services import audit
@@ -23,7 +25,7 @@ SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
 
 def hash_password(password: str) -> str:
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(load_settings().bcrypt_rounds)).decode()
 
 
 def _check_new_user(email: str, role: str, password: str) -> str:
@@ -131,6 +133,12 @@ def _register_failure(session, user: User, now: datetime) -> None:  # type: igno
         audit.append(session, Actor.system(user.org_id, "auth"), "user.locked", "user", user.id, {"email": user.email})
 
 
+@functools.cache
+def _decoy_hash(rounds: int) -> bytes:
+    """A hash checked for unknown emails, so a wrong email takes as long as a wrong password."""
+    return bcrypt.hashpw(b"decoy", bcrypt.gensalt(rounds))
+
+
 def _locked_message(user: User) -> str:
     return f"too many failed sign-ins; try again after {user.locked_until:%H:%M} UTC"
 
@@ -141,6 +149,7 @@ def authenticate(email: str, password: str) -> User:
     with system_session() as session:
         user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
         if user is None or not user.active:
+            bcrypt.checkpw(password.encode(), _decoy_hash(load_settings().bcrypt_rounds))
             raise PermissionDenied("wrong email or password")
         if user.locked_until and user.locked_until > now:
             raise PermissionDenied(_locked_message(user))

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
+# bcrypt's cheapest cost for every hash the tests make, here and in the servers they start (the
+# production default of 12 spends a quarter of a second per user; the cost is a setting, not a code path).
+os.environ.setdefault("RRC_BCRYPT_ROUNDS", "4")
+
 
 @pytest.fixture(scope="session")
 def pg_url() -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from decimal import Decimal as D
 from pathlib import Path
 
+import bcrypt
 import pytest
 import sqlalchemy as sa
 
+from config import ConfigError
 from db.models import Anomaly, AuditEntry, OrgSettings, ReconRun
 from db.session import get_engine, org_session
 from services import audit, reconciliation, settings, users
@@ -137,6 +139,17 @@ def test_sign_in_and_lockout(org: tuple[Actor, Actor]) -> None:
         users.set_role(admin, admin.user_id, "analyst")  # the last admin stays admin
     with pytest.raises(Conflict):
         users.create_organization("Other", "acme", "o@o.example", "O", "password-4")
+
+
+def test_password_hashes_use_the_configured_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RRC_BCRYPT_ROUNDS", raising=False)
+    assert users.hash_password("password-1").startswith("$2b$12$")  # the production default
+    monkeypatch.setenv("RRC_BCRYPT_ROUNDS", "5")
+    hashed = users.hash_password("password-1")
+    assert hashed.startswith("$2b$05$") and bcrypt.checkpw(b"password-1", hashed.encode())
+    monkeypatch.setenv("RRC_BCRYPT_ROUNDS", "3")
+    with pytest.raises(ConfigError, match="RRC_BCRYPT_ROUNDS"):
+        users.hash_password("password-1")
 
 
 def under_reported(leak: bool = True) -> Scenario:
