@@ -17,10 +17,11 @@ run: $(BIN)/.installed
 	$(BIN)/python cli.py db prepare
 	$(BIN)/streamlit run app.py
 
-# Everything CI runs: lint, then every test (PostgreSQL, browser and slow ones included).
+# Everything CI runs: lint, then every test (PostgreSQL, browser and slow ones included), one worker per
+# core (pytest-xdist): each test has its own database, data folder and ports.
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 # The quick loop while coding: skips tests marked slow or browser.
 test-fast: $(BIN)/.installed

@@ -8,7 +8,8 @@ Every route goes through the same services as the app, so roles and org scoping 
 there; this layer only maps their errors to HTTP (another org's id is simply not found: 404).
 Money leaves as decimal strings, never JSON floats. Each request gets a correlation id
 (`X-Request-ID`, echoed back) bound to the log context, so service log lines carry it too.
-Limits (body size, requests per API key and per client IP) come from `RRC_API_*` variables.
+Limits (body size, requests per API key and per client IP) come from `RRC_API_*` variables, checked
+with the whole configuration when the app is built: a bad one stops the process (config.py).
 
 Run: `python api.py` (uvicorn, JSON logs) or `uvicorn api:app`.
 """
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import clear_contextvars
 
+from config import Settings, settings_or_exit
 from core.logging import bind_correlation_id, configure_logging, ensure_logging, get_logger
 from db.session import is_current
 from services import (
@@ -73,6 +75,12 @@ class ApiSettings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated allowed origins; empty keeps CORS off")
     trust_forwarded_for: bool = Field(False, description="take the client IP from X-Forwarded-For (behind a proxy)")
     log_level: str = "INFO"
+
+
+def api_settings(checked: Settings) -> ApiSettings:
+    """The API's limits taken from the checked configuration (config.Settings holds the same
+    `RRC_API_*` fields), so a bad value is refused once, at start, naming its variable."""
+    return ApiSettings(**{name: getattr(checked, f"api_{name}") for name in ApiSettings.model_fields})
 
 
 class TokenBucket:
@@ -609,7 +617,7 @@ def anomaly_filters(
     return filters
 
 
-app = create_app()
+app = create_app(api_settings(settings_or_exit()))  # a bad variable ends the process here (exit 2)
 
 
 def main() -> None:

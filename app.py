@@ -1,6 +1,7 @@
 """Revenue Recovery Copilot — the Streamlit entry point.
 
-Prepares the database (migrations, the demo organization on a first start), signs the user in
+Checks the configuration (a bad operator setting stops every run with a message naming it),
+prepares the database (migrations, the demo organization on a first start), signs the user in
 with streamlit-authenticator against the users in the app database, then hands over to
 `st.navigation` with the pages the user's role may see. The services check roles again: the
 menu only keeps people from clicking into a refusal.
@@ -14,6 +15,7 @@ import streamlit as st
 import streamlit_authenticator as stauth
 from streamlit.navigation.page import StreamlitPage
 
+from config import ConfigError, load_settings
 from db.crypto import local_key
 from db.session import database_url
 from services import demo, users
@@ -34,6 +36,16 @@ def prepare_database(url: str) -> str:
     """Migrate once per process and database; seed the demo org on a first start unless RRC_DEMO=0."""
     demo.prepare_first_start(url)
     return url
+
+
+def configuration_or_stop() -> None:
+    """Streamlit cannot refuse to start, so every run refuses instead, before the database or a page is
+    touched: a bad operator setting is shown naming its variable (config.py), never as a traceback."""
+    try:
+        load_settings()
+    except ConfigError as exc:
+        st.error(f"Server configuration error — {exc}. The operator must correct it and restart the app.")
+        st.stop()
 
 
 def cookie_key() -> str:
@@ -144,6 +156,7 @@ def remember_sign_in(authenticator: stauth.Authenticate) -> None:
 
 
 def main() -> None:
+    configuration_or_stop()
     prepare_database(database_url())
     credentials = users.credentials_for_authenticator()
     # No built-in 0.7 s sleep per signed-out run: the lockout in the database (5 failures, 15 minutes)
@@ -171,7 +184,8 @@ def main() -> None:
         authenticator.logout("Sign out", location="sidebar", key="sign_out",
                              callback=lambda _: st.session_state.pop("actor", None))
         remember_sign_in(authenticator)
-    page.run()
+    with session.read_this_run(current):
+        page.run()
 
 
 main()

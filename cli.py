@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from config import settings_or_exit
 from core.bundle import load_bundle
 from core.demo import MIN_ACCOUNTS as MIN_DEMO_ACCOUNTS
 from core.errors import BundleError
@@ -28,6 +29,7 @@ EXIT_BAD_INPUT = 2
 @app.callback()
 def root() -> None:
     """Revenue Recovery Copilot command line."""
+    settings_or_exit()  # every command: a bad variable is named here (exit 2), before anything is read or written
 
 
 def _decimal(value: str, option: str) -> Decimal:

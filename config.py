@@ -6,17 +6,35 @@ environment only (no implicit `.env` reading here), so what a module that reads 
 directly sees and what `load_settings()` returns can never disagree. `honcho start` and
 `docker compose` load `.env` into the environment for you.
 
-`db/session.py`, `db/crypto.py`, `services/api_keys.py` and `api.py` (its `ApiSettings`, the
-`RRC_API_*` limits) read their variables themselves, on every call where tests and key rotation
-rely on that; the names and defaults below are the same ones they use, and tests/test_deploy.py
+`db/session.py`, `db/crypto.py` and `services/api_keys.py` read their variables themselves, on
+every call where tests and key rotation rely on that (`api.py` takes its `RRC_API_*` limits from
+here); the names and defaults below are the same ones they use, and tests/test_deploy.py
 checks that `.env.example` documents every field here.
+
+Every process checks the whole configuration when it starts, before it serves anyone: the API
+(`api.py`, when its app is built), the scheduler (`main`) and the CLI (its Typer callback) end with
+exit code 2 and one line naming the variable (`settings_or_exit`); the Streamlit app shows the same
+message and stops before preparing the database or drawing a page (`app.py`). An empty variable
+counts as unset, as it does for the modules that read the environment themselves.
+
+Decision on the services that still read a variable lazily (`services/settings.py`
+RRC_SCHEDULER_MIN_INTERVAL_SECONDS, `services/source_policy.py` RRC_S3_ALLOW_SERVER_CREDENTIALS and
+RRC_SQL_SOURCE_FILE_DIRS, `services/exports.py` RRC_EXPORT_URL_TTL, `services/users.py`
+RRC_BCRYPT_ROUNDS): their refusals stay as they are, naming the variable, and are not reworded to a
+bare "server configuration error". `Settings` refuses at start every value they refuse (whole
+numbers in plain digits, yes/no words, absolute folders), and a process's environment does not change
+after it started, so a tenant can no longer meet those messages; rewording them would only hide the
+variable from the tests and from an operator reproducing a problem.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,7 +46,7 @@ class Settings(BaseSettings):
     """Environment variables of Revenue Recovery Copilot (all optional; defaults suit a laptop)."""
 
     model_config = SettingsConfigDict(env_prefix="RRC_", extra="ignore", case_sensitive=False,
-                                      populate_by_name=True)
+                                      populate_by_name=True, env_ignore_empty=True)
 
     # --- storage -------------------------------------------------------------------------------
     database_url: str | None = Field(
@@ -77,6 +95,15 @@ class Settings(BaseSettings):
                     "keys, since the server's role could reach other organizations' and the operator's buckets. "
                     "Only for a single-tenant install whose role reaches nothing else. RRC_EXPORT_BUCKET always "
                     "uses the server's credentials (services/source_policy.py).")
+    private_endpoints: str = Field(
+        "",
+        description="Non-public hosts that organizations' integrations may make this server connect to (Stripe "
+                    "api_base, HubSpot host, Salesforce instance_url, S3 endpoint_url, SQL source host): "
+                    "comma-separated IP addresses, CIDR networks (10.20.0.0/16) and host names (allowed whatever "
+                    "they resolve to), or 'any' alone (single-tenant or development installs). Empty (default): "
+                    "an endpoint that is, or resolves to, a loopback, private, link-local (169.254.169.254), "
+                    "unique-local, multicast, reserved or this server's own address is refused; plain http is "
+                    "accepted only to an allowed non-public host (services/source_policy.py).")
 
     # --- front doors ---------------------------------------------------------------------------
     demo: bool = Field(
@@ -156,6 +183,28 @@ class Settings(BaseSettings):
         "0 3 * * *",
         description="Crontab (UTC) of the daily sync of connected sources (Stripe, SQL, S3); 'off' disables it.")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers_in_digits(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic alone reads "300.0", "1_000" or "+5" as whole numbers, which the services reading
+        their variable themselves (RRC_SCHEDULER_MIN_INTERVAL_SECONDS, RRC_EXPORT_URL_TTL) refuse: the
+        start-up check must refuse at least what they do."""
+        digits = value.strip() if isinstance(value, str) else None
+        if cls.model_fields[info.field_name or ""].annotation is int and digits is not None \
+                and not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"expected a whole number in digits, got {value!r}")
+        return value
+
+    @field_validator("sql_source_file_dirs")
+    @classmethod
+    def _absolute_folders(cls, value: str) -> str:
+        """A relative folder would mean a different place to each process (their working directories)."""
+        folders = [part.strip() for part in value.split(os.pathsep) if part.strip()]
+        relative = next((folder for folder in folders if not Path(folder).expanduser().is_absolute()), None)
+        if relative is not None:
+            raise ValueError(f"folders are given by their absolute path, not {relative!r}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.scheduler_stale_after_seconds <= 2 * self.scheduler_heartbeat_seconds:
@@ -168,6 +217,9 @@ class Settings(BaseSettings):
                 CronTrigger.from_crontab(self.sync_cron, timezone="UTC")
             except ValueError as exc:
                 raise ValueError(f"RRC_SYNC_CRON: {exc} (expected a crontab like '0 3 * * *' or 'off')") from None
+        from services.source_policy import parse_private_endpoints
+
+        parse_private_endpoints(self.private_endpoints)  # ConfigError (a ValueError) names RRC_PRIVATE_ENDPOINTS
         for name, level in (("RRC_LOG_LEVEL", self.log_level), ("RRC_API_LOG_LEVEL", self.api_log_level)):
             if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
                 raise ValueError(f"{name}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
@@ -198,3 +250,16 @@ def load_settings() -> Settings:
             message = str(error.get("msg", "")).removeprefix("Value error, ")
             problems.append(f"{name}: {message}" if name else message)
         raise ConfigError("; ".join(problems)) from None
+
+
+EXIT_CONFIG = 2
+
+
+def settings_or_exit() -> Settings:
+    """For a process starting up (API, scheduler, CLI): the settings, or exit code 2 with one line on
+    stderr naming the variable, so a bad value stops the process instead of reaching a tenant later."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None

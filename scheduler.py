@@ -61,7 +61,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import text
 
-from config import ConfigError, Settings, load_settings
+from config import Settings, settings_or_exit
 from core.logging import correlation, ensure_logging, get_logger
 from db.repositories import runs as runs_repo
 from db.repositories.schedules import OrgSchedule, orgs_with_integrations, schedules_all_orgs
@@ -450,11 +450,7 @@ class Worker:
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()  # a bad variable ends the process here (exit 2), before any run starts
     ensure_logging(settings.log_level)
     worker = Worker(settings)
     signal.signal(signal.SIGTERM, worker.request_stop)

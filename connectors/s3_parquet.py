@@ -13,11 +13,13 @@ Credentials: `access_key_id` + `secret_access_key`, given to the clients explici
 then use only them: no environment variable, profile or instance role is consulted). Without keys
 nothing connects (S3SourceError naming `access_key_id`) unless the caller passes
 `server_credentials=True`, which hands the request to the standard AWS chain of *this server*
-(environment, profile, instance role). Callers decide who may use that: the operator's own export
-bucket does; an organization's settings only when the operator allows it
-(services/source_policy.py, RRC_S3_ALLOW_SERVER_CREDENTIALS). `endpoint_url` points at
-S3-compatible stores (MinIO, the moto server of the tests). Nothing here logs, and messages never
-carry a secret.
+(environment, profile, instance role). `require_keys` is that one check, with one wording, run on
+every config parsed and every client built, and by services/source_policy.py. Callers decide who
+may use the server's chain: the operator's own export bucket does; an organization's settings only
+when the operator allows it (RRC_S3_ALLOW_SERVER_CREDENTIALS). `endpoint_url` points at
+S3-compatible stores (MinIO, the moto server of the tests); which addresses an organization may
+point it at is also services/source_policy.py's rule. Nothing here logs, and messages never carry
+a secret.
 """
 
 from __future__ import annotations
@@ -111,12 +113,7 @@ def parse_config(config: dict[str, Any], *, server_credentials: bool = False) ->
     region = _text(config, "region", required=False, default="us-east-1") or "us-east-1"
     key_id = _text(config, "access_key_id", required=False)
     secret = _text(config, "secret_access_key", required=False)
-    if not key_id and not secret and not server_credentials:
-        raise S3SourceError("access_key_id: required, with secret_access_key (an access key of your own AWS "
-                            "account or S3 store: this server does not lend its own credentials)")
-    if bool(key_id) != bool(secret):
-        missing = "secret_access_key" if key_id else "access_key_id"
-        raise S3SourceError(f"{missing}: required; access_key_id and secret_access_key are given together")
+    require_keys(key_id, secret, server_credentials=server_credentials)
     endpoint = _text(config, "endpoint_url", required=False)
     if endpoint and urlparse(endpoint).scheme not in ("http", "https"):
         raise S3SourceError(f"endpoint_url: expected an http(s) URL, got {endpoint!r}")
@@ -128,11 +125,23 @@ def parse_config(config: dict[str, Any], *, server_credentials: bool = False) ->
                     server_credentials=server_credentials)
 
 
-def _require_keys(access_key_id: str | None, secret_access_key: str | None, server_credentials: bool) -> None:
-    """Never build a client that would fall back to this server's credentials unless the caller allowed it."""
-    if not (access_key_id and secret_access_key) and not server_credentials:
-        raise S3SourceError("access_key_id: required, with secret_access_key (this server does not lend its own "
-                            "AWS credentials)")
+def key_given(value: object) -> bool:
+    """Present for the key rule: anything but None or blank text (a key of spaces is no key; `parse_config`
+    rejects non-text)."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def require_keys(access_key_id: object, secret_access_key: object, *, server_credentials: bool) -> None:
+    """The one rule on S3 keys, wherever settings are judged (here, services/source_policy.py) or a client is
+    built: both keys or neither, and neither only when the caller lets this server's own AWS credentials be used,
+    so no client ever falls back to them unasked. S3SourceError names the missing field, never a value."""
+    key_id, secret = key_given(access_key_id), key_given(secret_access_key)
+    if key_id != secret:
+        missing = "secret_access_key" if key_id else "access_key_id"
+        raise S3SourceError(f"{missing}: required; access_key_id and secret_access_key are given together")
+    if not key_id and not server_credentials:
+        raise S3SourceError("access_key_id: required, with secret_access_key (an access key of your own AWS "
+                            "account or S3 store: this server does not lend its own AWS credentials)")
 
 
 def filesystem(cfg: S3Config) -> pafs.S3FileSystem:
@@ -141,7 +150,7 @@ def filesystem(cfg: S3Config) -> pafs.S3FileSystem:
     With keys, only those keys (Arrow's AWS SDK then reads no environment, profile or instance role);
     without, the server's chain, and only when `cfg.server_credentials`.
     """
-    _require_keys(cfg.access_key_id, cfg.secret_access_key, cfg.server_credentials)
+    require_keys(cfg.access_key_id, cfg.secret_access_key, server_credentials=cfg.server_credentials)
     options: dict[str, Any] = {"region": cfg.region, "connect_timeout": 5, "request_timeout": 60,
                                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
     if cfg.access_key_id:
@@ -160,7 +169,7 @@ def s3_client(region: str, endpoint_url: str | None = None, access_key_id: str |
 
     SigV4 always, so presigned URLs carry X-Amz-Expires and work in every region.
     """
-    _require_keys(access_key_id, secret_access_key, server_credentials)
+    require_keys(access_key_id, secret_access_key, server_credentials=server_credentials)
     return boto3.client(
         "s3", region_name=region, endpoint_url=endpoint_url, aws_access_key_id=access_key_id,
         aws_secret_access_key=secret_access_key,

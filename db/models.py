@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -130,7 +131,12 @@ class Account(OrgScoped, Base):
 
 class ReconRun(OrgScoped, Base):
     __tablename__ = "recon_runs"
-    __table_args__ = (Index("ix_recon_runs_org_status", "org_id", "status"),)
+    __table_args__ = (
+        Index("ix_recon_runs_org_status", "org_id", "status"),
+        # at most one queued run per org (migration 0008): queue_run's read-then-insert cannot race into two
+        Index("ux_recon_runs_one_queued", "org_id", unique=True, sqlite_where=text("status = 'queued'"),
+              postgresql_where=text("status = 'queued'")),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed|interrupted
     trigger: Mapped[str] = mapped_column(String(16))  # manual | schedule | api | cli

@@ -11,7 +11,6 @@ import plotly.express as px
 import streamlit as st
 
 from services import dashboard
-from services.anomalies import LEAK_TYPES
 from ui import filters
 from ui.format import money, money_by_currency, plural, type_label, when
 from ui.links import open_account
@@ -46,23 +45,41 @@ if summary.active_run:
 last = summary.last_run
 # An empty money tile still names its currency ("0.00 USD"), one tile per currency in view, else the org's
 in_view = summary.currencies or ([chosen.currency] if chosen.currency else org_currencies)
+EVERY_STATUS = " Whatever the Status filter shows; every other filter applies."
 tiles: list[tuple[str, str, str]] = []  # label, value, help: one money tile per currency, never a mixed sum
-for label, amounts, hint in (
-    ("Open leak", summary.open_leak, "Leaks still to recover (open or actioned)"),
-    ("Recovered", summary.recovered, "Leaks analysts marked recovered (whatever the Status filter shows)"),
-    ("Over-billing risk", summary.over_billing, "Billed more than usage warrants: a credit risk, kept apart"),
+for label, amounts, hint in (  # what each figure counts is services.dashboard.FIGURES; this only draws them
+    ("Open leak", summary.open_leak, "Leaks still to recover: found (open) or with an action out (actioned)."),
+    ("In recovery", summary.in_recovery, "The part of Open leak with a draft invoice or a CRM task out."),
+    ("Recovered", summary.recovered, "Leaks analysts marked recovered."),
+    ("Over-billing risk", summary.over_billing, "Billed more than usage warrants and not handled yet: a credit "
+                                                "risk, kept apart from the leaks."),
 ):
     shown = amounts or {currency: Decimal(0) for currency in in_view}
-    tiles += [(f"{label} · {currency.upper()}", money(amount, currency), hint)
-              for currency, amount in sorted(shown.items())] or [(label, "0", hint)]
+    tiles += [(f"{label} · {currency.upper()}", money(amount, currency), hint + EVERY_STATUS)
+              for currency, amount in sorted(shown.items())] or [(label, "0", hint + EVERY_STATUS)]
 tiles.append(("Accounts affected", f"{summary.accounts_affected:,}",
-              f"{plural(summary.open_count, 'open anomaly', 'open anomalies')} to recover"))
+              f"Accounts behind Open leak: {plural(summary.open_count, 'anomaly', 'anomalies')}.{EVERY_STATUS}"))
 tiles.append(("Last run", last.status.title() if last else "Never",
               f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet"))
 for start in range(0, len(tiles), TILES_PER_ROW):
     for column, (label, value, hint) in zip(st.columns(TILES_PER_ROW), tiles[start:start + TILES_PER_ROW],
                                             strict=False):
         column.metric(label, value, help=hint, border=True)
+
+
+def over_billing_note() -> str:
+    """The Over-billing risk tiles' companion: how many anomalies they count, and how many more are being handled."""
+    unhandled, handled = summary.counts["over_billing"], summary.counts["over_billing_handled"]
+    if not unhandled and not handled:
+        return ""
+    more = (f"{handled:,} more ({money_by_currency(summary.over_billing_handled)}) already being handled"
+            if handled else "none already being handled")
+    return (f"Over-billing risk: {plural(unhandled, 'anomaly', 'anomalies')} not handled yet, {more}. "
+            "A credit risk, kept out of the leak figures and charts.")
+
+
+if note := over_billing_note():
+    st.caption(note)
 if last and last.status == "failed":
     st.error(f"The last run failed: {last.error}. See Runs for details.")
 
@@ -112,23 +129,13 @@ def confidence_chart(where: Any) -> None:
     where.plotly_chart(chart, width="stretch", key="confidence")
 
 
-leak_types = [row for row in summary.by_type if row["type"] in LEAK_TYPES]
-over_billing = [row for row in summary.by_type if row["type"] not in LEAK_TYPES]
-over_billing_note = (
-    f"Over-billing (a credit risk, not a leak, so not in the leak charts): "
-    f"{money_by_currency({row['currency']: row['amount'] for row in over_billing})} in "
-    f"{plural(sum(row['count'] for row in over_billing), 'anomaly', 'anomalies')}."
-) if over_billing else ""
-
-if not leak_types:
+if not summary.by_type:
     where = f" in {chosen.currency.upper()}" if chosen.currency else ""
     st.info(f"No leaks{where} for these filters.", icon=":material/check_circle:")
-    if over_billing_note:
-        st.caption(over_billing_note)
     confidence_chart(st.columns(2)[0])
     st.stop()
 
-by_type = frame(leak_types)
+by_type = frame(summary.by_type)
 by_type["type"] = by_type["type"].map(type_label)
 charts = [st.columns(2), st.columns(2)]
 leak_chart(charts[0][0], "Leak by period", summary.by_period, "month", "Billing period", "by_period")
@@ -136,8 +143,6 @@ charts[0][1].subheader("Leak by type")
 charts[0][1].plotly_chart(px.bar(by_type, x="amount", y="type", color="currency", orientation="h",
                                  labels={"amount": "Leak", "type": "", "currency": "Currency"}),
                           width="stretch", key="by_type")
-if over_billing_note:
-    charts[0][1].caption(over_billing_note)
 leak_chart(charts[1][0], "Leak by product", summary.by_product, "product_key", "Product", "by_product")
 confidence_chart(charts[1][1])
 

@@ -6,10 +6,10 @@ CRM record (`accounts.crm_id`: the Salesforce Account Id / the HubSpot company i
 
 Exactly once per (org, anomaly fingerprint, CRM): the `actions` row is claimed before the remote call
 (see services/actions_common.py), and the connector finds a task it already created before
-creating one. Everything that can be checked locally (role, anomaly, CRM mapping, integration) is
-checked before anything is written, so a refused request leaves nothing behind; a refusal by the
-CRM itself leaves the action `failed` with the reason, the anomaly unchanged, and the next attempt
-reuses the same row.
+creating one. Everything that can be checked locally (role, anomaly, CRM mapping, integration and the
+address it points at: services/source_policy.py) is checked before anything is written, so a refused
+request leaves nothing behind; a refusal by the CRM itself leaves the action `failed` with the
+reason, the anomaly unchanged, and the next attempt reuses the same row.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def create_crm_task(actor: Actor, anomaly_id: int, system: str, due_in_days: int
     plan = _plan(actor, anomaly_id, system, due_in_days)
     if isinstance(plan, ActionResult):
         return plan
-    config = integrations.get_config(actor, system)
+    config = integrations.checked_config(actor, system)  # where it points: services/source_policy.py
     request = {"system": system, "crm_id": plan.crm_id, "subject": plan.subject, "due_date": plan.due.isoformat()}
     claim = claim_action(actor, key=plan.key, kind=plan.kind, anomaly_id=plan.anomaly_id, amount=plan.amount,
                          currency=plan.currency, request=request)

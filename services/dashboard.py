@@ -1,12 +1,16 @@
 """What finance leaders see first: SQL aggregates over anomalies, never every row in Python.
 
-Every figure is per currency (amounts are never summed across currencies). "Open leak" is the
-money of leak-type anomalies still to recover (open or actioned); "recovered" what analysts
-marked recovered; over-billing is a credit risk and kept apart from leaks.
+The Overview's headline figures follow one rule, `FIGURES`: each counts one group of types (leaks:
+money owed to us; over-billing: money we may owe back) in given statuses, so every figure equals the
+sum the anomaly queue lists for that type group and those statuses under the same other filters.
+They are computed here and only drawn by the page, so a tile and a caption on one screen cannot
+disagree. "Open leak" is everything still to recover (open or actioned: a draft invoice is not yet
+money in); "in recovery" is the part of it with an action out.
 
-The status filter narrows every figure except "recovered": the Overview's default filter is open
-and actioned anomalies, and finance must still see what was recovered within the other filters
-(period, currency, type, ...).
+Every figure is per currency (amounts are never summed across currencies). The figures ignore the
+Status filter (their statuses are their point: the Overview's default filter is open and actioned
+anomalies, and finance must still see what was recovered) but keep every other filter (period,
+currency, type, ...). The charts and the top accounts show the statuses the filter selects.
 """
 
 from __future__ import annotations
@@ -17,16 +21,34 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Integer, case, cast, func, select
+from sqlalchemy import Integer, and_, case, cast, func, select, true
 from sqlalchemy.orm import Session
 
 from db.models import Account, Anomaly, ReconRun
 from db.session import org_session
-from services.anomalies import LEAK_TYPES, AnomalyFilters, amount_column, apply_filters
+from services.anomalies import LEAK_TYPES, TYPES, AnomalyFilters, amount_column, apply_filters
 from services.context import Actor, require_role
 
-TO_RECOVER = ("open", "actioned")
+OVER_BILLING_TYPES = tuple(kind for kind in TYPES if kind not in LEAK_TYPES)  # a credit risk, never a leak
 TOP_ACCOUNTS = 10
+
+
+@dataclass(frozen=True)
+class FigureRule:
+    """Which anomalies one headline figure counts: a group of types in some statuses."""
+
+    types: tuple[str, ...]
+    statuses: tuple[str, ...]
+
+
+FIGURES = {  # DashboardSummary field -> what it counts
+    "open_leak": FigureRule(LEAK_TYPES, ("open", "actioned")),  # still to recover
+    "in_recovery": FigureRule(LEAK_TYPES, ("actioned",)),  # the part of it with a draft invoice or CRM task out
+    "recovered": FigureRule(LEAK_TYPES, ("recovered",)),  # an analyst marked the money back in
+    "over_billing": FigureRule(OVER_BILLING_TYPES, ("open",)),  # credit risk nobody has handled yet
+    "over_billing_handled": FigureRule(OVER_BILLING_TYPES, ("actioned",)),  # a CRM task is out
+}
+ACCOUNTS_AFFECTED = "open_leak"  # the figure whose accounts "accounts affected" counts
 
 
 @dataclass(frozen=True)
@@ -45,33 +67,39 @@ class RunBrief:
 
 @dataclass
 class DashboardSummary:
+    """The Overview, per currency. The five money figures and `counts` follow `FIGURES`."""
+
     open_leak: dict[str, Decimal] = field(default_factory=dict)  # currency -> amount
+    in_recovery: dict[str, Decimal] = field(default_factory=dict)
     recovered: dict[str, Decimal] = field(default_factory=dict)
     over_billing: dict[str, Decimal] = field(default_factory=dict)
-    accounts_affected: int = 0
-    open_count: int = 0
+    over_billing_handled: dict[str, Decimal] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIGURES, 0))  # figure -> anomalies
+    accounts_affected: int = 0  # accounts with a leak still to recover
     last_run: RunBrief | None = None
     active_run: RunBrief | None = None
-    by_period: list[dict[str, Any]] = field(default_factory=list)  # month, currency, amount
+    # The charts: leak types only, in the statuses the filter selects
+    by_period: list[dict[str, Any]] = field(default_factory=list)  # month, currency, amount, count
     by_type: list[dict[str, Any]] = field(default_factory=list)  # type, currency, amount, count
-    by_product: list[dict[str, Any]] = field(default_factory=list)  # product_key, currency, amount
-    top_accounts: list[dict[str, Any]] = field(default_factory=list)  # account_id, name, currency, amount
-    confidence: list[dict[str, Any]] = field(default_factory=list)  # bucket (0.0..0.9), count
-    currencies: list[str] = field(default_factory=list)
+    by_product: list[dict[str, Any]] = field(default_factory=list)  # product_key, currency, amount, count
+    top_accounts: list[dict[str, Any]] = field(default_factory=list)  # account_id, name, currency, amount, count
+    confidence: list[dict[str, Any]] = field(default_factory=list)  # bucket (0.0..0.9), count; every type
+    currencies: list[str] = field(default_factory=list)  # of the anomalies the filters select
 
     @property
     def empty(self) -> bool:
         return not self.currencies
+
+    @property
+    def open_count(self) -> int:
+        """Anomalies behind "Open leak" and "accounts affected"."""
+        return self.counts[ACCOUNTS_AFFECTED]
 
 
 def _month(session: Session) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return func.to_char(Anomaly.period_start, "YYYY-MM")
     return func.strftime("%Y-%m", Anomaly.period_start)
-
-
-def _by_currency(session: Session, query: Any) -> dict[str, Decimal]:
-    return {currency: Decimal(amount) for currency, amount in session.execute(query) if amount}
 
 
 def _brief(run: ReconRun | None) -> RunBrief | None:
@@ -99,71 +127,76 @@ def _add(totals: dict[Any, Decimal], key: Any, amount: Decimal) -> None:
     totals[key] = totals.get(key, Decimal(0)) + amount
 
 
+def _counted_by(name: str) -> Any:
+    """SQL: the anomaly is one that figure `name` counts."""
+    return and_(Anomaly.type.in_(FIGURES[name].types), Anomaly.status.in_(FIGURES[name].statuses))
+
+
+def _chart_rows(cells: dict[tuple[str, str], list[Any]], key: str) -> list[dict[str, Any]]:
+    return [{key: value, "currency": currency, "amount": amount, "count": n}
+            for (value, currency), (amount, n) in sorted(cells.items())]
+
+
+def _fold_groups(session: Session, org: int, filters: AnomalyFilters, out: DashboardSummary) -> None:
+    """The figures (every status) and the charts (the statuses in view) from one grouped scan."""
+    dims = (Anomaly.type, Anomaly.status, Anomaly.currency, _month(session), Anomaly.product_key, _bucket(session))
+    query = select(*dims, func.sum(amount_column()), func.count(Anomaly.id)).group_by(*dims)
+    groups = session.execute(apply_filters(query, org, replace(filters, statuses=()))).all()
+    charts: dict[str, dict[tuple[str, str], list[Any]]] = {"month": {}, "type": {}, "product_key": {}}
+    deciles: dict[int, int] = defaultdict(int)
+    currencies = set()
+    for kind, status, currency, month, product, decile, total, n in groups:
+        total = Decimal(total)
+        for figure, rule in FIGURES.items():
+            if kind in rule.types and status in rule.statuses:
+                _add(getattr(out, figure), currency, total)
+                out.counts[figure] += n
+        if filters.statuses and status not in filters.statuses:
+            continue
+        currencies.add(currency)
+        deciles[int(decile)] += n
+        if kind not in LEAK_TYPES:
+            continue
+        for key, value in (("month", month), ("type", kind), ("product_key", product)):
+            cell = charts[key].setdefault((value, currency), [Decimal(0), 0])
+            cell[0] += total
+            cell[1] += n
+    out.currencies = sorted(currencies)
+    out.by_period, out.by_type, out.by_product = (_chart_rows(cells, key) for key, cells in charts.items())
+    out.confidence = [{"bucket": f"{b / 10:.1f}–{(b + 1) / 10:.1f}", "count": deciles[b]} for b in range(10)]
+
+
+def _fold_accounts(session: Session, org: int, filters: AnomalyFilters, out: DashboardSummary) -> None:
+    """Accounts affected (every status, like the figures) and the top accounts (the statuses in view)."""
+    shown = Anomaly.status.in_(filters.statuses) if filters.statuses else true()
+    query = (select(Anomaly.account_id, Anomaly.currency, func.sum(case((shown, amount_column()), else_=0)),
+                    func.sum(case((shown, 1), else_=0)), func.max(case((_counted_by(ACCOUNTS_AFFECTED), 1), else_=0)))
+             .where(Anomaly.type.in_(LEAK_TYPES)).group_by(Anomaly.account_id, Anomaly.currency))
+    per_account = session.execute(apply_filters(query, org, replace(filters, statuses=()))).all()
+    out.accounts_affected = len({account for account, _, _, _, owed in per_account if owed})
+    in_view = [row for row in per_account if row[3]]
+    top = sorted(in_view, key=lambda row: Decimal(row[2]), reverse=True)[:TOP_ACCOUNTS]
+    names = dict(session.execute(select(Account.account_id, Account.name).where(
+        Account.org_id == org, Account.account_id.in_([row[0] for row in top]))).all())
+    out.top_accounts = [{"account_id": account, "name": names.get(account, account), "currency": currency,
+                         "amount": Decimal(amount), "count": n} for account, currency, amount, n, _ in top]
+
+
 def summary(actor: Actor, filters: AnomalyFilters = AnomalyFilters()) -> DashboardSummary:
     """The Overview from two grouped scans (index-only on the dashboard index), folded in Python.
 
     The first groups by every dimension the charts use (type, status, currency, month, product,
     confidence decile: a few thousand groups at most); the second by account, for the top list
-    and the count of affected accounts. The first scan ignores the status filter, which is applied
-    while folding, so the recovered total comes from the same scan whatever statuses are shown.
+    and the count of affected accounts. Neither applies the status filter in SQL: the figures
+    ignore it and the charts apply it while folding, so both come from the same two scans.
     """
     require_role(actor, "admin", "analyst")
-    org = actor.org_id
-    amount, count = func.sum(amount_column()), func.count(Anomaly.id)
-    with org_session(org) as session:
+    filters.validate()  # both scans drop the status filter, so its values are checked here
+    with org_session(actor.org_id) as session:
         out = DashboardSummary()
-        out.last_run, out.active_run = _runs(session, org)
-        dims = (Anomaly.type, Anomaly.status, Anomaly.currency, _month(session), Anomaly.product_key,
-                _bucket(session))
-        any_status = replace(filters, statuses=())
-        groups = session.execute(apply_filters(select(*dims, amount, count), org, any_status).group_by(*dims)).all()
-        by_period: dict[tuple[str, str], Decimal] = {}
-        by_type: dict[tuple[str, str], Decimal] = {}
-        by_product: dict[tuple[str, str], Decimal] = {}
-        counts: dict[tuple[str, ...], int] = defaultdict(int)
-        deciles: dict[int, int] = defaultdict(int)
-        currencies = set()
-        for kind, status, currency, month, product, decile, total, n in groups:
-            total = Decimal(total)
-            if kind in LEAK_TYPES and status == "recovered":
-                _add(out.recovered, currency, total)
-            if filters.statuses and status not in filters.statuses:
-                continue
-            currencies.add(currency)
-            deciles[int(decile)] += n
-            _add(by_type, (kind, currency), total)
-            counts[("type", kind, currency)] += n
-            if kind == "over_billing":
-                if status == "open":
-                    _add(out.over_billing, currency, total)
-                continue
-            _add(by_period, (month, currency), total)
-            counts[("month", month, currency)] += n
-            _add(by_product, (product, currency), total)
-            counts[("product", product, currency)] += n
-            if status in TO_RECOVER:
-                _add(out.open_leak, currency, total)
-                out.open_count += n
-        out.currencies = sorted(currencies)
-        out.by_period = [{"month": m, "currency": c, "amount": a, "count": counts[("month", m, c)]}
-                         for (m, c), a in sorted(by_period.items())]
-        out.by_type = [{"type": t, "currency": c, "amount": a, "count": counts[("type", t, c)]}
-                       for (t, c), a in sorted(by_type.items())]
-        out.by_product = [{"product_key": p, "currency": c, "amount": a, "count": counts[("product", p, c)]}
-                          for (p, c), a in sorted(by_product.items())]
-        out.confidence = [{"bucket": f"{b / 10:.1f}–{(b + 1) / 10:.1f}", "count": deciles[b]} for b in range(10)]
-
-        leaks = Anomaly.type.in_(LEAK_TYPES)
-        to_recover = func.max(case((Anomaly.status.in_(TO_RECOVER), 1), else_=0))
-        per_account = session.execute(
-            apply_filters(select(Anomaly.account_id, Anomaly.currency, amount, count, to_recover), org, filters)
-            .where(leaks).group_by(Anomaly.account_id, Anomaly.currency)).all()
-        out.accounts_affected = len({acc for acc, _, _, _, recovering in per_account if recovering})
-        top = sorted(per_account, key=lambda row: Decimal(row[2]), reverse=True)[:TOP_ACCOUNTS]
-        names = dict(session.execute(select(Account.account_id, Account.name).where(
-            Account.org_id == org, Account.account_id.in_([row[0] for row in top]))).all())
-        out.top_accounts = [{"account_id": acc, "name": names.get(acc, acc), "currency": c, "amount": Decimal(a),
-                             "count": n} for acc, c, a, n, _ in top]
+        out.last_run, out.active_run = _runs(session, actor.org_id)
+        _fold_groups(session, actor.org_id, filters, out)
+        _fold_accounts(session, actor.org_id, filters, out)
     return out
 
 

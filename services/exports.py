@@ -202,8 +202,8 @@ def _target(actor: Actor) -> _Target | None:
     """Where exports go: the environment's export bucket, else the S3 integration's export_prefix.
 
     The environment's bucket is the operator's: its client uses this server's AWS credential chain.
-    The integration is an org's setting: it must carry its own keys (services/source_policy.py,
-    also for one saved before that rule), and its client signs with those keys only.
+    The integration is an org's setting: it must carry its own keys and point at an address the policy allows
+    (services/source_policy.py, also for one saved before those rules), and its client signs with those keys only.
     """
     from connectors import s3_parquet
     from services import integrations, source_policy
@@ -224,8 +224,8 @@ def _target(actor: Actor) -> _Target | None:
     if not config.get("export_prefix"):
         return None
     try:
-        source_policy.check_s3_credentials(config)
-        cfg = s3_parquet.parse_config(config, server_credentials=source_policy.s3_server_credentials_allowed())
+        source_policy.check_integration("s3_parquet", config)
+        cfg = s3_parquet.parse_config(config, **source_policy.connector_options("s3_parquet"))
         client = s3_parquet.boto_client(cfg)
     except (InvalidInput, s3_parquet.S3SourceError) as exc:
         raise InvalidInput(f"S3 integration: {exc}") from None

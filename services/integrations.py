@@ -7,10 +7,12 @@ Connecting, checking and disconnecting are admin-only and audited (the audit ent
 kind and which fields changed, never a value).
 
 A SQL source URL is shown through `connectors.sql_source.mask_url` (password and secret-like query
-parameters hidden), and must pass `services.source_policy` (not the app's own database, database
-files only from operator-allowed folders) to be saved or checked. So must an S3 Parquet source: it
-carries its own access key (never this server's AWS credentials, unless the operator allows it with
-RRC_S3_ALLOW_SERVER_CREDENTIALS).
+parameters hidden). Every config must pass `services.source_policy.check_integration` to be saved,
+checked (`test_connection`) or used (`checked_config`, and the services that check it themselves):
+the addresses it points at are public unless the operator allows more (RRC_PRIVATE_ENDPOINTS); a
+SQL source is not the app's own database and reads database files only from operator-allowed
+folders; an S3 Parquet source carries its own access key (never this server's AWS credentials,
+unless the operator allows it with RRC_S3_ALLOW_SERVER_CREDENTIALS).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
         side = config.get("side", "actual")
         if side not in ("actual", "reported"):
             raise InvalidInput(f"side: expected 'actual' or 'reported', got {side!r}")
-    source_policy.check_usage_source(kind, config)
+    source_policy.check_integration(kind, config)
 
 
 def _view(row: Integration) -> IntegrationView:
@@ -155,6 +157,17 @@ def get_config(actor: Actor, kind: str) -> dict[str, Any]:
         return decrypt_json(row.config_encrypted)
 
 
+def checked_config(actor: Actor, kind: str) -> dict[str, Any]:
+    """`get_config` for a service about to hand it to a connector: refused (InvalidInput naming the integration
+    and the field) when the source policy forbids it, which also catches a config saved before a rule existed."""
+    config = get_config(actor, kind)
+    try:
+        source_policy.check_integration(kind, config)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{LABELS[kind]}: {exc}") from None
+    return config
+
+
 def is_connected(actor: Actor, kind: str) -> bool:
     require_role(actor, "admin", "analyst")
     with org_session(actor.org_id) as session:
@@ -180,7 +193,7 @@ def _check(kind: str, config: dict[str, Any]) -> CheckResult:
     """The connector's verdict, unless the source policy refuses the config first (a config saved before
     the policy existed must not be connected to either)."""
     try:
-        source_policy.check_usage_source(kind, config)
+        source_policy.check_integration(kind, config)
         options = source_policy.connector_options(kind)  # e.g. S3: may a keyless config use the server's keys?
     except InvalidInput as exc:
         return CheckResult(False, str(exc))

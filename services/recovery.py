@@ -12,11 +12,12 @@ abandoned, Stripe is first searched for an invoice carrying the gap's fingerprin
 changed after a lost answer gets the usual "adjust that draft" refusal, never a second invoice.
 
 Everything that can be checked here (role, anomaly type and status, the account's Stripe
-customer, the Stripe integration) is checked before anything is written: a refused request
-leaves no action row and sends nothing to Stripe. The connector then checks the customer and the
-price in Stripe before its first write. A failure after the claim marks the action failed (the
-retry reuses the row and the keys); the invoice stays a draft whatever happens — this product
-never finalizes or sends one, finance does that in Stripe.
+customer, the Stripe integration and the address it points at: services/source_policy.py) is
+checked before anything is written: a refused request leaves no action row and sends nothing to
+Stripe. The connector then checks the customer and the price in Stripe before its first write. A
+failure after the claim marks the action failed (the retry reuses the row and the keys); the
+invoice stays a draft whatever happens — this product never finalizes or sends one, finance does
+that in Stripe.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def draft_invoice(actor: Actor, anomaly_id: int) -> ActionResult:
     plan = _plan(actor, anomaly_id)
     if isinstance(plan, ActionResult):
         return plan
-    config = integrations.get_config(actor, "stripe")
+    config = integrations.checked_config(actor, "stripe")  # before anything is written or sent
     lost = _lost_draft(actor, plan, config)
     if lost is not None and lost["metadata"].get("rrc_key") != plan.stripe_key:
         _record_found(actor, plan, config, lost)

@@ -1,5 +1,5 @@
-"""What an org's usage source may reach: never the app's own database, files only where the operator says,
-and S3 only with the org's own keys.
+"""What an org's integrations may reach: only public addresses unless the operator allows more, never the app's
+own database, files only where the operator says, and S3 only with the org's own keys.
 
 Why: the SQL usage source connects, from the app's servers, to whatever SQLAlchemy URL an org
 admin types. Pointed at the app's own database it would read every organization's data (on
@@ -15,8 +15,9 @@ existed is refused as well.
   absent) and host are the app's; hosts are compared by what they resolve to, and every name or
   address of this machine (localhost, 127.0.0.1, ::1, 0.0.0.0, its interfaces) counts as one. A part
   the URL leaves out (no host: a local socket or libpq's PGHOST; no database: libpq's default)
-  counts as the app's. For the app's backend family, query parameters that would move the target
-  past this comparison (`?host=`, `?dbname=`, `?service=`...) are refused outright.
+  counts as the app's. Query parameters that would move the target past this comparison or the
+  endpoint rule below (`?host=`, `?dbname=`, `?service=`, `?odbc_connect=`...) are refused outright,
+  on every server URL.
 - Database files (sqlite, duckdb): refused unless RRC_SQL_SOURCE_FILE_DIRS lists a folder that
   holds the file, given by its absolute path and compared with symlinks resolved. The app's data
   folder (RRC_DATA_DIR) and its database file never count, even when listed. Such URLs take no
@@ -31,26 +32,61 @@ S3 (the `s3_parquet` usage source, which is also the org's audit-export destinat
 (AWS_* variables, ~/.aws, instance or task role), so any org admin could list and read, or write
 exports into, every bucket the server's role reaches (other orgs' data, the operator's export
 bucket). An org's S3 settings must therefore carry `access_key_id` and `secret_access_key`
-(`check_s3_credentials`), unless the operator sets RRC_S3_ALLOW_SERVER_CREDENTIALS=1 (a
-single-tenant install whose role only reaches that tenant's buckets). Applied where S3 settings
-are saved and checked (above), synced (`sync`) and exported to (`exports._target`); the connector
-is told the same verdict (`connector_options`), and never builds a keyless client without it. The
-operator's own export bucket (RRC_EXPORT_BUCKET) is not an org's setting and keeps the server's
-credentials.
+(`check_s3_credentials`, which runs the connector's own `require_keys`: one rule, one wording),
+unless the operator sets RRC_S3_ALLOW_SERVER_CREDENTIALS=1 (a single-tenant install whose role
+only reaches that tenant's buckets). Applied where S3 settings are saved and checked (above),
+synced (`sync`) and exported to (`exports._target`); the connector is told the same verdict
+(`connector_options`), and never builds a keyless client without it. The operator's own export
+bucket (RRC_EXPORT_BUCKET) is not an org's setting and keeps the server's credentials.
+
+Endpoints (server-side request forgery): an org admin also types addresses this server connects to:
+Stripe's `api_base`, HubSpot's `host`, Salesforce's `instance_url`, the S3 source's `endpoint_url`
+and the SQL source's database host. Aimed at this machine, the private network or the cloud
+metadata service (169.254.169.254), they would turn the server into a tenant's way into the
+operator's network, and "Test connection" would tell what answers there. So `check_integration`
+refuses an endpoint whose host is, or resolves to, an address that is not public: loopback,
+private, shared (100.64.0.0/10), link-local, unique- or site-local, multicast, reserved,
+unspecified, documentation, or any address of this machine (an IPv4 address inside an IPv6 one,
+mapped or 6to4, is judged as well). Every address a name resolves to must pass. The operator
+allows more with RRC_PRIVATE_ENDPOINTS (`private_endpoints`): IP addresses, CIDR networks and
+host names (a listed name is allowed without a lookup), comma-separated, or `any` alone for a
+single-tenant or development install. The check connects to nothing, so its refusal reads the
+same whether anything answers there or not. Names are resolved with a timeout (DNS_TIMEOUT: a
+stuck resolver must not hold a request or a sync); a name without answer is refused as
+unresolvable. An http(s) endpoint must be one unambiguous URL (no user part, backslash or blank,
+on which HTTP clients and urlsplit disagree about the host). A SQL server URL without host (a
+local socket, or libpq's environment) is refused unless the setting is `any`. Applied like the
+rules above: when saved, checked and used (`sync` of Stripe and usage sources, draft invoices,
+CRM tasks, the audit-export destination).
+
+Plain http: the HTTP endpoints must use https://, except to a host the operator lists by name or
+whose addresses are all non-public and allowed (the operator's own network, the tests' local
+fakes): an API key, token or password sent over plain http to a public host would cross the
+internet in clear. A SQL URL's transport security is the driver's (e.g. `sslmode`), not judged
+here.
+
+Limits: besides DNS rebinding (above), what a service sends the client on to (an HTTP redirect, the
+instance URL a Salesforce login returns) is not judged here.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import psutil
 from sqlalchemy import URL, make_url
 
-from connectors import sql_source
+from config import ConfigError
+from connectors import s3_parquet, sql_source
 from db.session import data_dir, database_url
 from services.errors import InvalidInput
 
@@ -63,13 +99,134 @@ FILE_BACKENDS = frozenset({"sqlite", "duckdb"})
 FAMILIES = {"postgres": "postgresql", "redshift": "postgresql", "cockroachdb": "postgresql", "mariadb": "mysql"}
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
 TARGET_PARAMS = frozenset({"host", "hostaddr", "port", "dbname", "database", "db", "service", "servicefile",
-                           "unix_socket", "read_default_file"})
+                           "unix_socket", "read_default_file", "dsn", "odbc_connect"})
 THIS_MACHINE = "this machine"
+PRIVATE_ENDPOINTS_ENV = "RRC_PRIVATE_ENDPOINTS"
+ANY_ENDPOINT = "any"
+HTTP_ENDPOINTS = {"stripe": "api_base", "hubspot": "host", "salesforce": "instance_url", "s3_parquet": "endpoint_url"}
+DNS_TIMEOUT = 5.0  # seconds for one name's answer
+UNCLEAR_URL = re.compile(r"[\s\\\x00-\x1f\x7f]")
+DNS_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?$")
+_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rrc-dns")  # bounded: stuck lookups queue
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class PrivateEndpoints:
+    """What RRC_PRIVATE_ENDPOINTS lets organizations reach besides public addresses."""
+
+    anything: bool = False
+    names: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    def allows(self, addresses: Iterable[IPAddress]) -> bool:
+        """Every one of a host's non-public `addresses` (its name was not listed)."""
+        return self.anything or all(any(ip in net for net in self.networks) for ip in addresses)
+
+
+def check_integration(kind: str, config: dict[str, Any]) -> None:
+    """The whole policy for an organization's integration settings, run wherever they are saved, checked or used:
+    where they point (InvalidInput naming the field) and, for usage sources, what they read and with whose keys.
+    ConfigError when RRC_PRIVATE_ENDPOINTS cannot be read (the operator's mistake, not the tenant's)."""
+    field = HTTP_ENDPOINTS.get(kind)
+    if field is not None and config.get(field) not in (None, ""):
+        check_http_endpoint(field, config[field])
+    check_usage_source(kind, config)
+
+
+def check_http_endpoint(field: str, url: object) -> None:
+    """An http(s) address a tenant typed: https to a public host or an allowed one; plain http only to an allowed
+    non-public host (see the module docstring)."""
+    parts = _http_url(url)
+    if parts is None:
+        raise InvalidInput(f"{field}: expected an https:// URL such as https://host.example (no user part)")
+    allowed = private_endpoints()
+    if parts.scheme == "https" and allowed.anything:
+        return
+    if _check_host(field, parts.hostname, allowed) and parts.scheme == "http":
+        raise InvalidInput(f"{field}: must use https:// (plain http only to a private host the operator allows "
+                           f"in {PRIVATE_ENDPOINTS_ENV})")
+
+
+def _http_url(url: object) -> SplitResult | None:
+    """The URL when it reads one way only: http(s), a host, a valid port, and no user part, backslash or blank,
+    which HTTP clients split differently from urlsplit (the host judged must be the host connected to)."""
+    if not isinstance(url, str) or UNCLEAR_URL.search(url.strip()):
+        return None
+    parts = urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        return None
+    if parts.scheme not in ("https", "http") or not parts.hostname or "@" in parts.netloc:
+        return None
+    return parts
+
+
+def private_endpoints() -> PrivateEndpoints:
+    """RRC_PRIVATE_ENDPOINTS, read on every check (tests and operators change it without a restart)."""
+    return parse_private_endpoints(os.environ.get(PRIVATE_ENDPOINTS_ENV, ""))
+
+
+def parse_private_endpoints(raw: str) -> PrivateEndpoints:
+    """Empty (the default) allows nothing; `any` alone allows everything; else comma-separated IP addresses, CIDR
+    networks (strict: 10.0.0.1/8 is a typo, not 10.0.0.0/8) and host names. ConfigError names the variable."""
+    entries = [_normal(part) for part in raw.split(",") if part.strip()]
+    if entries == [ANY_ENDPOINT]:
+        return PrivateEndpoints(anything=True)
+    names: set[str] = set()
+    networks: list[IPNetwork] = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError:
+            if entry == ANY_ENDPOINT or not _is_host_name(entry):
+                raise ConfigError(f"{PRIVATE_ENDPOINTS_ENV}: {entry!r} is not an IP address, a CIDR network or a "
+                                  f"host name (comma-separated; or '{ANY_ENDPOINT}' alone)") from None
+            names.add(entry)
+    return PrivateEndpoints(False, frozenset(names), tuple(networks))
+
+
+def _is_host_name(text: str) -> bool:
+    """A DNS name (not a mistyped address such as 10.0.0.300: a last label is never all digits)."""
+    labels = text.split(".")
+    return len(text) <= 253 and all(DNS_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def _check_host(field: str, host: str, allowed: PrivateEndpoints) -> bool:
+    """Refuse a host that is, or resolves to, a non-public address the operator does not allow; True when some
+    address of it is public (plain http is then refused). A host the operator lists by name is not looked up.
+    Nothing is connected to, so the answer never depends on what listens there."""
+    name = _normal(host)
+    if name in allowed.names:
+        return False
+    addresses = _resolve(name)
+    if not addresses:
+        raise InvalidInput(f"{field}: the host name {name} could not be resolved (unknown, or no DNS answer within "
+                           f"{DNS_TIMEOUT:g} seconds); check the name")
+    local = _local_addresses()
+    private = {ip for ip in addresses if not _is_public(ip, local)}
+    if private and not allowed.allows(private):
+        raise InvalidInput(f"{field}: {name} is not a public internet address (it is, or resolves to, a loopback, "
+                           "private, link-local, reserved or this server's own address); this server connects "
+                           f"to such addresses only where the operator allows them ({PRIVATE_ENDPOINTS_ENV})")
+    return len(private) < len(addresses)
+
+
+def _is_public(ip: IPAddress, local: set[IPAddress]) -> bool:
+    """Routable on the internet and not this machine, including any IPv4 address a 6to4 one carries."""
+    inner = [ip.sixtofour] if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour else []
+    return ip not in local and all(
+        a.is_global and not (a.is_multicast or a.is_reserved or getattr(a, "is_site_local", False))
+        for a in (ip, *inner))
 
 
 def check_usage_source(kind: str, config: dict[str, Any]) -> None:
-    """Raise InvalidInput (naming the field, never quoting a secret) for a source this server must not read;
-    kinds other than the SQL and S3 sources pass."""
+    """Raise InvalidInput (naming the field, never quoting a secret) for a usage source this server must not read
+    (for the SQL source, this includes its database host: see `check_integration`); kinds other than the SQL and
+    S3 sources pass."""
     if kind == "s3_parquet":
         check_s3_credentials(config)
         return
@@ -99,17 +256,12 @@ def s3_server_credentials_allowed() -> bool:
 def check_s3_credentials(config: dict[str, Any]) -> None:
     """An org's S3 settings (usage source or export destination) carry their own access key, unless the
     operator lets keyless ones use the server's credentials. InvalidInput names the missing field."""
-    given = {field: _given(config.get(field)) for field in S3_KEY_FIELDS}
-    if all(given.values()):
-        return
-    if not any(given.values()):
-        if s3_server_credentials_allowed():
-            return
-        raise InvalidInput("access_key_id: required, with secret_access_key: S3 settings of an organization "
-                           "must carry their own access key (this server does not lend its AWS credentials; "
-                           f"operator setting {S3_SERVER_CREDENTIALS_ENV})")
-    missing = next(field for field, present in given.items() if not present)
-    raise InvalidInput(f"{missing}: required; access_key_id and secret_access_key are given together")
+    key_id, secret = (config.get(field) for field in S3_KEY_FIELDS)
+    keyless = not (s3_parquet.key_given(key_id) or s3_parquet.key_given(secret))  # only then ask the operator
+    try:
+        s3_parquet.require_keys(key_id, secret, server_credentials=keyless and s3_server_credentials_allowed())
+    except s3_parquet.S3SourceError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def connector_options(kind: str) -> dict[str, Any]:
@@ -118,11 +270,6 @@ def connector_options(kind: str) -> dict[str, Any]:
     if kind == "s3_parquet":
         return {"server_credentials": s3_server_credentials_allowed()}
     return {}
-
-
-def _given(value: Any) -> bool:
-    """Present for the credential rule: anything but None or blank text (the connector rejects non-text)."""
-    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def allowed_file_dirs() -> list[Path]:
@@ -163,47 +310,76 @@ def _family(url: URL) -> str:
 
 
 def _check_server(url: URL) -> None:
-    app = make_url(database_url())
-    family = _family(url)
-    if family != _family(app):
-        return
     moved = sorted(TARGET_PARAMS & {name.lower() for name in url.query})
     if moved:
         raise InvalidInput("url: give host, port and database in the URL itself, not as query parameters "
                            f"({', '.join(moved)})")
+    if _is_app_database(url):
+        raise InvalidInput("url: this is the app's own database, not your product's: it cannot be a usage source")
+    allowed = private_endpoints()
+    if allowed.anything:
+        return
+    if not url.host:
+        raise InvalidInput("url: name the database server's host (without one the driver connects to this machine, "
+                           f"which the operator allows only with {PRIVATE_ENDPOINTS_ENV}={ANY_ENDPOINT})")
+    _check_host("url", url.host, allowed)
+
+
+def _is_app_database(url: URL) -> bool:
+    app = make_url(database_url())
+    family = _family(url)
+    if family != _family(app):
+        return False
     if url.database and url.database != app.database:
-        return
+        return False
     if (url.port or DEFAULT_PORTS.get(family)) != (app.port or DEFAULT_PORTS.get(family)):
-        return
-    if url.host and not (_addresses(url.host) & _addresses(app.host)):
-        return
-    raise InvalidInput("url: this is the app's own database, not your product's: it cannot be a usage source")
+        return False
+    return not url.host or bool(_addresses(url.host) & _addresses(app.host))
 
 
 def _addresses(host: str | None) -> set[str]:
     """What a host stands for: its name and IP addresses, with every address of this machine as one token."""
     if not host:
         return {THIS_MACHINE}  # a Unix socket
-    name = host.strip("[]").rstrip(".").lower()
+    name, local_addresses = _normal(host), _local_addresses()
+    return {name} | {THIS_MACHINE if ip.is_loopback or ip.is_unspecified or ip in local_addresses else str(ip)
+                     for ip in _resolve(name)}
+
+
+def _normal(host: str) -> str:
+    """A host as compared and shown: no brackets, no trailing dot, lower case."""
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
+def _resolve(name: str) -> set[IPAddress]:
+    """The addresses a normalised host stands for (IPv4-mapped IPv6 as IPv4); empty when it does not resolve.
+
+    An address literal needs no DNS. A name is looked up in a worker thread, waited for at most DNS_TIMEOUT
+    seconds: getaddrinfo itself has no timeout, and a slow resolver must not hold a request or a sync."""
+    literal = _ip(name)
+    if literal is not None:
+        return {literal}
+    lookup = _RESOLVER.submit(socket.getaddrinfo, name, None, proto=socket.IPPROTO_TCP)
     try:
-        resolved = {str(info[4][0]) for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)}
-    except (OSError, UnicodeError):
-        resolved = set()
-    found, local_addresses = {name}, _local_addresses()
-    for text in resolved | {name}:
-        try:
-            ip = ipaddress.ip_address(text.split("%")[0])
-        except ValueError:
-            continue
-        ip = getattr(ip, "ipv4_mapped", None) or ip
-        local = ip.is_loopback or ip.is_unspecified or ip in local_addresses
-        found.add(THIS_MACHINE if local else str(ip))
-    return found
+        answers = lookup.result(timeout=DNS_TIMEOUT)
+    except (OSError, UnicodeError, TimeoutError):  # TimeoutError: no answer in time (the lookup runs on, unawaited)
+        lookup.cancel()
+        return set()
+    return {ip for ip in (_ip(str(info[4][0])) for info in answers) if ip is not None}
 
 
-def _local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """This machine's interface addresses: a database on a local interface is the local database."""
-    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+def _ip(text: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def _local_addresses() -> set[IPAddress]:
+    """This machine's interface addresses: a database on a local interface is the local database, and no
+    organization may point the server at itself."""
+    found: set[IPAddress] = set()
     for addresses in psutil.net_if_addrs().values():
         for address in addresses:
             if address.family in (socket.AF_INET, socket.AF_INET6):

@@ -260,6 +260,10 @@ def _stripe(actor: Actor, previous: Bundle | None, state: dict[str, Any], full: 
     from connectors import stripe as stripe_connector
 
     config = integrations.get_config(actor, "stripe")
+    try:
+        source_policy.check_integration("stripe", config)  # also settings saved before the policy existed
+    except InvalidInput as exc:
+        raise SyncFailed(f"Stripe: {exc}") from None
     cursor = state.get("stripe_cursor")
     incremental = not full and previous is not None and isinstance(cursor, int)
     since = cursor if incremental else None
@@ -294,7 +298,7 @@ def _usage_source(actor: Actor, kind: str, start: datetime, end: datetime,
     if side not in ("actual", "reported"):
         raise InvalidInput(f"{integrations.LABELS[kind]}: side must be 'actual' or 'reported', got {side!r}")
     try:
-        source_policy.check_usage_source(kind, config)  # also a source saved before the policy existed
+        source_policy.check_integration(kind, config)  # also a source saved before the policy existed
         options = source_policy.connector_options(kind)  # e.g. S3: may a keyless config use the server's keys?
     except InvalidInput as exc:
         raise SyncFailed(f"{integrations.LABELS[kind]}: {exc}") from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 # bcrypt's cheapest cost for every hash the tests make, here and in the servers they start (the
 # production default of 12 spends a quarter of a second per user; the cost is a setting, not a code path).
 os.environ.setdefault("RRC_BCRYPT_ROUNDS", "4")
+os.environ.setdefault("RRC_PRIVATE_ENDPOINTS", "127.0.0.1")  # the fake servers and PostgreSQL of the tests
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +39,31 @@ def pg_url() -> str:
         if os.environ.get("REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL required (REQUIRE_POSTGRES=1) but unreachable at {url}: {exc}")
         pytest.skip(f"PostgreSQL not reachable at {url} (set REQUIRE_POSTGRES=1 to fail instead)")
+    _create_cluster_roles_once(url)
     return url
+
+
+def _create_cluster_roles_once(pg_url: str) -> None:
+    """Migrate one scratch database while holding a lock file, so the roles the migrations create are there
+    before parallel test workers (pytest-xdist) migrate their own databases at the same time.
+
+    Roles are shared by every database of a cluster; two workers creating them at once on a new cluster
+    would collide in the catalogue. Once they exist this costs one query.
+    """
+    with sa.create_engine(pg_url).connect() as conn:
+        roles = conn.execute(sa.text("SELECT count(*) FROM pg_roles WHERE rolname IN ('rrc_app', 'rrc_system')"))
+        if roles.scalar() == 2:
+            return
+    from db.session import upgrade
+
+    lock = Path(tempfile.gettempdir()) / "rrc-test-pg-roles.lock"
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        scratch = _create_database(pg_url, f"rrc_roles_{uuid.uuid4().hex[:12]}")
+        try:
+            upgrade(scratch)
+        finally:
+            _drop_database(pg_url, scratch)
 
 
 def _create_database(pg_url: str, name: str, template: str | None = None) -> str:

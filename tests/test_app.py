@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,12 @@ from streamlit.testing.v1 import AppTest
 from core.bundle import load_bundle
 from core.money import format_money
 from db.session import get_engine, upgrade
-from services import anomalies, demo, integrations, settings, users
+from services import anomalies, crm_tasks, dashboard, demo, integrations, settings, users
 from services.context import Actor
 from services.errors import PermissionDenied
 from tests.fakes.salesforce_server import running
 from tests.fakes.stripe_server import FakeStripe, serve
+from ui.format import money_by_currency, plural
 
 ADMIN, ANALYST = demo.DEMO_ADMIN, demo.DEMO_ANALYST
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -145,6 +147,39 @@ def test_a_demoted_admin_loses_admin_powers_on_the_next_run(app_env: Path) -> No
     assert "for admins" in texts(at.error)
     with pytest.raises(PermissionDenied):
         users.create_user(at.session_state["actor"], "mallory@demo.example", "Mallory", "admin", "password-3")
+
+
+def test_a_page_run_reads_the_role_once(app_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """app.py reads the role for the menu and the page's actor() takes that read: one lookup per run.
+
+    A fresh AppTest with a signed-in session (as the cookie restores it): AppTest runs app.py around
+    the page only on its first run (later runs and switch_page execute the page file alone)."""
+    me = analyst_actor()
+    at = AppTest.from_file(APP, default_timeout=60)
+    signed_in = {"authentication_status": True, "username": ANALYST[0], "actor": me, "actor_email": ANALYST[0]}
+    for key, value in signed_in.items():
+        at.session_state[key] = value
+    reads: list[int | None] = []
+    read_role = users.current_role
+
+    def counted(user_id: int | None) -> str | None:
+        reads.append(user_id)
+        return read_role(user_id)
+
+    monkeypatch.setattr(users, "current_role", counted)
+    at.run()
+    no_exceptions(at)
+    assert [t.value for t in at.title] == ["Overview"] and "analyst" in texts(at.sidebar.caption)
+    assert reads == [me.user_id]
+
+
+def test_a_bad_operator_setting_stops_the_app_naming_it(empty_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RRC_SCHEDULER_MIN_INTERVAL_SECONDS", "5 minutes")
+    at = new_app()
+    no_exceptions(at)
+    assert "Server configuration error — RRC_SCHEDULER_MIN_INTERVAL_SECONDS: " in texts(at.error)
+    assert not at.text_input and not at.button  # no sign-in form, no "create your organization"
+    assert not (empty_env / "rrc.db").exists()  # the database was not prepared
 
 
 def test_overview_filters_carry_over_to_the_queue(app_env: Path) -> None:
@@ -463,3 +498,36 @@ def test_settings_and_audit_show_values_for_people(app_env: Path) -> None:
     no_exceptions(at)
     who = list(at.dataframe[0].value["Who"])
     assert who[0] == ANALYST[0] and not any(str(w).startswith("user:") for w in who)
+
+
+def test_overview_tiles_and_over_billing_caption_show_the_services_figures(app_env: Path) -> None:
+    """Every money tile and the over-billing caption show the service's figures (services.dashboard.FIGURES)."""
+    me = analyst_actor()
+    admin_user = users.get_user_by_email(ADMIN[0])
+    assert admin_user is not None
+    over = anomalies.list_anomalies(me, anomalies.AnomalyFilters(types=("over_billing",), statuses=("open",))).rows
+    leak = anomalies.list_anomalies(me, anomalies.AnomalyFilters(types=anomalies.LEAK_TYPES, statuses=("open",))).rows
+    with running() as salesforce:
+        integrations.connect(Actor.user(admin_user.org_id, admin_user.id, "admin"), "salesforce", {
+            "username": salesforce.username, "password": salesforce.password,
+            "security_token": salesforce.security_token, "domain": "login", "instance_url": salesforce.base_url})
+        for row in (over[0], leak[0]):  # one over-billing already being handled, one leak in recovery
+            crm_id = anomalies.get_anomaly(me, row.id).crm_id
+            assert crm_id
+            salesforce.add_account(crm_id, row.account_name or row.account_id)
+            crm_tasks.create_crm_task(me, row.id, "salesforce")
+    at = sign_in(*ANALYST[::2])
+    no_exceptions(at)
+    assert at.session_state["filters"]["statuses"] == ["open", "actioned"]
+    shown = dashboard.summary(me, anomalies.AnomalyFilters(statuses=("open", "actioned")))
+    assert shown.over_billing_handled == {over[0].currency: over[0].amount}
+    assert shown.in_recovery == {leak[0].currency: leak[0].amount}
+    figures = {"Open leak": shown.open_leak, "In recovery": shown.in_recovery, "Recovered": shown.recovered,
+               "Over-billing risk": shown.over_billing}
+    money_tiles = [(m.label.split(" · "), m.value) for m in at.metric if m.label.split(" · ")[0] in figures]
+    assert {label for (label, _), _ in money_tiles} == set(figures)
+    for (label, currency), value in money_tiles:
+        assert value == format_money(figures[label].get(currency.lower(), Decimal(0)), currency), (label, currency)
+    assert f"In recovery · {leak[0].currency.upper()}" in {m.label for m in at.metric}
+    assert (f"Over-billing risk: {plural(shown.counts['over_billing'], 'anomaly', 'anomalies')} not handled yet, "
+            f"1 more ({money_by_currency(shown.over_billing_handled)}) already being handled.") in texts(at.caption)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -15,8 +13,7 @@ from core.bundle import load_bundle
 from core.errors import BundleError, Problem
 from core.reconcile import reconcile
 from tests.bundles import Scenario, only, write_csv
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.run_cli import run_cli
 
 
 def base() -> Scenario:
@@ -182,10 +179,6 @@ def test_parquet_negative_units_name_the_row(tmp_path: Path) -> None:
     assert (p.file, p.row, p.column, p.value) == ("actual_usage.parquet", 2, "units", "-2")
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     s = base()
     s.actual[0][2] = "2026-01-05 10:00"
@@ -193,7 +186,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     fresh, kept = tmp_path / "fresh.csv", tmp_path / "kept.json"
     kept.write_text("previous results")
     for output in (fresh, kept):
-        done = cli("reconcile", str(folder), "--output", str(output))
+        done = run_cli("reconcile", str(folder), "--output", str(output), in_process=False)
         assert done.returncode == 2
         assert "actual_usage.csv, row 2, column 'ts'" in done.stderr
     assert not fresh.exists() and kept.read_text() == "previous results"

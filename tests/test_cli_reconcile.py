@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.run_cli import run_cli as cli
+
 DESIGN_COLUMNS = {"account_id", "product_key", "period_start", "period_end", "type", "severity", "actual_units",
                   "reported_units", "leak_units", "expected_amount", "billed_amount", "leak_amount", "currency",
                   "confidence"}
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_demo_then_reconcile_to_csv_and_json(tmp_path: Path) -> None:
     bundle = tmp_path / "demo"
-    assert cli("demo", str(bundle), "--accounts", "30", "--seed", "5").returncode == 0
+    assert cli("demo", str(bundle), "--accounts", "30", "--seed", "5", in_process=False).returncode == 0
     planted = json.loads((bundle / "manifest.json").read_text())["planted"]
-    done = cli("reconcile", str(bundle), "--output", str(tmp_path / "out.csv"))
+    done = cli("reconcile", str(bundle), "--output", str(tmp_path / "out.csv"), in_process=False)
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader((tmp_path / "out.csv").open()))
     assert set(rows[0]) >= DESIGN_COLUMNS and len(rows) == len(planted)

@@ -11,9 +11,10 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from db import crypto
-from db.models import TENANT_TABLES
+from db.models import TENANT_TABLES, ReconRun
 from db.session import downgrade, get_engine, is_current, org_session, system_session, upgrade
 from services import users
+from services.context import Actor
 
 
 def tables(url: str) -> set[str]:
@@ -29,6 +30,36 @@ def test_migrations_up_down_up(app_db: str) -> None:
     assert not is_current(app_db)
     upgrade(app_db)
     assert is_current(app_db)
+
+
+def _run_indexes(url: str) -> set[str]:
+    return {index["name"] for index in sa.inspect(get_engine(url)).get_indexes("recon_runs")}
+
+
+def test_one_queued_run_migration_collapses_duplicates_and_downgrades(org: tuple[Actor, Actor], app_db: str) -> None:
+    """0008 keeps each org's oldest queued run and fails the younger ones (saying why) before it adds
+    the index; its downgrade drops the index and nothing else."""
+    org_id = org[0].org_id
+    downgrade(app_db, "0007")
+    assert "ux_recon_runs_one_queued" not in _run_indexes(app_db)
+    engine = get_engine(app_db)
+    with engine.begin() as conn:  # what two racing requests could leave before 0008
+        for status in ("succeeded", "queued", "queued", "queued"):
+            conn.execute(sa.text("INSERT INTO recon_runs (org_id, status, trigger, progress, queued_at) "
+                                 "VALUES (:org, :status, 'manual', 0, CURRENT_TIMESTAMP)"),
+                         {"org": org_id, "status": status})
+    upgrade(app_db)
+    assert "ux_recon_runs_one_queued" in _run_indexes(app_db)
+    with org_session(org_id) as session:
+        runs = session.scalars(sa.select(ReconRun).order_by(ReconRun.id)).all()
+    assert [run.status for run in runs] == ["succeeded", "queued", "failed", "failed"]
+    assert runs[0].error is None and runs[1].error is None and runs[1].finished_at is None
+    for collapsed in runs[2:]:
+        assert "older queued run of this organization was kept" in (collapsed.error or "")
+        assert collapsed.finished_at is not None and collapsed.finished_at.tzinfo is not None
+    downgrade(app_db, "0007")
+    assert "ux_recon_runs_one_queued" not in _run_indexes(app_db)
+    assert {"ix_recon_runs_org_status", "ux_recon_runs_one_running"} <= _run_indexes(app_db)
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:

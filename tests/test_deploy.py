@@ -84,6 +84,46 @@ def test_every_variable_the_code_reads_is_documented() -> None:
     assert not missing, f"add to config.Settings and .env.example: {sorted(missing)}"
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    ("RRC_SCHEDULER_MIN_INTERVAL_SECONDS", "300.0"),  # services/settings.py refuses what pydantic alone took
+    ("RRC_EXPORT_URL_TTL", "1_000"),
+    ("RRC_S3_ALLOW_SERVER_CREDENTIALS", "maybe"),
+    ("RRC_SQL_SOURCE_FILE_DIRS", f"/srv/usage{os.pathsep}usage"),  # relative: each process its own folder
+    ("RRC_BCRYPT_ROUNDS", "40"),
+])
+def test_operator_settings_read_lazily_are_checked_with_the_rest(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                                  value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(config.ConfigError, match=f"^{name}: "):
+        config.load_settings()
+
+
+def test_an_empty_variable_means_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for the modules reading the environment themselves: `RRC_X=` in .env is no start-up error."""
+    for name in ("RRC_SCHEDULER_MIN_INTERVAL_SECONDS", "RRC_S3_ALLOW_SERVER_CREDENTIALS", "RRC_BCRYPT_ROUNDS"):
+        monkeypatch.setenv(name, "")
+    loaded = config.load_settings()
+    assert (loaded.scheduler_min_interval_seconds, loaded.s3_allow_server_credentials, loaded.bcrypt_rounds) \
+        == (settings.min_interval_seconds(), False, 12)
+
+
+@pytest.mark.parametrize(("command", "name", "value"), [
+    (["scheduler.py"], "RRC_SQL_SOURCE_FILE_DIRS", "usage-files"),
+    (["cli.py", "db", "upgrade"], "RRC_SCHEDULER_MIN_INTERVAL_SECONDS", "300.0"),
+    (["-m", "uvicorn", "api:app", "--port", "0"], "RRC_S3_ALLOW_SERVER_CREDENTIALS", "maybe"),
+])
+def test_each_process_refuses_to_start_on_a_bad_setting_naming_it(tmp_path: Path, command: list[str], name: str,
+                                                                   value: str) -> None:
+    """Before serving anyone or touching the database: exit 2 and one line naming the variable."""
+    env = {**os.environ, "RRC_DATA_DIR": str(tmp_path), "DATABASE_URL": f"sqlite:///{tmp_path / 'rrc.db'}",
+           name: value}
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == config.EXIT_CONFIG, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"configuration error: {name}: ")
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())  # no database file was made
+
+
 def test_compose_runs_app_api_scheduler_against_postgres() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]

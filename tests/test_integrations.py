@@ -47,8 +47,10 @@ def test_masked_value_sent_back_keeps_the_stored_secret(app_db: str, actors: tup
     assert integrations.get_config(admin, "stripe") == {"api_key": KEY, "api_base": "http://127.0.0.1:1"}
 
 
-def test_salesforce_accepts_password_login_or_client_credentials(app_db: str, actors: tuple[Actor, Actor]) -> None:
+def test_salesforce_accepts_password_login_or_client_credentials(app_db: str, actors: tuple[Actor, Actor],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     admin, _ = actors
+    monkeypatch.setenv("RRC_PRIVATE_ENDPOINTS", "any")  # no DNS lookup of the instance: see test_source_policy.py
     integrations.connect(admin, "salesforce", {"username": "ops@acme.example", "password": "pw-123456789"})
     view = integrations.connect(admin, "salesforce", {"consumer_key": "3MVG9", "client_secret": "s3cret-value-123",
                                                       "instance_url": "https://acme.my.salesforce.com"})
@@ -56,8 +58,9 @@ def test_salesforce_accepts_password_login_or_client_credentials(app_db: str, ac
     assert integrations.get_config(admin, "salesforce")["client_secret"] == "s3cret-value-123"
 
 
-def test_sql_url_password_is_masked(app_db: str, actors: tuple[Actor, Actor]) -> None:
+def test_sql_url_password_is_masked(app_db: str, actors: tuple[Actor, Actor], monkeypatch: pytest.MonkeyPatch) -> None:
     admin, _ = actors
+    monkeypatch.setenv("RRC_PRIVATE_ENDPOINTS", "any")  # db.internal is a name no DNS knows: see test_source_policy.py
     config = {"url": "postgresql+psycopg://reader:s3cret-pw@db.internal/prod", "table": "events",
               "columns": {"account_id": "acct", "product_key": "product", "ts": "at", "units": "qty"}}
     view = integrations.connect(admin, "sql_source", config)

@@ -9,6 +9,8 @@ import csv
 import io
 import zipfile
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,10 +22,12 @@ import sqlalchemy as sa
 from core.money import plain_decimal
 from db.models import Account
 from db.session import org_session
-from services import accounts, activity, anomalies, dashboard, demo, exports, users
+from services import accounts, activity, anomalies, crm_tasks, dashboard, demo, exports, integrations, users
 from services.anomalies import LEAK_TYPES, AnomalyFilters
 from services.context import Actor
 from services.errors import InvalidInput, NotFound
+from tests.fakes import salesforce_server
+from tests.fakes.salesforce_server import FakeSalesforce
 
 ALL = AnomalyFilters()
 
@@ -85,7 +89,7 @@ def test_dashboard_totals_are_per_currency_and_match_the_queue(demo_actors: tupl
     for r in rows:
         if r.type in LEAK_TYPES and r.status in ("open", "actioned"):
             expected[r.currency] += r.amount
-        if r.type == "over_billing":
+        if r.type == "over_billing" and r.status == "open":
             over[r.currency] += r.amount
     summary = dashboard.summary(analyst)
     assert summary.open_leak == dict(expected)
@@ -236,3 +240,103 @@ def test_a_reason_typed_as_a_formula_is_exported_as_text(demo_actors: tuple[Acto
         (exported,) = [r for r in csv.DictReader(io.StringIO(files.read("anomalies.csv").decode()))
                        if r["id"] == str(target.id)]
     assert exported["status_reason"] == "'" + reason
+
+
+# What each Overview figure counts, written out independently of services.dashboard.FIGURES (docs/app.md, Overview)
+OVERVIEW_RULE = {
+    "open_leak": (LEAK_TYPES, ("open", "actioned")),
+    "in_recovery": (LEAK_TYPES, ("actioned",)),
+    "recovered": (LEAK_TYPES, ("recovered",)),
+    "over_billing": (("over_billing",), ("open",)),
+    "over_billing_handled": (("over_billing",), ("actioned",)),
+}
+
+
+@pytest.fixture
+def salesforce(demo_actors: tuple[Actor, Actor]) -> Iterator[FakeSalesforce]:
+    """The demo org connected to a fake Salesforce holding every demo account, so CRM tasks mark anomalies actioned."""
+    admin, analyst = demo_actors
+    with salesforce_server.running() as fake:
+        for account in accounts.search_accounts(analyst, ""):
+            fake.add_account(account.crm_id or "", account.name)
+        integrations.connect(admin, "salesforce", {
+            "username": fake.username, "password": fake.password, "security_token": fake.security_token,
+            "domain": "login", "instance_url": fake.base_url, "timeout": 5})
+        yield fake
+
+
+def queue_figure(actor: Actor, filters: AnomalyFilters, types: tuple[str, ...],
+                 statuses: tuple[str, ...]) -> tuple[dict[str, Decimal], int, set[str]]:
+    """Per-currency total, count and accounts the queue lists for `types` in `statuses` under the other filters."""
+    wanted = tuple(t for t in types if not filters.types or t in filters.types)
+    if not wanted:
+        return {}, 0, set()
+    rows = everything(actor, replace(filters, types=wanted, statuses=statuses))
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    for row in rows:
+        totals[row.currency] += row.amount
+    return dict(totals), len(rows), {row.account_id for row in rows}
+
+
+def test_every_overview_figure_is_the_queue_total_for_its_type_group_and_status(
+        demo_actors: tuple[Actor, Actor], salesforce: FakeSalesforce) -> None:
+    _, analyst = demo_actors
+    rows = everything(analyst)
+    leaks = [r for r in rows if r.type in LEAK_TYPES and r.currency == "usd"]
+    over = [r for r in rows if r.type == "over_billing"]
+    for row in (leaks[0], leaks[1], over[0]):  # every figure gets something to count
+        crm_tasks.create_crm_task(analyst, row.id, "salesforce")
+    anomalies.set_status(analyst, leaks[1].id, "recovered")
+    anomalies.set_status(analyst, leaks[2].id, "dismissed", "credited by hand")  # in no figure
+    everywhere = dashboard.summary(analyst)
+    assert all(getattr(everywhere, name) for name in OVERVIEW_RULE), everywhere
+    for filters in (ALL, AnomalyFilters(statuses=("open", "actioned")), AnomalyFilters(statuses=("dismissed",)),
+                    AnomalyFilters(currency="EUR"), AnomalyFilters(types=("over_billing", leaks[0].type)),
+                    AnomalyFilters(min_confidence=Decimal("0.8"), period_from=leaks[0].period_start.date())):
+        summary = dashboard.summary(analyst, filters)
+        owed: set[str] = set()
+        for name, (types, statuses) in OVERVIEW_RULE.items():
+            amounts, count, accounts_in = queue_figure(analyst, filters, types, statuses)
+            assert (getattr(summary, name), summary.counts[name]) == (amounts, count), (name, filters)
+            owed |= accounts_in if name == "open_leak" else set()
+        assert summary.accounts_affected == len(owed), filters
+        assert {row["type"] for row in summary.by_type} <= set(LEAK_TYPES)  # over-billing is never a leak chart
+    assert dashboard.summary(analyst, AnomalyFilters(statuses=("dismissed",))).over_billing == everywhere.over_billing
+    with pytest.raises(InvalidInput, match="statuses: unknown bogus"):
+        dashboard.summary(analyst, AnomalyFilters(statuses=("bogus",)))
+
+
+def figures(summary: dashboard.DashboardSummary, currency: str) -> dict[str, tuple[Decimal, int]]:
+    return {name: (getattr(summary, name).get(currency, Decimal(0)), summary.counts[name]) for name in OVERVIEW_RULE}
+
+
+def assert_moved(before: dashboard.DashboardSummary, after: dashboard.DashboardSummary,
+                 row: anomalies.AnomalyRow, old: str, new: str) -> None:
+    """Exactly `row`'s amount (and one anomaly) left the figures counting status `old` for those counting `new`."""
+    expected = figures(before, row.currency)
+    for name, (types, statuses) in OVERVIEW_RULE.items():
+        if row.type in types:
+            change = (new in statuses) - (old in statuses)
+            amount, count = expected[name]
+            expected[name] = (amount + change * row.amount, count + change)
+    assert figures(after, row.currency) == expected
+    assert figures(after, row.currency) != figures(before, row.currency)
+
+
+def test_a_status_change_moves_the_amount_from_one_figure_to_the_next(
+        demo_actors: tuple[Actor, Actor], salesforce: FakeSalesforce) -> None:
+    _, analyst = demo_actors
+    default = AnomalyFilters(statuses=("open", "actioned"))
+    leak = everything(analyst, AnomalyFilters(types=LEAK_TYPES, statuses=("open",)))[0]
+    over = everything(analyst, AnomalyFilters(types=("over_billing",), statuses=("open",)))[0]
+    steps = [
+        (lambda: crm_tasks.create_crm_task(analyst, leak.id, "salesforce"), leak, "open", "actioned"),
+        (lambda: anomalies.set_status(analyst, leak.id, "recovered"), leak, "actioned", "recovered"),
+        (lambda: anomalies.set_status(analyst, leak.id, "open"), leak, "recovered", "open"),
+        (lambda: crm_tasks.create_crm_task(analyst, over.id, "salesforce"), over, "open", "actioned"),
+    ]
+    for change, row, old, new in steps:
+        before = dashboard.summary(analyst, default)
+        change()
+        assert_moved(before, dashboard.summary(analyst, default), row, old, new)
+    assert anomalies.get_anomaly(analyst, over.id).row.status == "actioned"

@@ -152,11 +152,11 @@ def test_claim_is_exclusive_per_org(app_db: str, demo_bundle: Path, tmp_path: Pa
     b = make_org("org-b", demo_bundle, tmp_path / "b")
     first = reconciliation.queue_run(a)
     assert reconciliation.queue_run(a).id == first.id  # one run waits per org, however often one asks
-    with org_session(a.org_id) as session:  # a second one, as a retried interrupted run would be
-        second = runs_repo.create_run(session, a.org_id, trigger="cli", status="queued")
     other = reconciliation.queue_run(b)
     with org_session(a.org_id) as session:
         assert runs_repo.claim_run_exclusive(session, a.org_id, first.id, "w1")
+    second = reconciliation.queue_run(a)  # the claim freed the org's queued slot: the next run waits
+    assert second.id != first.id
     with org_session(a.org_id) as session:
         assert not runs_repo.claim_run_exclusive(session, a.org_id, first.id, "w2"), "claimed twice"
         assert not runs_repo.claim_run_exclusive(session, a.org_id, second.id, "w2"), "org ran twice at once"
@@ -392,17 +392,17 @@ def test_two_schedulers_never_run_one_org_at_once(app_db: str, demo_bundle: Path
     a = make_org("org-a", demo_bundle, tmp_path / "a")
     b = make_org("org-b", demo_bundle, tmp_path / "b")
     blocked = BlockedBundle(tmp_path / "a")
-    with org_session(a.org_id) as session:  # three waiting runs (queue_run keeps one per org)
-        runs_a = [runs_repo.create_run(session, a.org_id, trigger="api", status="queued").id for _ in range(3)]
+    runs_a = [reconciliation.queue_run(a).id]
     run_b = reconciliation.queue_run(b).id
     first, second = processes("one"), processes("two")
     try:
         wait_for(lambda: any(r.status == "running" for r in runs_of(a.org_id)), what="org A's run to start")
+        runs_a.append(reconciliation.queue_run(a).id)  # waits behind the running one (one queued run per org)
         # the other process is free, so it runs org B meanwhile, but never a second run of org A
         wait_for(lambda: runs_of(b.org_id)[-1].status == "succeeded", what="org B's run")
         time.sleep(1.5)
         statuses = [r.status for r in runs_of(a.org_id)]
-        assert sorted(statuses) == ["queued", "queued", "running"], statuses
+        assert statuses == ["running", "queued"], statuses
     finally:
         blocked.release()
     wait_for(lambda: all(r.status == "succeeded" for r in runs_of(a.org_id)), what="all runs of org A")

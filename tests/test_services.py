@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -256,3 +258,49 @@ def test_a_second_run_of_one_org_is_refused_while_one_is_running(org: tuple[Acto
         reconciliation.run_reconciliation(analyst, bundle_dir=folder)
     with org_session(admin.org_id) as session:
         assert [r.status for r in session.query(ReconRun).where(ReconRun.org_id == admin.org_id)] == ["running"]
+
+
+def _insert_queued_run(url: str, org_id: int) -> None:
+    """A queued run written with raw SQL, past the services (as a script or a second app version might)."""
+    with get_engine(url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO recon_runs (org_id, status, trigger, progress, queued_at) "
+                             "VALUES (:org, 'queued', 'api', 0, CURRENT_TIMESTAMP)"), {"org": org_id})
+
+
+def test_the_database_keeps_one_queued_run_per_org(org: tuple[Actor, Actor], app_db: str) -> None:
+    admin, _ = org
+    other, _ = users.create_organization("Globex", "globex", "admin@globex.example", "Gus", "password-1")
+    _insert_queued_run(app_db, admin.org_id)
+    _insert_queued_run(app_db, other.id)  # another org waits in the same queue
+    with pytest.raises(sa.exc.IntegrityError):
+        _insert_queued_run(app_db, admin.org_id)
+    with get_engine(app_db).begin() as conn:  # the worker's claim moves the run on and frees the slot
+        conn.execute(sa.text("UPDATE recon_runs SET status = 'running' WHERE org_id = :org"), {"org": admin.org_id})
+    _insert_queued_run(app_db, admin.org_id)
+    with get_engine(app_db).connect() as conn:
+        rows = conn.execute(sa.text("SELECT org_id, status FROM recon_runs ORDER BY id")).all()
+    assert [tuple(row) for row in rows] == [(admin.org_id, "running"), (other.id, "queued"),
+                                            (admin.org_id, "queued")]
+
+
+def test_two_requests_queuing_at_once_get_the_same_single_run(org: tuple[Actor, Actor],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both requests find no run waiting before either inserts (the barrier holds them there): one
+    insert wins, the other meets the unique index and returns the winner's run, without an audit entry."""
+    admin, analyst = org
+    both_looked = threading.Barrier(2, timeout=30)
+    insert = reconciliation._insert_queued
+
+    def insert_after_both_looked(*args: object) -> ReconRun | None:
+        both_looked.wait()
+        return insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconciliation, "_insert_queued", insert_after_both_looked)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(reconciliation.queue_run, who) for who in (admin, analyst)]
+        ids = [future.result(60).id for future in futures]
+    with org_session(admin.org_id) as session:
+        queued = session.scalars(sa.select(ReconRun.id).where(ReconRun.status == "queued")).all()
+        logged = session.scalars(sa.select(AuditEntry.target_id).where(AuditEntry.action == "run.queued")).all()
+    assert ids[0] == ids[1] and queued == [ids[0]]
+    assert logged == [str(ids[0])]

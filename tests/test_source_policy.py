@@ -1,17 +1,27 @@
 """Source policy: a SQL usage source never reaches the app's own database, nor a server file outside allowed folders;
-an S3 source never borrows the server's AWS credentials unless the operator allows it."""
+an S3 source never borrows the server's AWS credentials unless the operator allows it; no integration aims this
+server at a non-public address (loopback, private network, cloud metadata...) unless the operator allows it."""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import select
 
-from services import source_policy
+import config
+from connectors import s3_parquet
+from db.models import Action, Anomaly, AuditEntry
+from db.session import org_session
+from services import crm_tasks, exports, integrations, reconciliation, recovery, source_policy, sync
+from services.context import Actor
 from services.errors import InvalidInput
+from tests.bundles import Scenario
 
 COLUMNS = {"account_id": "a", "product_key": "p", "ts": "t", "units": "u"}
 APP_PG = "postgresql://rrc:app-pw@127.0.0.1:5432/rrc"  # as a hosting provider hands it out
@@ -153,7 +163,9 @@ def test_query_parameters_cannot_move_the_target(data: Path, monkeypatch: pytest
 
 
 def test_other_databases_of_the_same_kind_are_accepted(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By the app-database rule; the endpoint rule (private addresses, unknown names) is set aside with `any`."""
     monkeypatch.setenv("DATABASE_URL", APP_PG)
+    monkeypatch.setenv(source_policy.PRIVATE_ENDPOINTS_ENV, "any")
     for url in ("postgresql+psycopg://tenant:pw@127.0.0.1:5432/product",  # same server, another database
                 "postgresql+psycopg://tenant:pw@127.0.0.1:5433/rrc",  # another server on this machine
                 "postgresql+psycopg://tenant:pw@192.0.2.10/rrc",  # another machine, same database name
@@ -216,3 +228,251 @@ def test_an_unreadable_setting_is_an_error_not_a_yes(monkeypatch: pytest.MonkeyP
     with pytest.raises(InvalidInput, match=r"^RRC_S3_ALLOW_SERVER_CREDENTIALS"):
         source_policy.connector_options("s3_parquet")
     _s3(TENANT_KEYS)  # settings with keys never need the operator's word
+
+
+def test_s3_keys_are_judged_by_one_rule_with_one_wording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy runs the connector's own check: saving, syncing and building a client say the same thing."""
+    monkeypatch.delenv(source_policy.S3_SERVER_CREDENTIALS_ENV, raising=False)
+    said: list[str] = []
+    for keys in ({}, {"access_key_id": "AKIATENANT"}, {"access_key_id": " ", "secret_access_key": "tenant-secret"}):
+        with pytest.raises(InvalidInput) as policy:
+            _s3(keys)
+        with pytest.raises(s3_parquet.S3SourceError) as connector:
+            s3_parquet.parse_config({**S3_SOURCE, **keys})
+        assert str(policy.value) == str(connector.value)
+        said.append(str(policy.value))
+    with pytest.raises(s3_parquet.S3SourceError) as client:
+        s3_parquet.s3_client("us-east-1")
+    assert str(client.value) == said[0]
+
+
+# ---- endpoints: an org's settings never aim this server at a non-public address --------------------------------
+
+ENDPOINT_FIELDS = {"stripe": "api_base", "hubspot": "host", "salesforce": "instance_url", "s3_parquet": "endpoint_url",
+                   "sql_source": "url"}
+PRIVATE_HOSTS = ["127.0.0.1", "169.254.169.254", "10.0.0.1", "[::1]", "localhost"]
+MORE_PRIVATE_HOSTS = ["0.0.0.0", "127.1", "2130706433", "172.16.5.4", "192.168.1.1", "100.64.0.1", "224.0.0.251",
+                      "[fd00::1]", "[fe80::1]", "[::ffff:169.254.169.254]", "[2002:a9fe:a9fe::1]", "[ff02::1]",
+                      "255.255.255.255", "localhost."]
+PUBLIC = "93.184.216.34"  # a public address literal: judged without DNS, and never connected to
+
+
+def _endpoint(kind: str, host: str, scheme: str = "https") -> dict[str, object]:
+    """A complete config of `kind` aimed at `host` (short timeouts: a config let through by mistake fails fast)."""
+    url = f"{scheme}://{host}"
+    return {
+        "stripe": {"api_key": "sk_test_x", "api_base": url, "max_network_retries": 0, "timeout": 1},
+        "hubspot": {"access_token": "pat-na1-0000", "host": url, "timeout": 1, "max_attempts": 1},
+        "salesforce": {"consumer_key": "3MVG9", "client_secret": "s3cret-value", "instance_url": url, "timeout": 1,
+                       "max_attempts": 1},
+        "s3_parquet": {**S3_SOURCE, **TENANT_KEYS, "endpoint_url": url, "export_prefix": "audit"},
+        "sql_source": {"url": f"postgresql+psycopg://tenant:pw@{host}/product", "table": "events", "columns": COLUMNS},
+    }[kind]
+
+
+def _refused_endpoint(kind: str, host: str, message: str, scheme: str = "https") -> None:
+    with pytest.raises(InvalidInput, match=message) as info:
+        source_policy.check_integration(kind, _endpoint(kind, host, scheme))
+    assert str(info.value).startswith(f"{ENDPOINT_FIELDS[kind]}: ")
+    assert "tenant-secret-value" not in str(info.value) and ":pw@" not in str(info.value)
+
+
+@pytest.fixture
+def default_policy(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No RRC_PRIVATE_ENDPOINTS: what an install that never set it runs with."""
+    monkeypatch.delenv(source_policy.PRIVATE_ENDPOINTS_ENV, raising=False)
+
+
+@pytest.mark.parametrize("kind", ENDPOINT_FIELDS)
+@pytest.mark.parametrize("host", PRIVATE_HOSTS + MORE_PRIVATE_HOSTS)
+def test_non_public_endpoints_are_refused_by_default(default_policy: None, kind: str, host: str) -> None:
+    _refused_endpoint(kind, host, r"is not a public internet address .*\(RRC_PRIVATE_ENDPOINTS\)$")
+
+
+@pytest.mark.parametrize("kind", ENDPOINT_FIELDS)
+def test_public_addresses_pass_without_dns(default_policy: None, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_dns(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an address literal needs no DNS lookup")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for host in (PUBLIC, f"{PUBLIC}:8443", "[2606:4700:4700::1111]"):
+        source_policy.check_integration(kind, _endpoint(kind, host))
+
+
+@pytest.mark.parametrize("kind", ["stripe", "hubspot", "salesforce", "s3_parquet"])
+def test_plain_http_only_to_a_private_host_the_operator_allows(default_policy: None, kind: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key or token sent over http to a public host would cross the internet in clear, whatever the setting."""
+    _refused_endpoint(kind, PUBLIC, r"must use https://", scheme="http")
+    monkeypatch.setenv(source_policy.PRIVATE_ENDPOINTS_ENV, "any")
+    _refused_endpoint(kind, PUBLIC, r"must use https://", scheme="http")
+    source_policy.check_integration(kind, _endpoint(kind, "10.1.2.3:9000", scheme="http"))
+    monkeypatch.setenv(source_policy.PRIVATE_ENDPOINTS_ENV, "minio.internal")
+    source_policy.check_integration(kind, _endpoint(kind, "minio.internal", scheme="http"))
+
+
+@pytest.mark.parametrize("kind", ["stripe", "hubspot", "salesforce", "s3_parquet"])
+@pytest.mark.parametrize("url", [
+    "ftp://93.184.216.34", "https://", "93.184.216.34", "https://127.0.0.1\\@93.184.216.34",
+    "https://user@93.184.216.34", "https://93.184.216.34:99999", "https://93.184.216.34/\nHost: 127.0.0.1", 42,
+])
+def test_an_endpoint_is_one_unambiguous_https_url(default_policy: None, kind: str, url: object) -> None:
+    """A user part or backslash is split differently by HTTP clients than by urlsplit: the host judged could
+    differ from the host connected to (https://127.0.0.1\\@93.184.216.34 reaches 127.0.0.1 through urllib3)."""
+    config = {**_endpoint(kind, PUBLIC), ENDPOINT_FIELDS[kind]: url}
+    with pytest.raises(InvalidInput, match=rf"^{ENDPOINT_FIELDS[kind]}: expected an https:// URL"):
+        source_policy.check_integration(kind, config)
+
+
+@pytest.mark.parametrize(("setting", "allowed", "refused"), [
+    ("10.0.0.0/8", ["10.0.0.1", "10.200.3.4:9000"], ["169.254.169.254", "127.0.0.1", "192.168.1.1"]),
+    ("127.0.0.1, ::1", ["127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"], ["127.0.0.2", "10.0.0.1"]),
+    ("MinIO.Internal.", ["minio.internal", "MINIO.internal."], ["minio2.internal", "10.0.0.1"]),
+    ("any", ["169.254.169.254", "db.internal", "[::1]"], []),
+])
+@pytest.mark.parametrize("kind", ENDPOINT_FIELDS)
+def test_the_operator_allows_listed_private_hosts(default_policy: None, monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                  setting: str, allowed: list[str], refused: list[str]) -> None:
+    """Addresses and networks, or host names (not looked up: db.internal and minio.internal resolve nowhere)."""
+    monkeypatch.setenv(source_policy.PRIVATE_ENDPOINTS_ENV, setting)
+    for host in allowed:
+        source_policy.check_integration(kind, _endpoint(kind, host))
+    for host in refused:
+        _refused_endpoint(kind, host, r"is not a public internet address|could not be resolved")
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1/8", "http://10.0.0.1", "10.0.0.300", "minio.internal:9000",
+                                   "*.internal", "any, 10.0.0.1", "10.0.0.0/8;192.168.0.0/16"])
+def test_an_unreadable_private_endpoints_setting_is_a_config_error(data: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   value: str) -> None:
+    """At start-up (config.load_settings) and at every check, never taken as "allow" or as "nothing"."""
+    monkeypatch.setenv(source_policy.PRIVATE_ENDPOINTS_ENV, value)
+    with pytest.raises(config.ConfigError, match=r"^RRC_PRIVATE_ENDPOINTS: .* is not an IP address"):
+        config.load_settings()
+    with pytest.raises(config.ConfigError, match=r"^RRC_PRIVATE_ENDPOINTS: "):
+        source_policy.check_integration("hubspot", _endpoint("hubspot", "10.0.0.1"))
+    source_policy.check_integration("hubspot", {"access_token": "pat"})  # no endpoint typed: nothing to judge
+
+
+def test_a_name_that_does_not_resolve_is_refused(default_policy: None) -> None:
+    for kind in ENDPOINT_FIELDS:
+        _refused_endpoint(kind, "no-such-host.invalid", r"the host name no-such-host\.invalid could not be resolved")
+
+
+def test_a_slow_dns_answer_is_not_waited_for(default_policy: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """getaddrinfo has no timeout of its own: a resolver that hangs must not hold the request."""
+    def hanging_resolver(*args: object, **kwargs: object) -> list[object]:
+        time.sleep(3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, 0))]
+
+    monkeypatch.setattr(source_policy, "DNS_TIMEOUT", 0.2)
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_resolver)
+    started = time.monotonic()
+    _refused_endpoint("stripe", "api.example.com", r"could not be resolved \(unknown, or no DNS answer within 0\.2 ")
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("postgresql+psycopg://tenant@/product", "name the database server's host"),
+    ("postgresql+psycopg:///product?host=/var/run/postgresql", r"not as query parameters \(host\)"),
+    (f"postgresql+psycopg://tenant@{PUBLIC}/product?host=10.0.0.1", r"not as query parameters \(host\)"),
+    (f"mysql+pymysql://tenant@{PUBLIC}/product?unix_socket=/run/mysqld/mysqld.sock", r"\(unix_socket\)"),
+    (f"mssql+pyodbc://tenant@{PUBLIC}/product?odbc_connect=SERVER%3D10.0.0.1", r"\(odbc_connect\)"),
+])
+def test_a_sql_source_names_its_server_in_the_url_itself(default_policy: None, url: str, message: str) -> None:
+    """Without a host the driver reaches this machine; a target moved by query parameters would slip past the check
+    (on any backend, not only the app's: here the app database is SQLite)."""
+    _refused(url, message)
+
+
+# ---- endpoints, through the services: saved, checked and used ----------------------------------------------------
+
+def _stored_integrations(admin: Actor) -> list[str]:
+    return [view.kind for view in integrations.list_integrations(admin)]
+
+
+def _audit_actions(admin: Actor) -> list[str]:
+    with org_session(admin.org_id) as session:
+        return list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.seq)))
+
+
+def _actions(admin: Actor) -> list[Action]:
+    with org_session(admin.org_id) as session:
+        return list(session.scalars(select(Action)))
+
+
+@pytest.mark.parametrize("kind", ENDPOINT_FIELDS)
+def test_saving_a_private_endpoint_is_refused_and_stores_nothing(org: tuple[Actor, Actor],
+                                                                 monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    admin, _ = org
+    monkeypatch.delenv(source_policy.PRIVATE_ENDPOINTS_ENV, raising=False)
+    before = _audit_actions(admin)
+    for host in PRIVATE_HOSTS:
+        with pytest.raises(InvalidInput, match=rf"^{ENDPOINT_FIELDS[kind]}: .* is not a public internet address"):
+            integrations.connect(admin, kind, _endpoint(kind, host))
+    assert _stored_integrations(admin) == [] and _audit_actions(admin) == before
+    integrations.connect(admin, kind, _endpoint(kind, PUBLIC))  # the same settings aimed at a public address
+    assert _stored_integrations(admin) == [kind]
+
+
+@pytest.fixture
+def stored_before(org: tuple[Actor, Actor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """An org with a leak (acme, Stripe customer cus_acme, CRM id 001A) whose five integrations were saved aimed
+    at the private network before the rule existed (`any` then), and the operator's default since. Returns
+    {"leak": anomaly id}."""
+    admin, _ = org
+    monkeypatch.delenv("RRC_EXPORT_BUCKET", raising=False)
+    scenario = Scenario().sub("acme", "api", "p_api").invoice("acme", "api", "500", "50.00")
+    scenario.use("acme", "api", "2026-01-10T10:00:00Z", "1000", reported="500")
+    run = reconciliation.run_reconciliation(admin, bundle_dir=scenario.write(tmp_path / "bundle"))
+    assert run.status == "succeeded", run.error
+    with monkeypatch.context() as before_the_rule:
+        before_the_rule.setenv(source_policy.PRIVATE_ENDPOINTS_ENV, "any")
+        for number, kind in enumerate(ENDPOINT_FIELDS, start=1):
+            integrations.connect(admin, kind, _endpoint(kind, f"10.0.0.{number}", "http"))
+    monkeypatch.delenv(source_policy.PRIVATE_ENDPOINTS_ENV, raising=False)
+    with org_session(admin.org_id) as session:
+        return {"leak": session.scalars(select(Anomaly.id).where(Anomaly.account_id == "acme")).one()}
+
+
+def test_a_stored_private_endpoint_fails_its_check(org: tuple[Actor, Actor], stored_before: dict[str, int]) -> None:
+    """The verdict names the field; no connector is called (10.0.0.x would time out, with another message)."""
+    admin, _ = org
+    for kind, field in ENDPOINT_FIELDS.items():
+        result = integrations.test_connection(admin, kind)
+        assert not result.ok and result.message.startswith(f"{field}: 10.0.0.")
+        assert "is not a public internet address" in result.message
+    assert {view.kind: view.status for view in integrations.list_integrations(admin)} == dict.fromkeys(
+        ENDPOINT_FIELDS, "error")
+
+
+def test_a_stored_private_endpoint_is_refused_before_any_action_is_written(org: tuple[Actor, Actor],
+                                                                          stored_before: dict[str, int]) -> None:
+    admin, analyst = org
+    before = _audit_actions(admin)
+    with pytest.raises(InvalidInput, match=r"^Stripe: api_base: 10\.0\.0\.1 is not a public internet address"):
+        recovery.draft_invoice(analyst, stored_before["leak"])
+    with pytest.raises(InvalidInput, match=r"^HubSpot: host: 10\.0\.0\.2 is not a public"):
+        crm_tasks.create_crm_task(analyst, stored_before["leak"], "hubspot")
+    with pytest.raises(InvalidInput, match=r"^Salesforce: instance_url: 10\.0\.0\.3 is not a public"):
+        crm_tasks.create_crm_task(analyst, stored_before["leak"], "salesforce")
+    assert _actions(admin) == [] and _audit_actions(admin) == before
+
+
+def test_a_stored_private_endpoint_is_refused_by_sync_and_export(org: tuple[Actor, Actor], tmp_path: Path,
+                                                                 stored_before: dict[str, int]) -> None:
+    admin, analyst = org
+    before = _audit_actions(admin)
+    with pytest.raises(InvalidInput, match=r"^S3 integration: endpoint_url: 10\.0\.0\.4 is not a public"):
+        exports.export_audit(analyst, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC))
+    assert _audit_actions(admin) == before
+    base = Scenario().write(tmp_path / "base")
+    for kind, message in (("stripe", r"^Stripe: api_base: 10\.0\.0\.1"),
+                          ("sql_source", r"^SQL usage source: url: 10\.0\.0\.5"),
+                          ("s3_parquet", r"^S3 Parquet usage source: endpoint_url: 10\.0\.0\.4")):
+        with pytest.raises(sync.SyncFailed, match=message):
+            sync.sync(admin, base_bundle=base)
+        assert _audit_actions(admin)[-1] == "sync.failed"
+        integrations.disconnect(admin, kind)  # the next source in sync's order
+    assert not sync.bundle_dir(admin.org_id).exists()
+

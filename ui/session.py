@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import streamlit as st
@@ -12,6 +14,7 @@ from services.context import Actor
 from services.errors import ServiceError
 
 T = TypeVar("T")
+_READ_THIS_RUN: ContextVar[Actor | None] = ContextVar("actor_read_this_run", default=None)
 
 
 def refreshed(current: Actor) -> Actor | None:
@@ -26,13 +29,25 @@ def refreshed(current: Actor) -> Actor | None:
     return current
 
 
+@contextmanager
+def read_this_run(current: Actor) -> Iterator[None]:
+    """While app.py runs the page: `current` was just refreshed (to build the menu), so the page's
+    `actor()` takes it instead of a second lookup. Reset when the page ends, also through st.rerun or
+    st.stop, so the next run, or a fragment rerun (which skips app.py), reads the role again."""
+    token = _READ_THIS_RUN.set(current)
+    try:
+        yield
+    finally:
+        _READ_THIS_RUN.reset(token)
+
+
 def actor() -> Actor:
-    """The signed-in user as app.py put them in the session, re-read once more: app.py re-reads the
-    role to build the menu, but a page can run without it (AppTest's switch_page), and the services
-    trust this Actor — one primary-key lookup per page run, called once at the top of each page."""
-    current = st.session_state.get("actor")
-    if current is not None:
-        current = refreshed(current)
+    """The signed-in user with the role they have now, called once at the top of each page: the
+    services trust this Actor. One primary-key lookup per run: the one app.py made for the menu
+    (`read_this_run`), else, for a page run without app.py around it (AppTest's switch_page), one here."""
+    current = _READ_THIS_RUN.get()
+    if current is None and (stored := st.session_state.get("actor")) is not None:
+        current = refreshed(stored)
     if current is None:
         st.error("Your session ended — sign in again.")
         st.stop()

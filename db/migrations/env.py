@@ -10,7 +10,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from db.models import Base
 from db.session import database_url
@@ -19,6 +19,12 @@ config = context.config
 if config.config_file_name is not None:  # the `alembic` command line: use alembic.ini's logging
     fileConfig(config.config_file_name)
 target_metadata = Base.metadata
+
+
+# pg_advisory_xact_lock key ("rrc-migr" in ASCII): the app, the API and `cli.py db prepare` all migrate on
+# start, so two processes may upgrade one database at once; the second waits here, then reads the
+# version the first one committed and has nothing left to do.
+MIGRATION_LOCK = 0x7272632D6D696772
 
 
 def _url() -> str:
@@ -42,6 +48,8 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
                           compare_type=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             context.run_migrations()
 
 

@@ -1,0 +1,52 @@
+"""One queued run per organization, guaranteed by the database: `ux_recon_runs_one_queued`.
+
+`services.reconciliation.queue_run` returns the run an org already has waiting instead of queuing
+another, but it reads and then inserts, so two requests at the same instant could both insert. A
+partial unique index on `recon_runs(org_id) WHERE status = 'queued'` (SQLite and PostgreSQL both
+have partial indexes, as 0004's `ux_recon_runs_one_running`) makes the second insert fail, and
+`queue_run` then returns the run that won. Moving a run on (queued -> running -> finished) only
+frees the slot, so the worker's claim never conflicts with it.
+
+Existing duplicates are collapsed first, or the index could not be built: per org the oldest queued
+run stays (the one `queue_run` has been returning, so the one the app and API callers were shown),
+and each younger one is marked failed with an error text saying why, keeping its row and its
+"run.queued" audit entry. A run waiting twice would only have reconciled the same data again.
+The downgrade drops the index; the collapsed runs stay failed.
+
+Revision ID: 0008
+Revises: 0007
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+INDEX = "ux_recon_runs_one_queued"
+QUEUED = sa.text("status = 'queued'")
+COLLAPSED = "not run: an older queued run of this organization was kept (one queued run per organization, " \
+            "migration 0008)"
+
+
+def _collapse_duplicates() -> None:
+    runs = sa.table("recon_runs", sa.column("id"), sa.column("org_id"), sa.column("status"), sa.column("error"),
+                    sa.column("finished_at"))
+    older = runs.alias("older")
+    has_older = sa.exists().where(older.c.org_id == runs.c.org_id, older.c.status == "queued",
+                                  older.c.id < runs.c.id)
+    op.execute(runs.update().where(runs.c.status == "queued", has_older)
+               .values(status="failed", error=COLLAPSED, finished_at=sa.func.current_timestamp()))
+
+
+def upgrade() -> None:
+    _collapse_duplicates()
+    op.create_index(INDEX, "recon_runs", ["org_id"], unique=True, sqlite_where=QUEUED, postgresql_where=QUEUED)
+
+
+def downgrade() -> None:
+    op.drop_index(INDEX, table_name="recon_runs")
