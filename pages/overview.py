@@ -17,7 +17,7 @@ from ui.links import open_account
 from ui.session import actor, attempt
 
 REFRESH_WHILE_RUNNING = timedelta(seconds=3)
-TILES_PER_ROW = 3  # four did not fit "2,490.03 USD" at 1400 px
+TILES_PER_ROW = 3  # one currency's figures per row; four did not fit "2,490.03 USD" at 1400 px
 
 st.title("Overview")
 me = actor()
@@ -43,28 +43,35 @@ if summary.active_run:
     live_run_status()
 
 last = summary.last_run
-# An empty money tile still names its currency ("0.00 USD"), one tile per currency in view, else the org's
-in_view = summary.currencies or ([chosen.currency] if chosen.currency else org_currencies)
 EVERY_STATUS = " Whatever the Status filter shows; every other filter applies."
-tiles: list[tuple[str, str, str]] = []  # label, value, help: one money tile per currency, never a mixed sum
-for label, amounts, hint in (  # what each figure counts is services.dashboard.FIGURES; this only draws them
-    ("Open leak", summary.open_leak, "Leaks still to recover: found (open) or with an action out (actioned)."),
-    ("In recovery", summary.in_recovery, "The part of Open leak with a draft invoice or a CRM task out."),
+FIGURE_TILES = (  # label, figure, help; what each figure counts is services.dashboard.FIGURES: this only draws them
+    ("Open leak", summary.open_leak, "Leaks still to recover: found (open) or with a draft invoice or CRM task out "
+                                     "(actioned, shown below the amount as in recovery)."),
     ("Recovered", summary.recovered, "Leaks analysts marked recovered."),
     ("Over-billing risk", summary.over_billing, "Billed more than usage warrants and not handled yet: a credit "
                                                 "risk, kept apart from the leaks."),
-):
-    shown = amounts or {currency: Decimal(0) for currency in in_view}
-    tiles += [(f"{label} · {currency.upper()}", money(amount, currency), hint + EVERY_STATUS)
-              for currency, amount in sorted(shown.items())] or [(label, "0", hint + EVERY_STATUS)]
-tiles.append(("Accounts affected", f"{summary.accounts_affected:,}",
-              f"Accounts behind Open leak: {plural(summary.open_count, 'anomaly', 'anomalies')}.{EVERY_STATUS}"))
-tiles.append(("Last run", last.status.title() if last else "Never",
-              f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet"))
-for start in range(0, len(tiles), TILES_PER_ROW):
-    for column, (label, value, hint) in zip(st.columns(TILES_PER_ROW), tiles[start:start + TILES_PER_ROW],
-                                            strict=False):
-        column.metric(label, value, help=hint, border=True)
+)
+
+
+def currency_rows() -> list[str]:
+    """One row of tiles per currency (never a mixed sum): every currency with money in a figure or in view, else
+    the chosen or the org's, so each row has all three figures and an empty one still reads "0.00 USD"."""
+    with_money = {currency for _, amounts, _ in FIGURE_TILES for currency in amounts}
+    return sorted(with_money | set(summary.currencies)) or ([chosen.currency] if chosen.currency else org_currencies)
+
+
+for currency in currency_rows():
+    for column, (label, amounts, hint) in zip(st.columns(TILES_PER_ROW), FIGURE_TILES, strict=True):
+        recovering = summary.in_recovery.get(currency) if label == "Open leak" else None
+        column.metric(f"{label} · {currency.upper()}", money(amounts.get(currency, Decimal(0)), currency),
+                      f"{money(recovering, currency)} in recovery" if recovering else None,
+                      delta_color="off", delta_arrow="off", help=hint + EVERY_STATUS, border=True)
+run_tiles = st.columns(TILES_PER_ROW)
+run_tiles[0].metric("Accounts affected", f"{summary.accounts_affected:,}", border=True,
+                    help=f"Accounts behind Open leak: {plural(summary.open_count, 'anomaly', 'anomalies')}."
+                         f"{EVERY_STATUS}")
+run_tiles[1].metric("Last run", last.status.title() if last else "Never", border=True,
+                    help=f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet")
 
 
 def over_billing_note() -> str:

@@ -522,12 +522,14 @@ def test_overview_tiles_and_over_billing_caption_show_the_services_figures(app_e
     shown = dashboard.summary(me, anomalies.AnomalyFilters(statuses=("open", "actioned")))
     assert shown.over_billing_handled == {over[0].currency: over[0].amount}
     assert shown.in_recovery == {leak[0].currency: leak[0].amount}
-    figures = {"Open leak": shown.open_leak, "In recovery": shown.in_recovery, "Recovered": shown.recovered,
-               "Over-billing risk": shown.over_billing}
-    money_tiles = [(m.label.split(" · "), m.value) for m in at.metric if m.label.split(" · ")[0] in figures]
-    assert {label for (label, _), _ in money_tiles} == set(figures)
-    for (label, currency), value in money_tiles:
-        assert value == format_money(figures[label].get(currency.lower(), Decimal(0)), currency), (label, currency)
-    assert f"In recovery · {leak[0].currency.upper()}" in {m.label for m in at.metric}
+    figures = {"Open leak": shown.open_leak, "Recovered": shown.recovered, "Over-billing risk": shown.over_billing}
+    money_tiles = [(m.label.split(" · "), m) for m in at.metric if m.label.split(" · ")[0] in figures]
+    rows = {currency for (_, currency), _ in money_tiles}
+    assert len(money_tiles) == len(figures) * len(rows) and rows >= {c.upper() for c in shown.open_leak}
+    for (label, currency), tile in money_tiles:
+        assert tile.value == format_money(figures[label].get(currency.lower(), Decimal(0)), currency), label
+        recovering = shown.in_recovery.get(currency.lower()) if label == "Open leak" else None
+        assert tile.delta == (f"{format_money(recovering, currency)} in recovery" if recovering else ""), label
+    assert leak[0].currency in shown.in_recovery  # so one Open leak tile did show its part in recovery
     assert (f"Over-billing risk: {plural(shown.counts['over_billing'], 'anomaly', 'anomalies')} not handled yet, "
             f"1 more ({money_by_currency(shown.over_billing_handled)}) already being handled.") in texts(at.caption)
