@@ -14,6 +14,7 @@ from db.models import Organization
 from db.session import data_dir, upgrade
 from services import reconciliation, settings, users
 from services.context import Actor
+from services.errors import Conflict
 
 DEMO_SLUG = "demo"
 DEMO_ADMIN = ("admin@demo.example", "Dana Admin", "demo-admin-2026")
@@ -21,13 +22,21 @@ DEMO_ANALYST = ("analyst@demo.example", "Alex Analyst", "demo-analyst-2026")
 
 
 def seed_demo(bundle_dir: Path | None = None, accounts: int = 60, seed: int = 7) -> Organization:
+    """Processes starting together (the app and `cli.py db prepare`) may both seed: the one whose organization
+    lands second returns the first one's instead of failing its start."""
     existing = users.find_organization(DEMO_SLUG)
     if existing is not None:
         return existing
     bundle_dir = bundle_dir or data_dir() / "demo-bundle"
     generate_demo_bundle(bundle_dir, accounts=accounts, seed=seed)
-    org, admin = users.create_organization("Demo Co", DEMO_SLUG, DEMO_ADMIN[0], DEMO_ADMIN[1], DEMO_ADMIN[2],
-                                           is_demo=True)
+    try:
+        org, admin = users.create_organization("Demo Co", DEMO_SLUG, DEMO_ADMIN[0], DEMO_ADMIN[1], DEMO_ADMIN[2],
+                                               is_demo=True)
+    except Conflict:  # another process created it between our look and now
+        raced = users.find_organization(DEMO_SLUG)
+        if raced is None:
+            raise
+        return raced
     actor = Actor.user(org.id, admin.id, "admin")
     users.create_user(actor, DEMO_ANALYST[0], DEMO_ANALYST[1], "analyst", DEMO_ANALYST[2])
     settings.set_data_source(actor, {"kind": "bundle", "path": str(bundle_dir.resolve())})

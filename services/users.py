@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import bcrypt
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from config import load_settings
 from db.models import Organization, OrgSettings, User
@@ -55,16 +57,25 @@ def create_organization(name: str, slug: str, admin_email: str, admin_name: str,
             raise Conflict(f"slug: an organization {slug!r} already exists")
         org = Organization(name=name.strip(), slug=slug, is_demo=is_demo)
         session.add(org)
-        session.flush()
+        _flush_unique(session, f"slug: an organization {slug!r} already exists")
         session.add(OrgSettings(org_id=org.id))
         user = User(org_id=org.id, email=email, name=admin_name.strip() or email, role="admin",
                     password_hash=hash_password(admin_password))
         session.add(user)
-        session.flush()
+        _flush_unique(session, f"email: {email} already has an account")
         actor = Actor.user(org.id, user.id, "admin")
         audit.append(session, actor, "organization.created", "organization", org.id, {"name": org.name, "slug": slug})
         audit.append(session, actor, "user.created", "user", user.id, {"email": email, "role": "admin"})
     return org, user
+
+
+def _flush_unique(session: Session, taken: str) -> None:
+    """Flush; a unique index refusing the row means someone took the slug or email since we looked (two sign-ups
+    or two processes seeding the demo at once): the same Conflict as the look itself, not a database error."""
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(taken) from None
 
 
 def create_user(actor: Actor, email: str, name: str, role: str, password: str) -> User:
@@ -74,7 +85,7 @@ def create_user(actor: Actor, email: str, name: str, role: str, password: str) -
         user = User(org_id=actor.org_id, email=email, name=name.strip() or email, role=role,
                     password_hash=hash_password(password))
         session.add(user)
-        session.flush()
+        _flush_unique(session, f"email: {email} already has an account")
         audit.append(session, actor, "user.created", "user", user.id, {"email": email, "role": role})
     return user
 
