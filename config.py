@@ -37,6 +37,8 @@ from typing import Any
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.endpoints import parse_private_endpoints
+
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names the environment variable."""
@@ -217,9 +219,7 @@ class Settings(BaseSettings):
                 CronTrigger.from_crontab(self.sync_cron, timezone="UTC")
             except ValueError as exc:
                 raise ValueError(f"RRC_SYNC_CRON: {exc} (expected a crontab like '0 3 * * *' or 'off')") from None
-        from services.source_policy import parse_private_endpoints
-
-        parse_private_endpoints(self.private_endpoints)  # ConfigError (a ValueError) names RRC_PRIVATE_ENDPOINTS
+        parse_private_endpoints(self.private_endpoints)  # its ValueError names RRC_PRIVATE_ENDPOINTS
         for name, level in (("RRC_LOG_LEVEL", self.log_level), ("RRC_API_LOG_LEVEL", self.api_log_level)):
             if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
                 raise ValueError(f"{name}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")

@@ -35,7 +35,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 def data_dir() -> Path:
     """Where the embedded defaults live (SQLite file, generated keys, demo bundle): `RRC_DATA_DIR` or ./data."""
-    path = Path(os.environ.get("RRC_DATA_DIR", "data"))
+    path = Path(os.environ.get("RRC_DATA_DIR") or "data")  # empty means the default, as in config.Settings
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from config import load_settings
 from db.models import ApiKey, User
 from db.session import data_dir, is_embedded, org_session, system_session
 from services import audit, users
@@ -43,7 +44,6 @@ KEY_PREFIX = "rrc_"
 INGEST_ROLE = "ingest"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't turn every ingest request into a write
 TOKEN_KEY_FILE = "api_token.key"
-DEFAULT_TOKEN_TTL = 3600
 
 
 class InvalidCredentials(PermissionDenied):
@@ -201,8 +201,7 @@ def _sign(payload: str) -> str:
 
 
 def _token_ttl() -> int:
-    raw = os.environ.get("RRC_API_TOKEN_TTL", "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_TOKEN_TTL
+    return load_settings().api_token_ttl
 
 
 def issue_user_token(email: str, password: str) -> IssuedToken:

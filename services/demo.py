@@ -6,9 +6,9 @@ existing organization, and does nothing when that org already exists.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from config import load_settings
 from core.demo import generate_demo_bundle
 from db.models import Organization
 from db.session import data_dir, upgrade
@@ -51,7 +51,7 @@ def prepare_first_start(url: str | None = None) -> bool:
     the demo ready before the first browser session opens. True when the demo was seeded now.
     """
     upgrade(url)
-    if os.environ.get("RRC_DEMO", "1") == "0" or users.any_organization():
+    if not load_settings().demo or users.any_organization():
         return False
     seed_demo()
     return True

@@ -214,7 +214,7 @@ def _target(actor: Actor) -> _Target | None:
             raise InvalidInput(f"RRC_EXPORT_BUCKET: {bucket!r} is not a valid S3 bucket name")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         endpoint = os.environ.get("RRC_EXPORT_ENDPOINT_URL", "").strip() or None
-        prefix = os.environ.get("RRC_EXPORT_PREFIX", "exports").strip("/")
+        prefix = (os.environ.get("RRC_EXPORT_PREFIX") or "exports").strip("/")
         return _Target(bucket, prefix, s3_parquet.s3_client(region, endpoint, server_credentials=True),
                        "RRC_EXPORT_BUCKET")
     try:

@@ -23,7 +23,6 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from core.bundle import load_bundle, with_list_prices
 from core.errors import BundleError
@@ -31,7 +30,7 @@ from core.model import Bundle
 from core.reconcile import Anomaly as Finding
 from core.reconcile import Coverage, ReconcileParams, reconcile
 from db.models import Account, Anomaly, ReconRun
-from db.session import org_session
+from db.session import org_session, serialize_per_org
 from services import audit
 from services.context import Actor, require_role
 from services.errors import Conflict, InvalidInput, NotFound
@@ -52,34 +51,21 @@ def queue_run(actor: Actor, trigger: str = "manual") -> ReconRun:
     An org has at most one run waiting: asking again while one is queued returns that run, so
     repeated clicks or a script posting in a loop cannot fill the queue every org shares (the
     worker takes the oldest queued run of any org). A run queued while another is running does
-    wait: it will see data that arrived meanwhile. Two requests at the same instant both find no
-    run waiting; the partial unique index `ux_recon_runs_one_queued` (migration 0008) lets one
-    insert and both get its run."""
+    wait: it will see data that arrived meanwhile. Concurrent requests take turns (the per-org
+    lock), so the second one finds the first one's run; the partial unique index
+    `ux_recon_runs_one_queued` (migration 0008) keeps the rule should any other writer forget it."""
     require_role(actor, "admin", "analyst")
     with org_session(actor.org_id) as session:
-        while True:  # again only when the run we lost to was claimed by a worker before we could read it
-            waiting = session.scalars(select(ReconRun).where(ReconRun.org_id == actor.org_id,
-                                                             ReconRun.status == "queued")
-                                      .order_by(ReconRun.id).limit(1)).first()
-            if waiting is not None:
-                return waiting
-            run = _insert_queued(session, actor, trigger)
-            if run is not None:
-                audit.append(session, actor, "run.queued", "recon_run", run.id, {"trigger": trigger})
-                return run
-
-
-def _insert_queued(session: Session, actor: Actor, trigger: str) -> ReconRun | None:
-    """The new queued run, or None when a concurrent request queued one first (in a savepoint, so the
-    session stays usable to read that run)."""
-    run = ReconRun(org_id=actor.org_id, trigger=trigger, status="queued", created_by=actor.user_id)
-    try:
-        with session.begin_nested():
-            session.add(run)
-            session.flush()
-    except IntegrityError:  # ux_recon_runs_one_queued
-        return None
-    return run
+        serialize_per_org(session, "queue_run", actor.org_id)
+        waiting = session.scalars(select(ReconRun).where(ReconRun.org_id == actor.org_id, ReconRun.status == "queued")
+                                  .order_by(ReconRun.id).limit(1)).first()
+        if waiting is not None:
+            return waiting
+        run = ReconRun(org_id=actor.org_id, trigger=trigger, status="queued", created_by=actor.user_id)
+        session.add(run)
+        session.flush()
+        audit.append(session, actor, "run.queued", "recon_run", run.id, {"trigger": trigger})
+        return run
 
 
 def _start(actor: Actor, trigger: str, run_id: int | None, params: ReconcileParams | None) -> int:

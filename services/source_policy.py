@@ -75,9 +75,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -87,6 +85,14 @@ from sqlalchemy import URL, make_url
 
 from config import ConfigError
 from connectors import s3_parquet, sql_source
+from core.endpoints import (
+    ANY_ENDPOINT,
+    PRIVATE_ENDPOINTS_ENV,
+    IPAddress,
+    PrivateEndpoints,
+    normal_host,
+    parse_private_endpoints,
+)
 from db.session import data_dir, database_url
 from services.errors import InvalidInput
 
@@ -101,29 +107,13 @@ DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 152
 TARGET_PARAMS = frozenset({"host", "hostaddr", "port", "dbname", "database", "db", "service", "servicefile",
                            "unix_socket", "read_default_file", "dsn", "odbc_connect"})
 THIS_MACHINE = "this machine"
-PRIVATE_ENDPOINTS_ENV = "RRC_PRIVATE_ENDPOINTS"
-ANY_ENDPOINT = "any"
+# Warehouses whose URL "host" names an account or project, not a machine: their drivers only ever connect to
+# the vendor's public service (<account>.snowflakecomputing.com, Google's APIs), and `host` in the query is refused.
+VENDOR_SERVICES = frozenset({"snowflake", "bigquery"})
 HTTP_ENDPOINTS = {"stripe": "api_base", "hubspot": "host", "salesforce": "instance_url", "s3_parquet": "endpoint_url"}
 DNS_TIMEOUT = 5.0  # seconds for one name's answer
 UNCLEAR_URL = re.compile(r"[\s\\\x00-\x1f\x7f]")
-DNS_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?$")
 _RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rrc-dns")  # bounded: stuck lookups queue
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class PrivateEndpoints:
-    """What RRC_PRIVATE_ENDPOINTS lets organizations reach besides public addresses."""
-
-    anything: bool = False
-    names: frozenset[str] = frozenset()
-    networks: tuple[IPNetwork, ...] = ()
-
-    def allows(self, addresses: Iterable[IPAddress]) -> bool:
-        """Every one of a host's non-public `addresses` (its name was not listed)."""
-        return self.anything or all(any(ip in net for net in self.networks) for ip in addresses)
 
 
 def check_integration(kind: str, config: dict[str, Any]) -> None:
@@ -155,10 +145,10 @@ def _http_url(url: object) -> SplitResult | None:
     which HTTP clients split differently from urlsplit (the host judged must be the host connected to)."""
     if not isinstance(url, str) or UNCLEAR_URL.search(url.strip()):
         return None
-    parts = urlsplit(url.strip())
     try:
+        parts = urlsplit(url.strip())
         parts.port  # noqa: B018 - raises ValueError for a port that is not one
-    except ValueError:
+    except ValueError:  # also a bracketed host that is not an IPv6 address ([127.0.0.1], [x)
         return None
     if parts.scheme not in ("https", "http") or not parts.hostname or "@" in parts.netloc:
         return None
@@ -167,39 +157,17 @@ def _http_url(url: object) -> SplitResult | None:
 
 def private_endpoints() -> PrivateEndpoints:
     """RRC_PRIVATE_ENDPOINTS, read on every check (tests and operators change it without a restart)."""
-    return parse_private_endpoints(os.environ.get(PRIVATE_ENDPOINTS_ENV, ""))
-
-
-def parse_private_endpoints(raw: str) -> PrivateEndpoints:
-    """Empty (the default) allows nothing; `any` alone allows everything; else comma-separated IP addresses, CIDR
-    networks (strict: 10.0.0.1/8 is a typo, not 10.0.0.0/8) and host names. ConfigError names the variable."""
-    entries = [_normal(part) for part in raw.split(",") if part.strip()]
-    if entries == [ANY_ENDPOINT]:
-        return PrivateEndpoints(anything=True)
-    names: set[str] = set()
-    networks: list[IPNetwork] = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(entry))
-        except ValueError:
-            if entry == ANY_ENDPOINT or not _is_host_name(entry):
-                raise ConfigError(f"{PRIVATE_ENDPOINTS_ENV}: {entry!r} is not an IP address, a CIDR network or a "
-                                  f"host name (comma-separated; or '{ANY_ENDPOINT}' alone)") from None
-            names.add(entry)
-    return PrivateEndpoints(False, frozenset(names), tuple(networks))
-
-
-def _is_host_name(text: str) -> bool:
-    """A DNS name (not a mistyped address such as 10.0.0.300: a last label is never all digits)."""
-    labels = text.split(".")
-    return len(text) <= 253 and all(DNS_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+    try:
+        return parse_private_endpoints(os.environ.get(PRIVATE_ENDPOINTS_ENV, ""))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_host(field: str, host: str, allowed: PrivateEndpoints) -> bool:
     """Refuse a host that is, or resolves to, a non-public address the operator does not allow; True when some
     address of it is public (plain http is then refused). A host the operator lists by name is not looked up.
     Nothing is connected to, so the answer never depends on what listens there."""
-    name = _normal(host)
+    name = normal_host(host)
     if name in allowed.names:
         return False
     addresses = _resolve(name)
@@ -317,7 +285,7 @@ def _check_server(url: URL) -> None:
     if _is_app_database(url):
         raise InvalidInput("url: this is the app's own database, not your product's: it cannot be a usage source")
     allowed = private_endpoints()
-    if allowed.anything:
+    if allowed.anything or _family(url) in VENDOR_SERVICES:
         return
     if not url.host:
         raise InvalidInput("url: name the database server's host (without one the driver connects to this machine, "
@@ -341,14 +309,9 @@ def _addresses(host: str | None) -> set[str]:
     """What a host stands for: its name and IP addresses, with every address of this machine as one token."""
     if not host:
         return {THIS_MACHINE}  # a Unix socket
-    name, local_addresses = _normal(host), _local_addresses()
+    name, local_addresses = normal_host(host), _local_addresses()
     return {name} | {THIS_MACHINE if ip.is_loopback or ip.is_unspecified or ip in local_addresses else str(ip)
                      for ip in _resolve(name)}
-
-
-def _normal(host: str) -> str:
-    """A host as compared and shown: no brackets, no trailing dot, lower case."""
-    return host.strip().strip("[]").rstrip(".").lower()
 
 
 def _resolve(name: str) -> set[IPAddress]:

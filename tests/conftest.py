@@ -50,20 +50,29 @@ def _create_cluster_roles_once(pg_url: str) -> None:
     Roles are shared by every database of a cluster; two workers creating them at once on a new cluster
     would collide in the catalogue. Once they exist this costs one query.
     """
-    with sa.create_engine(pg_url).connect() as conn:
-        roles = conn.execute(sa.text("SELECT count(*) FROM pg_roles WHERE rolname IN ('rrc_app', 'rrc_system')"))
-        if roles.scalar() == 2:
-            return
+    if _cluster_roles_exist(pg_url):
+        return
     from db.session import upgrade
 
     lock = Path(tempfile.gettempdir()) / "rrc-test-pg-roles.lock"
     with lock.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        if _cluster_roles_exist(pg_url):  # another worker made them while this one waited
+            return
         scratch = _create_database(pg_url, f"rrc_roles_{uuid.uuid4().hex[:12]}")
         try:
             upgrade(scratch)
         finally:
             _drop_database(pg_url, scratch)
+
+
+def _cluster_roles_exist(pg_url: str) -> bool:
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT count(*) FROM pg_roles WHERE rolname IN ('rrc_app', 'rrc_system')"))
+        exist = found.scalar() == 2
+    engine.dispose()
+    return exist
 
 
 def _create_database(pg_url: str, name: str, template: str | None = None) -> str:

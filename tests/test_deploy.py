@@ -21,8 +21,8 @@ from cryptography.fernet import Fernet
 import config
 from core.demo import generate_demo_bundle
 from db.models import ReconRun
-from db.session import system_session
-from services import settings, users
+from db.session import data_dir, system_session
+from services import api_keys, demo, exports, settings, users
 from services.context import Actor
 from tests.fakes.serving import free_port
 
@@ -105,6 +105,25 @@ def test_an_empty_variable_means_its_default(monkeypatch: pytest.MonkeyPatch) ->
     loaded = config.load_settings()
     assert (loaded.scheduler_min_interval_seconds, loaded.s3_allow_server_credentials, loaded.bcrypt_rounds) \
         == (settings.min_interval_seconds(), False, 12)
+
+
+def test_the_modules_reading_a_variable_themselves_agree_with_the_settings(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """An empty or unusual value means the same to config.Settings and to the code that acts on it."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("RRC_DATA_DIR", "RRC_EXPORT_PREFIX"):
+        monkeypatch.setenv(name, "")
+    loaded = config.load_settings()
+    assert data_dir().resolve() == (tmp_path / loaded.data_dir).resolve()
+    monkeypatch.setenv("RRC_EXPORT_BUCKET", "operator-exports")
+    operator_bucket = exports._target(Actor.system(1, "test"))  # the operator's bucket: no org setting is read
+    assert operator_bucket is not None and operator_bucket.prefix == loaded.export_prefix == "exports"
+    monkeypatch.setenv("RRC_API_TOKEN_TTL", " 300")
+    assert api_keys._token_ttl() == config.load_settings().api_token_ttl == 300
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'rrc.db'}")
+    monkeypatch.setenv("RRC_DEMO", "false")
+    assert not config.load_settings().demo
+    assert demo.prepare_first_start() is False and not users.any_organization()
 
 
 @pytest.mark.parametrize(("command", "name", "value"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal as D
 from pathlib import Path
@@ -285,22 +286,39 @@ def test_the_database_keeps_one_queued_run_per_org(org: tuple[Actor, Actor], app
 
 def test_two_requests_queuing_at_once_get_the_same_single_run(org: tuple[Actor, Actor],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both requests find no run waiting before either inserts (the barrier holds them there): one
-    insert wins, the other meets the unique index and returns the winner's run, without an audit entry."""
+    """The second request arrives while the first has inserted its run but not committed: it waits its turn
+    (the per-org lock) and returns the first one's run, without an insert or an audit entry of its own."""
     admin, analyst = org
-    both_looked = threading.Barrier(2, timeout=30)
-    insert = reconciliation._insert_queued
+    inserted, append = threading.Event(), audit.append
 
-    def insert_after_both_looked(*args: object) -> ReconRun | None:
-        both_looked.wait()
-        return insert(*args)  # type: ignore[arg-type]
+    def append_slowly(*args: object, **kwargs: object) -> object:
+        if not inserted.is_set():
+            inserted.set()
+            time.sleep(1.0)  # the first request holds its transaction open here
+        return append(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(reconciliation, "_insert_queued", insert_after_both_looked)
+    monkeypatch.setattr(reconciliation.audit, "append", append_slowly)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(reconciliation.queue_run, who) for who in (admin, analyst)]
-        ids = [future.result(60).id for future in futures]
+        first = pool.submit(reconciliation.queue_run, admin)
+        assert inserted.wait(30)
+        second = pool.submit(reconciliation.queue_run, analyst)
+        ids = [first.result(60).id, second.result(60).id]
     with org_session(admin.org_id) as session:
         queued = session.scalars(sa.select(ReconRun.id).where(ReconRun.status == "queued")).all()
         logged = session.scalars(sa.select(AuditEntry.target_id).where(AuditEntry.action == "run.queued")).all()
     assert ids[0] == ids[1] and queued == [ids[0]]
     assert logged == [str(ids[0])]
+
+
+def test_a_queued_run_is_stored_only_with_its_audit_entry(org: tuple[Actor, Actor],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    admin, _ = org
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("audit log unavailable")
+
+    monkeypatch.setattr(reconciliation.audit, "append", refuse)
+    with pytest.raises(RuntimeError, match="audit log unavailable"):
+        reconciliation.queue_run(admin)
+    with org_session(admin.org_id) as session:
+        assert session.scalars(sa.select(ReconRun.status)).all() == []

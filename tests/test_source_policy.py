@@ -315,6 +315,7 @@ def test_plain_http_only_to_a_private_host_the_operator_allows(default_policy: N
 @pytest.mark.parametrize("url", [
     "ftp://93.184.216.34", "https://", "93.184.216.34", "https://127.0.0.1\\@93.184.216.34",
     "https://user@93.184.216.34", "https://93.184.216.34:99999", "https://93.184.216.34/\nHost: 127.0.0.1", 42,
+    "https://[127.0.0.1]/", "https://[x/",
 ])
 def test_an_endpoint_is_one_unambiguous_https_url(default_policy: None, kind: str, url: object) -> None:
     """A user part or backslash is split differently by HTTP clients than by urlsplit: the host judged could
@@ -378,11 +379,19 @@ def test_a_slow_dns_answer_is_not_waited_for(default_policy: None, monkeypatch: 
     (f"postgresql+psycopg://tenant@{PUBLIC}/product?host=10.0.0.1", r"not as query parameters \(host\)"),
     (f"mysql+pymysql://tenant@{PUBLIC}/product?unix_socket=/run/mysqld/mysqld.sock", r"\(unix_socket\)"),
     (f"mssql+pyodbc://tenant@{PUBLIC}/product?odbc_connect=SERVER%3D10.0.0.1", r"\(odbc_connect\)"),
+    ("snowflake://tenant@xy12345/db?host=10.0.0.1", r"not as query parameters \(host\)"),
 ])
 def test_a_sql_source_names_its_server_in_the_url_itself(default_policy: None, url: str, message: str) -> None:
     """Without a host the driver reaches this machine; a target moved by query parameters would slip past the check
     (on any backend, not only the app's: here the app database is SQLite)."""
     _refused(url, message)
+
+
+def test_warehouse_urls_name_an_account_not_a_machine(default_policy: None) -> None:
+    """Snowflake's and BigQuery's drivers reach only the vendor's public service; their "host" is an account or
+    project id that resolves to nothing, and is not judged as an address."""
+    for url in ("snowflake://tenant:pw@xy12345.eu-west-1/db/public", "bigquery://my-project/dataset"):
+        _check(url)
 
 
 # ---- endpoints, through the services: saved, checked and used ----------------------------------------------------

@@ -8,10 +8,12 @@ have partial indexes, as 0004's `ux_recon_runs_one_running`) makes the second in
 frees the slot, so the worker's claim never conflicts with it.
 
 Existing duplicates are collapsed first, or the index could not be built: per org the oldest queued
-run stays (the one `queue_run` has been returning, so the one the app and API callers were shown),
-and each younger one is marked failed with an error text saying why, keeping its row and its
-"run.queued" audit entry. A run waiting twice would only have reconciled the same data again.
-The downgrade drops the index; the collapsed runs stay failed.
+run stays (the one `queue_run` has been returning, so the one the app and API callers were shown)
+and the younger ones are deleted. They never started, so nothing refers to them and they carry no
+result; kept as "failed" they would have shown as the organization's last run on the Overview. A
+run waiting twice would only have reconciled the same data again; their "run.queued" audit entries
+stay. On PostgreSQL the table is locked against writes first, so a process of the previous version
+cannot queue a duplicate between the clean-up and the index. The downgrade drops the index.
 
 Revision ID: 0008
 Revises: 0007
@@ -29,18 +31,16 @@ depends_on = None
 
 INDEX = "ux_recon_runs_one_queued"
 QUEUED = sa.text("status = 'queued'")
-COLLAPSED = "not run: an older queued run of this organization was kept (one queued run per organization, " \
-            "migration 0008)"
 
 
 def _collapse_duplicates() -> None:
-    runs = sa.table("recon_runs", sa.column("id"), sa.column("org_id"), sa.column("status"), sa.column("error"),
-                    sa.column("finished_at"))
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("LOCK TABLE recon_runs IN SHARE ROW EXCLUSIVE MODE")
+    runs = sa.table("recon_runs", sa.column("id"), sa.column("org_id"), sa.column("status"))
     older = runs.alias("older")
     has_older = sa.exists().where(older.c.org_id == runs.c.org_id, older.c.status == "queued",
                                   older.c.id < runs.c.id)
-    op.execute(runs.update().where(runs.c.status == "queued", has_older)
-               .values(status="failed", error=COLLAPSED, finished_at=sa.func.current_timestamp()))
+    op.execute(runs.delete().where(runs.c.status == "queued", has_older))
 
 
 def upgrade() -> None:
