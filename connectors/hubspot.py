@@ -12,7 +12,8 @@ repeated, on retry. HubSpot's search index lags writes by a few seconds, so this
 not simultaneous calls: those are kept apart by the caller (the `actions` row in services/crm_tasks.py).
 
 Retries (tenacity): 429, 5xx, connection errors and timeouts, honouring Retry-After, a bounded
-number of times; the SDK's own urllib3 retries are switched off so there is one policy.
+number of times; the SDK's own urllib3 retries are switched off so there is one policy. A redirect
+is never followed: it fails, unretried (`_client`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,11 @@ def _settings(config: dict[str, Any]) -> _Settings:
 
 
 def _client(settings: _Settings) -> HubSpot:
-    return HubSpot(access_token=settings.token, host=settings.host, retry=Retry(total=0, redirect=0))
+    """No urllib3 retries (tenacity is the one policy) and no redirects: `redirect=False` hands the 3xx
+    answer back unfollowed, the SDK raises it as an ApiException, and `_translate` names it.
+    services/source_policy.py judges `host`, not where it redirects to, and what answered there
+    could come back inside an error message."""
+    return HubSpot(access_token=settings.token, host=settings.host, retry=Retry(total=0, redirect=False))
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -115,6 +120,9 @@ def _translate(exc: Exception, what: str) -> HubSpotFailure:
             body = {}
         body = body if isinstance(body, dict) else {}
         category, message = body.get("category"), str(body.get("message") or getattr(exc, "reason", ""))[:300]
+        if 300 <= status < 400:
+            return HubSpotFailure(f"HubSpot answered with a redirect ({status}) to another address while {what}; "
+                                  "redirects are refused: set host to the address that answers")
         if status == 401:
             return HubSpotFailure("HubSpot rejected the access token (401): reconnect HubSpot in Settings with a "
                                   "valid private app token", category=category)

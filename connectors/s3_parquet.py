@@ -9,8 +9,9 @@ are filtered on `ts` in the scan; DuckDB then sums the stream into daily UTC buc
 (units are cast to DECIMAL(38, 12)).
 
 Time: a `ts` column with a time zone is converted to UTC; a naive one is taken to hold UTC.
-Credentials: `access_key_id` + `secret_access_key`, given to the clients explicitly (boto3 and Arrow
-then use only them: no environment variable, profile or instance role is consulted). Without keys
+Credentials: `access_key_id` + `secret_access_key`, given to the boto3 client explicitly (it then
+uses only them: no environment variable, profile or instance role is consulted; Arrow reads through
+that client, see `filesystem`). Without keys
 nothing connects (S3SourceError naming `access_key_id`) unless the caller passes
 `server_credentials=True`, which hands the request to the standard AWS chain of *this server*
 (environment, profile, instance role). `require_keys` is that one check, with one wording, run on
@@ -18,13 +19,16 @@ every config parsed and every client built, and by services/source_policy.py. Ca
 may use the server's chain: the operator's own export bucket does; an organization's settings only
 when the operator allows it (RRC_S3_ALLOW_SERVER_CREDENTIALS). `endpoint_url` points at
 S3-compatible stores (MinIO, the moto server of the tests); which addresses an organization may
-point it at is also services/source_policy.py's rule. Nothing here logs, and messages never carry
-a secret.
+point it at is also services/source_policy.py's rule; a redirect from it is never followed
+(`filesystem`, `s3_client`). Nothing here logs, and messages never carry a secret.
 """
 
 from __future__ import annotations
 
+import io
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -63,6 +67,13 @@ CLIENT_ERRORS = {
 
 class S3SourceError(ValueError):
     """A configuration or data problem, with a message naming the field; never contains a secret."""
+
+
+class RedirectRefused(BotoCoreError):
+    """An `endpoint_url` answered with a redirect. A BotoCoreError, so whoever handles boto3's failures handles it."""
+
+    fmt = ("S3 answered with a redirect ({status}) to another address; redirects are refused: set endpoint_url to "
+           "the address that answers")
 
 
 @dataclass(frozen=True)
@@ -144,21 +155,118 @@ def require_keys(access_key_id: object, secret_access_key: object, *, server_cre
                             "account or S3 store: this server does not lend its own AWS credentials)")
 
 
-def filesystem(cfg: S3Config) -> pafs.S3FileSystem:
-    """Arrow's S3 client (multi-threaded ranged reads), configured like the boto3 client.
+def filesystem(cfg: S3Config) -> pafs.FileSystem:
+    """The bucket as an Arrow file system (listing, ranged reads) whose every request is made by boto3
+    (`boto_client`: the same keys rule).
 
-    With keys, only those keys (Arrow's AWS SDK then reads no environment, profile or instance role);
-    without, the server's chain, and only when `cfg.server_credentials`.
+    Why not Arrow's own S3FileSystem: its AWS SDK follows a redirect to any host, and shows what answered
+    there in its errors; services/source_policy.py judges `endpoint_url`, not where it redirects to.
+    botocore never follows one (see `s3_client`).
     """
-    require_keys(cfg.access_key_id, cfg.secret_access_key, server_credentials=cfg.server_credentials)
-    options: dict[str, Any] = {"region": cfg.region, "connect_timeout": 5, "request_timeout": 60,
-                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
-    if cfg.access_key_id:
-        options.update(access_key=cfg.access_key_id, secret_key=cfg.secret_access_key)
-    if cfg.endpoint_url:
-        parsed = urlparse(cfg.endpoint_url)
-        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**options)
+    return pafs.PyFileSystem(_BotoFileSystem(boto_client(cfg)))
+
+
+@contextmanager
+def _as_os_error() -> Iterator[None]:
+    """boto3 failures inside Arrow as the OSError Arrow's callers catch (404: FileNotFoundError)."""
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        message = f"S3 {error.get('Code') or 'error'}: {error.get('Message') or 'request refused'}"
+        raise (FileNotFoundError if error.get("Code") in ("404", "NoSuchKey") else OSError)(message) from None
+    except BotoCoreError as exc:
+        raise OSError(str(exc)) from None
+
+
+class _BotoFileSystem(pafs.FileSystemHandler):
+    """What the reader asks of the bucket (list, stat, open for reading), over boto3; nothing is written."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def get_type_name(self) -> str:
+        return "s3-boto3"
+
+    def normalize_path(self, path: str) -> str:
+        return path.strip("/")
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        infos = []
+        for path in paths:
+            bucket, _, key = path.strip("/").partition("/")
+            try:
+                with _as_os_error():
+                    head = self.client.head_object(Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                infos.append(pafs.FileInfo(path, pafs.FileType.NotFound))
+                continue
+            infos.append(pafs.FileInfo(path, pafs.FileType.File, size=head["ContentLength"],
+                                       mtime=head["LastModified"]))
+        return infos
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        """The objects under `selector.base_dir`: all of them when recursive (the reader's listing, files only),
+        else the first level, with its sub-folders."""
+        bucket, _, key = selector.base_dir.strip("/").partition("/")
+        params = {"Bucket": bucket, "Prefix": f"{key}/" if key else "", **({} if selector.recursive
+                                                                             else {"Delimiter": "/"})}
+        infos = []
+        with _as_os_error():
+            for page in self.client.get_paginator("list_objects_v2").paginate(**params):
+                infos += [pafs.FileInfo(f"{bucket}/{folder['Prefix'].rstrip('/')}", pafs.FileType.Directory)
+                          for folder in page.get("CommonPrefixes", [])]
+                infos += [pafs.FileInfo(f"{bucket}/{obj['Key']}", pafs.FileType.File, size=obj["Size"],
+                                        mtime=obj["LastModified"]) for obj in page.get("Contents", [])]
+        if not infos and not selector.allow_not_found:
+            raise FileNotFoundError(f"nothing under s3://{selector.base_dir.strip('/')}/")
+        return infos
+
+    def open_input_file(self, path: str) -> pa.PythonFile:
+        bucket, _, key = path.strip("/").partition("/")
+        with _as_os_error():
+            size = self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        return pa.PythonFile(_S3Object(self.client, bucket, key, size), mode="r")
+
+    open_input_stream = open_input_file
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError("the S3 usage source is read-only")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = move = copy_file = \
+        open_output_stream = open_append_stream = _read_only
+
+
+class _S3Object(io.RawIOBase):
+    """One object read by ranged GETs: Arrow reads a Parquet footer, then only the column chunks it needs."""
+
+    def __init__(self, client: Any, bucket: str, key: str, size: int) -> None:
+        super().__init__()
+        self.client, self.bucket, self.key, self.size, self.position = client, bucket, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence] + offset
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self.position + len(buffer), self.size)
+        if end <= self.position:
+            return 0
+        with _as_os_error():
+            data = self.client.get_object(Bucket=self.bucket, Key=self.key,
+                                          Range=f"bytes={self.position}-{end - 1}")["Body"].read()
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def s3_client(region: str, endpoint_url: str | None = None, access_key_id: str | None = None,
@@ -170,12 +278,23 @@ def s3_client(region: str, endpoint_url: str | None = None, access_key_id: str |
     SigV4 always, so presigned URLs carry X-Amz-Expires and work in every region.
     """
     require_keys(access_key_id, secret_access_key, server_credentials=server_credentials)
-    return boto3.client(
+    client = boto3.client(
         "s3", region_name=region, endpoint_url=endpoint_url, aws_access_key_id=access_key_id,
         aws_secret_access_key=secret_access_key,
         config=BotoConfig(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"},
                           signature_version="s3v4"),
     )
+    if endpoint_url:
+        client.meta.events.register("before-parse.s3", _refuse_redirect)
+    return client
+
+
+def _refuse_redirect(response_dict: dict[str, Any], **_: Any) -> None:
+    """A 3xx from an `endpoint_url` fails at once. botocore never follows a Location, but its fix for a bucket
+    in another region re-sends to the same custom endpoint, which redirects again, until Python's recursion
+    limit. (Without endpoint_url, AWS's own 301s still steer botocore to the bucket's region.)"""
+    if 300 <= response_dict["status_code"] < 400:
+        raise RedirectRefused(status=response_dict["status_code"])
 
 
 def boto_client(cfg: S3Config) -> Any:

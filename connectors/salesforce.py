@@ -18,7 +18,8 @@ A create that timed out after Salesforce stored it is therefore found, not repea
 Concurrent callers are kept apart by the caller (the `actions` row in services/crm_tasks.py).
 
 Retries (tenacity): 429, 5xx, connection errors and timeouts, honouring Retry-After, a bounded
-number of times. Error messages never contain the password, token or session id.
+number of times. A redirect is never followed: it fails, unretried (`_Session`). Error messages
+never contain the password, token or session id.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class _Session(requests.Session):
 
     For a loopback http:// instance_url, the https:// URLs simple-salesforce builds for that one
     host are sent as http:// (see the module docstring).
+
+    A redirect is never followed, and a 3xx answer fails here, by name (simple-salesforce would
+    report it as a failed login or a rejected request): services/source_policy.py judges
+    `instance_url`, not where it redirects to, and what answered there could come back inside an
+    error message.
     """
 
     def __init__(self, timeout: float, plain_http_netloc: str | None) -> None:
@@ -130,7 +136,10 @@ class _Session(requests.Session):
         url = url.decode() if isinstance(url, bytes) else url
         if self.plain_http_netloc and url.startswith(f"https://{self.plain_http_netloc}/"):
             url = "http://" + url[len("https://"):]
-        response = super().request(method, url, *args, **kwargs)
+        response = super().request(method, url, *args, **{**kwargs, "allow_redirects": False})
+        if 300 <= response.status_code < 400:
+            raise SalesforceFailure(f"Salesforce answered with a redirect ({response.status_code}) to another "
+                                    "address; redirects are refused: set instance_url to the address that answers")
         header = response.headers.get("Retry-After")
         self.retry_after = None
         if response.status_code in (429, 503) and header:

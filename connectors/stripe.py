@@ -17,8 +17,9 @@ derived from the caller's key: repeating the call after a timeout or a crash ret
 invoice instead of a second one.
 
 Retries: the SDK retries connection errors, 409 and 5xx (`max_network_retries`); 429 rate
-limits are retried here with backoff that honours Retry-After. No business rules live here, and
-no message this module produces contains the API key.
+limits are retried here with backoff that honours Retry-After. A redirect is never followed (see
+`_http_client`): it fails, unretried, as a `config` error. No business rules live here, and no
+message this module produces contains the API key.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import pyarrow as pa
+import requests
 import stripe
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -115,9 +117,19 @@ def _client(config: Mapping[str, Any]) -> tuple[stripe.StripeClient, int]:
         api_key.strip(),
         base_addresses={"api": base.rstrip("/")} if base else None,
         max_network_retries=retries,
-        http_client=stripe.RequestsClient(timeout=float(timeout)),
+        http_client=_http_client(float(timeout)),
     )
     return client, retries
+
+
+def _http_client(timeout: float) -> stripe.RequestsClient:
+    """The SDK's requests transport, except that it never follows a redirect: `api_base` is judged by
+    services/source_policy.py, where the redirect would lead is not, and what answered there would come
+    back inside an error message. requests raises TooManyRedirects before sending the redirected request;
+    the SDK makes it an APIConnectionError it does not retry, and `_translate` names it."""
+    session = requests.Session()
+    session.max_redirects = 0
+    return stripe.RequestsClient(timeout=timeout, session=session)
 
 
 def _retry_after(state: RetryCallState) -> float:
@@ -147,6 +159,11 @@ def _translate(exc: stripe.StripeError, what: str) -> StripeConnectorError:
     if isinstance(exc, stripe.IdempotencyError):
         return StripeConnectorError("invalid", f"Stripe refused to {what}: its idempotency key was already used "
                                                "with different parameters")
+    if isinstance(exc, stripe.APIConnectionError) and isinstance(exc.__cause__, requests.TooManyRedirects):
+        status = exc.__cause__.response.status_code  # requests always attaches the redirect it refused to follow
+        return StripeConnectorError("config", f"Stripe answered the request to {what} with a redirect ({status}) to "
+                                              "another address; redirects are refused: set api_base to the address "
+                                              "that answers")
     if isinstance(exc, stripe.APIConnectionError):
         return StripeConnectorError("unavailable", f"Could not reach Stripe to {what} (network error or timeout)")
     if isinstance(exc, stripe.InvalidRequestError):

@@ -65,8 +65,8 @@ fakes): an API key, token or password sent over plain http to a public host woul
 internet in clear. A SQL URL's transport security is the driver's (e.g. `sslmode`), not judged
 here.
 
-Limits: besides DNS rebinding (above), what a service sends the client on to (an HTTP redirect, the
-instance URL a Salesforce login returns) is not judged here.
+Limits: besides DNS rebinding (above), the instance URL a Salesforce login returns is not judged
+here. HTTP redirects need no judging: the connectors never follow one (a redirect answer is their error).
 """
 
 from __future__ import annotations

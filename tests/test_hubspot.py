@@ -14,6 +14,7 @@ from hubspot.crm.companies.exceptions import NotFoundException
 from connectors import hubspot
 from connectors.hubspot import IDEMPOTENCY_PROPERTY, HubSpotFailure
 from tests.fakes.hubspot_server import TASK_TO_COMPANY, FakeHubSpot, running
+from tests.fakes.redirect_target import SECRET, redirect_target
 from tests.fakes.serving import free_port
 
 COMPANY = "5001"
@@ -57,6 +58,22 @@ def test_check_never_raises_and_never_leaks_the_token(fake: FakeHubSpot) -> None
     assert hubspot.check({}).message == "HubSpot access_token: required (a private app token)"
     remote_http = hubspot.check(config_for(fake, host="http://api.hubapi.com"))
     assert not remote_http.ok and "https" in remote_http.message
+
+
+def test_a_redirect_is_refused_without_contacting_where_it_points(fake: FakeHubSpot) -> None:
+    """host is judged by services/source_policy.py, where it redirects to is not: never go there."""
+    with redirect_target() as target:
+        fake.redirect_next("GET", r"/companies$", target.url)
+        checked = hubspot.check(config_for(fake))
+        fake.redirect_next("POST", TASK_POST, target.url, status=307)
+        with pytest.raises(HubSpotFailure, match=r"redirect \(307\) to another address while creating the task") \
+                as create:
+            make_task(config_for(fake))
+    assert checked.message == ("HubSpot answered with a redirect (302) to another address while checking the "
+                               "connection; redirects are refused: set host to the address that answers")
+    assert not checked.ok and not create.value.retryable
+    assert SECRET not in checked.message + str(create.value)
+    assert target.requests == [] and not fake.tasks
 
 
 def test_create_task_sets_properties_association_and_is_idempotent(fake: FakeHubSpot) -> None:

@@ -13,6 +13,7 @@ from simple_salesforce.exceptions import SalesforceMalformedRequest
 
 from connectors import salesforce
 from connectors.salesforce import SalesforceFailure, task_marker
+from tests.fakes.redirect_target import SECRET, redirect_target
 from tests.fakes.salesforce_server import FakeSalesforce, running
 from tests.fakes.serving import free_port
 
@@ -62,6 +63,28 @@ def test_check_never_raises_and_never_leaks_a_secret(fake: FakeSalesforce) -> No
     assert not sandbox.ok and "domain" in sandbox.message
     remote_http = salesforce.check(config_for(fake, instance_url="http://acme.my.salesforce.com"))
     assert not remote_http.ok and "https" in remote_http.message
+
+
+def test_a_redirect_is_refused_without_contacting_where_it_points(fake: FakeSalesforce) -> None:
+    """instance_url is judged by services/source_policy.py, where it redirects to is not: never go there."""
+    with redirect_target() as target:
+        fake.redirect_next("POST", r"^/services/Soap/", target.url, status=307)
+        login = salesforce.check(config_for(fake))
+        fake.redirect_next("POST", r"/oauth2/token$", target.url)
+        token = salesforce.check({"consumer_key": fake.consumer_key, "client_secret": fake.client_secret,
+                                  "instance_url": fake.base_url})
+        fake.redirect_next("GET", r"/query", target.url, status=301)
+        with pytest.raises(SalesforceFailure, match=r"redirect \(301\)") as query:
+            make_task(config_for(fake))
+        fake.redirect_next("POST", TASK_POST, target.url, status=308)
+        with pytest.raises(SalesforceFailure, match=r"redirect \(308\)") as create:
+            make_task(config_for(fake))
+    assert login.message == ("Salesforce answered with a redirect (307) to another address; redirects are refused: "
+                             "set instance_url to the address that answers")
+    assert not login.ok and not token.ok and "redirect (302)" in token.message
+    assert not query.value.retryable and not create.value.retryable
+    assert SECRET not in login.message + token.message + str(query.value) + str(create.value)
+    assert target.requests == [] and not fake.tasks
 
 
 def test_create_task_sets_fields_and_is_idempotent_per_key(fake: FakeSalesforce) -> None:

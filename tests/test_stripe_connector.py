@@ -19,6 +19,7 @@ from core.bundle import load_bundle
 from core.demo import generate_demo_bundle
 from core.pricing import Price, Tier
 from core.reconcile import ReconcileParams, reconcile
+from tests.fakes.redirect_target import SECRET, redirect_target
 from tests.fakes.serving import free_port
 from tests.fakes.stripe_server import DEFAULT_KEY, FakeStripe, at, serve
 
@@ -253,6 +254,28 @@ def test_check_says_what_is_wrong_without_showing_the_key(fake: tuple[FakeStripe
     assert not sc.check({"api_base": config["api_base"]}).ok
     assert "api_key" in sc.check({"api_key": ""}).message
     assert "api_base" in sc.check({"api_key": DEFAULT_KEY, "api_base": "ftp://x"}).message
+
+
+def test_a_redirect_is_refused_without_contacting_where_it_points(fake: tuple[FakeStripe, dict]) -> None:
+    """api_base is judged by services/source_policy.py, where it redirects to is not: the SDK must not go there."""
+    stripe_fake, config = fake
+    lines = _draft_customer(stripe_fake)
+    with redirect_target() as target:
+        stripe_fake.redirect_next(target.url, path_contains="/v1/customers")
+        checked = sc.check(config)
+        stripe_fake.redirect_next(target.url, status=301, path_contains="/v1/products")
+        with pytest.raises(sc.StripeConnectorError, match=r"list products with a redirect \(301\)") as reading:
+            sc.read_billing(config)  # the SDK's default retries: a redirect is not retried
+        stripe_fake.redirect_next(target.url, status=307, path_contains="/v1/invoices", method="POST")
+        with pytest.raises(sc.StripeConnectorError, match=r"create the draft invoice with a redirect \(307\)"):
+            sc.create_draft_invoice(config, "cus_a", "usd", lines, "rrc-redirect-0001")
+    assert not checked.ok and checked.details == {"failed_at": "customers"}
+    assert checked.message == ("Stripe answered the request to read customers with a redirect (302) to another "
+                               "address; redirects are refused: set api_base to the address that answers")
+    assert reading.value.kind == "config" and SECRET not in checked.message + str(reading.value)
+    assert target.requests == []
+    assert [r.status for r in stripe_fake.requests if r.path == "/v1/products"] == [301]
+    assert stripe_fake.draft_invoices() == []
 
 
 def _draft_customer(stripe_fake: FakeStripe) -> list[sc.DraftLine]:

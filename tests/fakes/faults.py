@@ -24,6 +24,7 @@ class Fault:
     retry_after: int | None = None
     delay_after: float = 0.0  # process, then hold the answer this long (client times out)
     drop: bool = False  # process, then cut the connection in the middle of the answer
+    redirect_to: str | None = None  # answer `status` (a 3xx) with Location: this base URL + the request's path
 
 
 @dataclass
@@ -37,6 +38,10 @@ class FaultQueue:
                   delay_after: float = 0.0, drop: bool = False, times: int = 1) -> None:
         for _ in range(times):
             self.faults.append(Fault(method, path_pattern, status, retry_after, delay_after, drop))
+
+    def redirect_next(self, method: str, path_pattern: str, base_url: str, *, status: int = 302) -> None:
+        """The next matching request is answered with a redirect to the same path at `base_url`, unprocessed."""
+        self.faults.append(Fault(method, path_pattern, status, redirect_to=base_url))
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:
@@ -54,11 +59,14 @@ def fault_middleware(queue: FaultQueue, error: Callable[[int, dict[str, str] | N
     `error(status, headers)` is the fake's own error body for a faulted status (each API words its
     429 and 5xx differently); `authorize(request)` returns the refusal of an unauthenticated
     request, or None. A delay or a drop happens after the handler ran: the work is done, the
-    answer is late or lost, which is what idempotent clients must survive.
+    answer is late or lost, which is what idempotent clients must survive. A redirect is answered
+    before authorization, like a front proxy would.
     """
 
     async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         fault = queue.take_fault(request.method, request.url.path)
+        if fault is not None and fault.redirect_to is not None:
+            return Response(status_code=fault.status or 302, headers={"Location": fault.redirect_to + request.url.path})
         if fault is not None and fault.status is not None:
             return error(fault.status, {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None
                          else None)

@@ -11,7 +11,8 @@ needs `Authorization: Bearer <token>`. Errors use HubSpot's envelope `{"status":
 
 Fault injection (`FakeHubSpot.fail_next`): answer 429/5xx without processing, or process and then
 either hold the answer longer than the client's timeout or cut the connection mid-answer (both: a
-response lost after the work was done).
+response lost after the work was done). `redirect_next` answers with a redirect elsewhere (e.g. to
+tests/fakes/redirect_target.py).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ INVALID_FIELD / MALFORMED_QUERY / INVALID_CROSS_REFERENCE_KEY, 404 NOT_FOUND).
 Fault injection (`FakeSalesforce.fail_next`): the next matching requests answer 429/5xx (with
 Retry-After), or are processed and then either answered only after a delay longer than the client's
 timeout or cut off mid-answer — what a connection lost after the server did the work looks like.
+`redirect_next` answers with a redirect elsewhere (e.g. to tests/fakes/redirect_target.py).
 """
 
 from __future__ import annotations

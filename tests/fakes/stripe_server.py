@@ -12,9 +12,10 @@ summaries (daily windows; only windows with events are returned). List envelopes
 `limit`/`starting_after`/`ending_before`, `created` filters (int or gt/gte/lt/lte), Stripe error
 envelopes (400, 401, 404, 429), `Idempotency-Key` replay (same key + same params -> the stored
 response with `Idempotent-Replayed: true`; same key + other params -> 400 idempotency_error).
-Fault injection: `fail_next` (429/500 before or after the request is processed) and
+Fault injection: `fail_next` (429/500 before or after the request is processed),
 `delay_next` (answer only after a pause, once the request was processed: a client timeout
-that hides a success). Every request is recorded in `requests` so tests can count them.
+that hides a success) and `redirect_next` (a 3xx pointing elsewhere, e.g. at
+tests/fakes/redirect_target.py). Every request is recorded in `requests` so tests can count them.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class Fault:
     path_contains: str = ""
     method: str | None = None
     drop: bool = False  # processed, then the connection is cut before any byte of the answer (needs the proxy)
+    redirect_to: str | None = None  # unprocessed: `status` (a 3xx) with Location: this base URL + the path
 
 
 @dataclass
@@ -229,6 +231,12 @@ class FakeStripe:
         """
         with self.lock:
             self.faults.extend(Fault(200, True, 0.0, path_contains, method, drop=True) for _ in range(n))
+
+    def redirect_next(self, base_url: str, *, status: int = 302, path_contains: str = "",
+                      method: str | None = None) -> None:
+        """The next matching request is answered, unprocessed, with a redirect to its path at `base_url`."""
+        with self.lock:
+            self.faults.append(Fault(status, False, 0.0, path_contains, method, redirect_to=base_url))
 
     def count(self, method: str | None = None, path_prefix: str = "") -> int:
         return sum(1 for r in self.requests
@@ -632,6 +640,9 @@ class FakeStripe:
         with self.lock:
             self.requests.append(record)
             fault = self._take_fault(method, path)
+        if fault and fault.redirect_to:
+            record.status = fault.status
+            return Response(status_code=fault.status, headers={"Location": fault.redirect_to + path})
         if fault and not fault.after_processing:
             record.status = fault.status
             return self._error(StripeError(fault.status, "Too many requests hit the API too quickly."
