@@ -46,6 +46,8 @@ from connectors.base import CheckResult, is_loopback, request_limits
 API_VERSION = "59.0"
 MAX_RETRY_AFTER = 30.0
 SUBJECT_MAX = 255
+# Where Salesforce's logins send the REST calls (My Domain, Hyperforce, sandboxes, Government Cloud, China)
+SALESFORCE_DOMAINS = (".salesforce.com", ".force.com", ".cloudforce.com", ".salesforce.mil", ".sfcrmproducts.cn")
 RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
 T = TypeVar("T")
 
@@ -150,6 +152,21 @@ class _Session(requests.Session):
         return response
 
 
+def _check_instance(settings: _Settings, instance: str) -> str:
+    """The host a login sends every later call to must be Salesforce's own or the `instance_url` itself.
+
+    `instance_url` is judged before anyone connects (services/source_policy.py); the instance a login
+    answers with is not, so a login server of the tenant's choosing could otherwise steer the REST
+    calls, with the session id, to an address the policy refuses."""
+    named = urlsplit(f"//{instance}")
+    host = (named.hostname or "").rstrip(".").lower()
+    configured = urlsplit(settings.instance_url).netloc.lower() if settings.instance_url else None
+    if host and (named.netloc.lower() == configured or (host.endswith(SALESFORCE_DOMAINS) and not named.port)):
+        return instance
+    raise SalesforceFailure(f"Salesforce login named an instance outside Salesforce's domains ({host or instance!r}); "
+                            "refused: set instance_url to your Salesforce My Domain")
+
+
 def _login(settings: _Settings, session: _Session) -> Salesforce:
     if settings.consumer_key and settings.client_secret and settings.instance_url:
         basic = base64.b64encode(f"{settings.consumer_key}:{settings.client_secret}".encode()).decode()
@@ -157,6 +174,7 @@ def _login(settings: _Settings, session: _Session) -> Salesforce:
                                              {"grant_type": "client_credentials"}, settings.domain,
                                              settings.consumer_key, {"Authorization": f"Basic {basic}"}, None,
                                              session)
+        _check_instance(settings, instance)
         if session.plain_http_netloc is not None:
             session.plain_http_netloc = instance if is_loopback(urlsplit(f"//{instance}").hostname or "") else None
         return Salesforce(session_id=access_token, instance=instance, version=API_VERSION, session=session)
@@ -168,6 +186,7 @@ def _login(settings: _Settings, session: _Session) -> Salesforce:
                                            security_token=settings.security_token, sf_version=API_VERSION,
                                            session=session, domain=settings.domain,
                                            scratch_url=settings.instance_url, client_id="revenue-recovery-copilot")
+    _check_instance(settings, instance)
     if session.plain_http_netloc is not None:  # REST calls go to the host login named, if it is local too
         session.plain_http_netloc = instance if is_loopback(urlsplit(f"//{instance}").hostname or "") else None
     return Salesforce(session_id=session_id, instance=instance, version=API_VERSION, session=session)

@@ -65,8 +65,9 @@ fakes): an API key, token or password sent over plain http to a public host woul
 internet in clear. A SQL URL's transport security is the driver's (e.g. `sslmode`), not judged
 here.
 
-Limits: besides DNS rebinding (above), the instance URL a Salesforce login returns is not judged
-here. HTTP redirects need no judging: the connectors never follow one (a redirect answer is their error).
+Limits: DNS rebinding (above). HTTP redirects need no judging: the connectors never follow one (a
+redirect answer is their error), and the Salesforce connector accepts, as the instance a login names
+for the later calls, only `instance_url` itself or Salesforce's own domains.
 """
 
 from __future__ import annotations

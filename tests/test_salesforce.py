@@ -87,6 +87,22 @@ def test_a_redirect_is_refused_without_contacting_where_it_points(fake: FakeSale
     assert target.requests == [] and not fake.tasks
 
 
+def test_a_login_cannot_send_the_session_to_another_host(fake: FakeSalesforce) -> None:
+    """A login server answers with the instance every later call (and the session id) goes to: it must be
+    Salesforce's own domain or instance_url itself, whatever the login server says."""
+    oauth = {"consumer_key": fake.consumer_key, "client_secret": fake.client_secret, "instance_url": fake.base_url}
+    with redirect_target() as target:
+        fake.instance_url = target.url
+        outcomes = [salesforce.check(config_for(fake)), salesforce.check(oauth)]
+        with pytest.raises(SalesforceFailure, match="outside Salesforce's domains") as task:
+            make_task(config_for(fake))
+    for outcome in outcomes:
+        assert not outcome.ok and outcome.message.startswith("Salesforce login named an instance outside")
+    assert not task.value.retryable and target.requests == [] and not fake.tasks
+    fake.instance_url = None
+    assert salesforce.check(config_for(fake)).ok  # back to itself: the configured instance_url
+
+
 def test_create_task_sets_fields_and_is_idempotent_per_key(fake: FakeSalesforce) -> None:
     config = config_for(fake)
     first = make_task(config)

@@ -56,6 +56,7 @@ class FakeSalesforce(FaultQueue):
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every API call
     task_createable: bool = True
     base_url: str = ""
+    instance_url: str | None = None  # where login sends the REST calls (None: back here, as Salesforce does)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def add_account(self, account_id: str, name: str) -> None:
@@ -164,7 +165,7 @@ def create_app(fake: FakeSalesforce) -> FastAPI:
             return _soap_fault("INVALID_LOGIN", "Invalid username, password, security token; or user locked out.")
         session_id = f"{ORG_ID}!{secrets.token_hex(16)}"
         fake.sessions.add(session_id)
-        server_url = f"{fake.base_url}/services/Soap/u/{version}/{ORG_ID}"
+        server_url = f"{fake.instance_url or fake.base_url}/services/Soap/u/{version}/{ORG_ID}"
         return Response(f"""<?xml version="1.0" encoding="UTF-8"?>
 <soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns="urn:partner.soap.sforce.com">
 <soapenv:Body><loginResponse><result><metadataServerUrl>{fake.base_url}/services/Soap/m/{version}/{ORG_ID}
@@ -185,7 +186,8 @@ def create_app(fake: FakeSalesforce) -> FastAPI:
                                 status_code=400)
         session_id = f"{ORG_ID}!{secrets.token_hex(16)}"
         fake.sessions.add(session_id)
-        return JSONResponse({"access_token": session_id, "instance_url": fake.base_url, "token_type": "Bearer",
+        return JSONResponse({"access_token": session_id, "instance_url": fake.instance_url or fake.base_url,
+                             "token_type": "Bearer",
                              "id": f"{fake.base_url}/id/{ORG_ID}/005FAKE0000000001", "scope": "api",
                              "issued_at": str(int(time.time() * 1000)), "signature": "fake"})
 
