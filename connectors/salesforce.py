@@ -152,7 +152,7 @@ class _Session(requests.Session):
         return response
 
 
-def _check_instance(settings: _Settings, instance: str) -> str:
+def _check_instance(settings: _Settings, instance: str) -> None:
     """The host a login sends every later call to must be Salesforce's own or the `instance_url` itself.
 
     `instance_url` is judged before anyone connects (services/source_policy.py); the instance a login
@@ -160,11 +160,11 @@ def _check_instance(settings: _Settings, instance: str) -> str:
     calls, with the session id, to an address the policy refuses."""
     named = urlsplit(f"//{instance}")
     host = (named.hostname or "").rstrip(".").lower()
-    configured = urlsplit(settings.instance_url).netloc.lower() if settings.instance_url else None
-    if host and (named.netloc.lower() == configured or (host.endswith(SALESFORCE_DOMAINS) and not named.port)):
-        return instance
-    raise SalesforceFailure(f"Salesforce login named an instance outside Salesforce's domains ({host or instance!r}); "
-                            "refused: set instance_url to your Salesforce My Domain")
+    own = settings.instance_url is not None and named.netloc.lower() == urlsplit(settings.instance_url).netloc.lower()
+    salesforce_host = host.endswith(SALESFORCE_DOMAINS) and ":" not in named.netloc  # https on its usual port
+    if not (own or salesforce_host):
+        raise SalesforceFailure(f"Salesforce login named an instance outside Salesforce's domains "
+                                f"({host or instance!r}); refused: set instance_url to your Salesforce My Domain")
 
 
 def _login(settings: _Settings, session: _Session) -> Salesforce:

@@ -17,10 +17,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -30,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.files import replacing
 from core.money import round_money
 from core.pricing import Price, Tier, price_amount
 
@@ -174,7 +172,7 @@ def generate_demo_bundle(out_dir: Path | str, accounts: int = 60, seed: int = 7,
                                            "quantity", "amount", "currency"], writer.invoice_lines)
     _write_usage(out, "actual_usage", writer.actual, usage_format, with_event_id=True)
     _write_usage(out, "reported_usage", writer.reported, usage_format, with_event_id=False)
-    with _replacing(out / "manifest.json") as path:
+    with replacing(out / "manifest.json") as path:
         path.write_text(json.dumps({"seed": seed, "accounts": accounts, "periods": manifest.periods,
                                     "planted": manifest.planted, "noise": manifest.noise}, indent=2))
     return manifest
@@ -274,20 +272,8 @@ def _price_row(price: Price) -> list[str]:
             "" if price.package_size is None else str(price.package_size), tiers]
 
 
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A scratch file that replaces `path` whole when the block ends: the app and `cli.py db prepare` may
-    seed the demo at the same moment, and one must never read a file the other is half-way through."""
-    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield scratch
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)
-
-
 def _write_csv(path: Path, header: list[str], rows: Iterable[Iterable[object]]) -> None:
-    with _replacing(path) as scratch, scratch.open("w", newline="", encoding="utf-8") as handle:
+    with replacing(path) as scratch, scratch.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
@@ -308,7 +294,7 @@ def _write_usage(out: Path, stem: str, chunks: list[dict[str, np.ndarray]], usag
         table = table.append_column("event_id", pa.array([f"evt_{n:08d}" for n in range(table.num_rows)]))
     (out / f"{stem}.{'csv' if usage_format == 'parquet' else 'parquet'}").unlink(missing_ok=True)  # the other one
     if usage_format == "parquet":
-        with _replacing(out / f"{stem}.parquet") as scratch:
+        with replacing(out / f"{stem}.parquet") as scratch:
             pq.write_table(table, scratch)
         return
     ts_text = np.char.add(np.datetime_as_string(columns["ts"].astype("datetime64[s]"), unit="s"), "Z")

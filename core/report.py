@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from core.files import replacing
 from core.money import ZERO
 from core.reconcile import Anomaly
 from core.spreadsheet import safe_cell
@@ -46,17 +47,17 @@ def anomaly_record(anomaly: Anomaly) -> dict[str, Any]:
 def write_anomalies(anomalies: list[Anomaly], path: Path) -> None:
     """Write CSV or JSON by extension; the file appears whole or not at all."""
     records = [anomaly_record(a) for a in anomalies]
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() == ".json":
-        tmp.write_text(json.dumps(records, indent=2), encoding="utf-8")
-    elif path.suffix.lower() == ".csv":
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
+    kind = path.suffix.lower()
+    if kind not in (".json", ".csv"):
+        raise ValueError(f"output {path}: expected a .csv or .json file name")
+    with replacing(path) as scratch:
+        if kind == ".json":
+            scratch.write_text(json.dumps(records, indent=2), encoding="utf-8")
+            return
+        with scratch.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows({name: safe_cell(value) for name, value in record.items()} for record in records)
-    else:
-        raise ValueError(f"output {path}: expected a .csv or .json file name")
-    tmp.replace(path)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,8 @@ with this installation's keys, and a note says so when none of them made it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ from typing import Any
 from sqlalchemy import Float, Numeric, func, insert, select, text
 from sqlalchemy.orm import Session
 
+from core.files import replacing
 from db import crypto
 from db.models import (
     Account,
@@ -164,36 +162,31 @@ def export_org(actor: Actor, out: Path | str) -> ExportResult:
         raise InvalidInput(f"output {out}: expected a .zip file name")
     if not out.parent.is_dir():
         raise InvalidInput(f"output {out}: folder {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     counts: dict[str, int] = {}
     files: dict[str, dict[str, Any]] = {}
-    try:
-        with org_session(actor.org_id) as session:
-            audit.append(session, actor, "organization.exported", "organization", actor.org_id, {"file": out.name})
-            org = session.get(Organization, actor.org_id)
-            if org is None:
-                raise InvalidInput(f"organization {actor.org_id} not found")
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                for table, _model in TABLES:
-                    digest, count = hashlib.sha256(), 0
-                    with archive.open(f"{table}.jsonl", "w", force_zip64=True) as handle:
-                        for row in _rows_of(session, table, actor.org_id):
-                            line = (json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n").encode()
-                            handle.write(line)
-                            digest.update(line)
-                            count += 1
-                    counts[table] = count
-                    files[f"{table}.jsonl"] = {"rows": count, "sha256": digest.hexdigest()}
-                manifest = {
-                    "format": FORMAT, "version": VERSION, "exported_at": datetime.now(UTC).isoformat(),
-                    "schema_revision": current_revision(), "source": {"org_id": org.id, "slug": org.slug},
-                    "files": files,
-                }
-                archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-            os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    # The archive replaces `out` only once the audit entry is committed (replacing exits after the session).
+    with replacing(out) as tmp, org_session(actor.org_id) as session:
+        audit.append(session, actor, "organization.exported", "organization", actor.org_id, {"file": out.name})
+        org = session.get(Organization, actor.org_id)
+        if org is None:
+            raise InvalidInput(f"organization {actor.org_id} not found")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for table, _model in TABLES:
+                digest, count = hashlib.sha256(), 0
+                with archive.open(f"{table}.jsonl", "w", force_zip64=True) as handle:
+                    for row in _rows_of(session, table, actor.org_id):
+                        line = (json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n").encode()
+                        handle.write(line)
+                        digest.update(line)
+                        count += 1
+                counts[table] = count
+                files[f"{table}.jsonl"] = {"rows": count, "sha256": digest.hexdigest()}
+            manifest = {
+                "format": FORMAT, "version": VERSION, "exported_at": datetime.now(UTC).isoformat(),
+                "schema_revision": current_revision(), "source": {"org_id": org.id, "slug": org.slug},
+                "files": files,
+            }
+            archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
     return ExportResult(out, org.id, org.slug, counts, sha)
 
