@@ -174,10 +174,7 @@ def _login(settings: _Settings, session: _Session) -> Salesforce:
                                              {"grant_type": "client_credentials"}, settings.domain,
                                              settings.consumer_key, {"Authorization": f"Basic {basic}"}, None,
                                              session)
-        _check_instance(settings, instance)
-        if session.plain_http_netloc is not None:
-            session.plain_http_netloc = instance if is_loopback(urlsplit(f"//{instance}").hostname or "") else None
-        return Salesforce(session_id=access_token, instance=instance, version=API_VERSION, session=session)
+        return _signed_in(settings, session, access_token, instance)
     if settings.instance_url is None:
         return Salesforce(username=settings.username, password=settings.password,
                           security_token=settings.security_token, domain=settings.domain, version=API_VERSION,
@@ -186,6 +183,11 @@ def _login(settings: _Settings, session: _Session) -> Salesforce:
                                            security_token=settings.security_token, sf_version=API_VERSION,
                                            session=session, domain=settings.domain,
                                            scratch_url=settings.instance_url, client_id="revenue-recovery-copilot")
+    return _signed_in(settings, session, session_id, instance)
+
+
+def _signed_in(settings: _Settings, session: _Session, session_id: str, instance: str) -> Salesforce:
+    """The client for the instance a login named, once that instance is one we may send the session to."""
     _check_instance(settings, instance)
     if session.plain_http_netloc is not None:  # REST calls go to the host login named, if it is local too
         session.plain_http_netloc = instance if is_loopback(urlsplit(f"//{instance}").hostname or "") else None

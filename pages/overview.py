@@ -44,25 +44,27 @@ if summary.active_run:
 
 last = summary.last_run
 EVERY_STATUS = " Whatever the Status filter shows; every other filter applies."
-FIGURE_TILES = (  # label, figure, help; what each figure counts is services.dashboard.FIGURES: this only draws them
-    ("Open leak", summary.open_leak, "Leaks still to recover: found (open) or with a draft invoice or CRM task out "
-                                     "(actioned, shown below the amount as in recovery)."),
-    ("Recovered", summary.recovered, "Leaks analysts marked recovered."),
-    ("Over-billing risk", summary.over_billing, "Billed more than usage warrants and not handled yet: a credit "
-                                                "risk, kept apart from the leaks."),
+NO_PART: dict[str, Decimal] = {}
+FIGURE_TILES = (  # label, figure, its part shown "in recovery", help; what each counts: services.dashboard.FIGURES
+    ("Open leak", summary.open_leak, summary.in_recovery,
+     "Leaks still to recover: found (open) or with a draft invoice or CRM task out (actioned, shown below the "
+     "amount as in recovery)."),
+    ("Recovered", summary.recovered, NO_PART, "Leaks analysts marked recovered."),
+    ("Over-billing risk", summary.over_billing, NO_PART,
+     "Billed more than usage warrants and not handled yet: a credit risk, kept apart from the leaks."),
 )
 
 
 def currency_rows() -> list[str]:
     """One row of tiles per currency (never a mixed sum): every currency with money in a figure or in view, else
     the chosen or the org's, so each row has all three figures and an empty one still reads "0.00 USD"."""
-    with_money = {currency for _, amounts, _ in FIGURE_TILES for currency in amounts}
+    with_money = {currency for _, amounts, _, _ in FIGURE_TILES for currency in amounts}
     return sorted(with_money | set(summary.currencies)) or ([chosen.currency] if chosen.currency else org_currencies)
 
 
 for currency in currency_rows():
-    for column, (label, amounts, hint) in zip(st.columns(TILES_PER_ROW), FIGURE_TILES, strict=True):
-        recovering = summary.in_recovery.get(currency) if label == "Open leak" else None
+    for column, (label, amounts, part, hint) in zip(st.columns(TILES_PER_ROW), FIGURE_TILES, strict=True):
+        recovering = part.get(currency)
         column.metric(f"{label} · {currency.upper()}", money(amounts.get(currency, Decimal(0)), currency),
                       f"{money(recovering, currency)} in recovery" if recovering else None,
                       delta_color="off", delta_arrow="off", help=hint + EVERY_STATUS, border=True)

@@ -259,11 +259,10 @@ def _stripe(actor: Actor, previous: Bundle | None, state: dict[str, Any], full: 
                                                                                                 bool, list[str]]:
     from connectors import stripe as stripe_connector
 
-    config = integrations.get_config(actor, "stripe")
     try:
-        source_policy.check_integration("stripe", config)  # also settings saved before the policy existed
+        config = integrations.checked_config(actor, "stripe")  # also settings saved before the policy existed
     except InvalidInput as exc:
-        raise SyncFailed(f"Stripe: {exc}") from None
+        raise SyncFailed(str(exc)) from None
     cursor = state.get("stripe_cursor")
     incremental = not full and previous is not None and isinstance(cursor, int)
     since = cursor if incremental else None

@@ -1,11 +1,12 @@
 """One queued run per organization, guaranteed by the database: `ux_recon_runs_one_queued`.
 
 `services.reconciliation.queue_run` returns the run an org already has waiting instead of queuing
-another, but it reads and then inserts, so two requests at the same instant could both insert. A
+another, and takes the per-org lock before it looks, so concurrent requests take turns. The
 partial unique index on `recon_runs(org_id) WHERE status = 'queued'` (SQLite and PostgreSQL both
-have partial indexes, as 0004's `ux_recon_runs_one_running`) makes the second insert fail, and
-`queue_run` then returns the run that won. Moving a run on (queued -> running -> finished) only
-frees the slot, so the worker's claim never conflicts with it.
+have partial indexes, as 0004's `ux_recon_runs_one_running`) is the backstop: any writer that
+skips the lock (a script, another version of the app) gets an error instead of a second queued
+run. Moving a run on (queued -> running -> finished) only frees the slot, so the worker's claim
+never conflicts with it.
 
 Existing duplicates are collapsed first, or the index could not be built: per org the oldest queued
 run stays (the one `queue_run` has been returning, so the one the app and API callers were shown)
