@@ -206,7 +206,7 @@ def _target(actor: Actor) -> _Target | None:
     (services/source_policy.py, also for one saved before those rules), and its client signs with those keys only.
     """
     from connectors import s3_parquet
-    from services import integrations, source_policy
+    from services import integrations
 
     bucket = os.environ.get("RRC_EXPORT_BUCKET", "").strip()
     if bucket:
@@ -223,12 +223,12 @@ def _target(actor: Actor) -> _Target | None:
         return None
     if not config.get("export_prefix"):
         return None
+    options = integrations.policy_options("s3_parquet", config)
     try:
-        source_policy.check_integration("s3_parquet", config)
-        cfg = s3_parquet.parse_config(config, **source_policy.connector_options("s3_parquet"))
+        cfg = s3_parquet.parse_config(config, **options)
         client = s3_parquet.boto_client(cfg)
-    except (InvalidInput, s3_parquet.S3SourceError) as exc:
-        raise InvalidInput(f"S3 integration: {exc}") from None
+    except s3_parquet.S3SourceError as exc:
+        raise InvalidInput(f"{integrations.LABELS['s3_parquet']}: {exc}") from None
     return _Target(cfg.bucket, str(config["export_prefix"]).strip("/"), client, "s3_parquet integration")
 
 

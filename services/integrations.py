@@ -158,14 +158,22 @@ def get_config(actor: Actor, kind: str) -> dict[str, Any]:
 
 
 def checked_config(actor: Actor, kind: str) -> dict[str, Any]:
-    """`get_config` for a service about to hand it to a connector: refused (InvalidInput naming the integration
-    and the field) when the source policy forbids it, which also catches a config saved before a rule existed."""
+    """`get_config` for a service about to hand it to a connector: refused (`policy_options`) when the source
+    policy forbids it, which also catches a config saved before a rule existed."""
     config = get_config(actor, kind)
+    policy_options(kind, config)
+    return config
+
+
+def policy_options(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The source policy's verdict on a config about to reach its connector: InvalidInput naming the integration
+    and the field when refused, else the keyword options the connector is told (e.g. S3: may a keyless config
+    use the server's keys?)."""
     try:
         source_policy.check_integration(kind, config)
+        return source_policy.connector_options(kind)
     except InvalidInput as exc:
         raise InvalidInput(f"{LABELS[kind]}: {exc}") from None
-    return config
 
 
 def is_connected(actor: Actor, kind: str) -> bool:

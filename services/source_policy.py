@@ -77,6 +77,7 @@ import os
 import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -136,7 +137,7 @@ def check_http_endpoint(field: str, url: object) -> None:
     allowed = private_endpoints()
     if parts.scheme == "https" and allowed.anything:
         return
-    if _check_host(field, parts.hostname, allowed) and parts.scheme == "http":
+    if _check_host(field, parts.hostname, allowed, _Lookups()) and parts.scheme == "http":
         raise InvalidInput(f"{field}: must use https:// (plain http only to a private host the operator allows "
                            f"in {PRIVATE_ENDPOINTS_ENV})")
 
@@ -164,19 +165,18 @@ def private_endpoints() -> PrivateEndpoints:
         raise ConfigError(str(exc)) from None
 
 
-def _check_host(field: str, host: str, allowed: PrivateEndpoints) -> bool:
+def _check_host(field: str, host: str, allowed: PrivateEndpoints, lookups: _Lookups) -> bool:
     """Refuse a host that is, or resolves to, a non-public address the operator does not allow; True when some
     address of it is public (plain http is then refused). A host the operator lists by name is not looked up.
     Nothing is connected to, so the answer never depends on what listens there."""
     name = normal_host(host)
     if name in allowed.names:
         return False
-    addresses = _resolve(name)
+    addresses = lookups.addresses(name)
     if not addresses:
         raise InvalidInput(f"{field}: the host name {name} could not be resolved (unknown, or no DNS answer within "
                            f"{DNS_TIMEOUT:g} seconds); check the name")
-    local = _local_addresses()
-    private = {ip for ip in addresses if not _is_public(ip, local)}
+    private = {ip for ip in addresses if not _is_public(ip, lookups.local)}
     if private and not allowed.allows(private):
         raise InvalidInput(f"{field}: {name} is not a public internet address (it is, or resolves to, a loopback, "
                            "private, link-local, reserved or this server's own address); this server connects "
@@ -283,7 +283,8 @@ def _check_server(url: URL) -> None:
     if moved:
         raise InvalidInput("url: give host, port and database in the URL itself, not as query parameters "
                            f"({', '.join(moved)})")
-    if _is_app_database(url):
+    lookups = _Lookups()
+    if _is_app_database(url, lookups):
         raise InvalidInput("url: this is the app's own database, not your product's: it cannot be a usage source")
     allowed = private_endpoints()
     if allowed.anything or _family(url) in VENDOR_SERVICES:
@@ -291,10 +292,10 @@ def _check_server(url: URL) -> None:
     if not url.host:
         raise InvalidInput("url: name the database server's host (without one the driver connects to this machine, "
                            f"which the operator allows only with {PRIVATE_ENDPOINTS_ENV}={ANY_ENDPOINT})")
-    _check_host("url", url.host, allowed)
+    _check_host("url", url.host, allowed, lookups)
 
 
-def _is_app_database(url: URL) -> bool:
+def _is_app_database(url: URL, lookups: _Lookups) -> bool:
     app = make_url(database_url())
     family = _family(url)
     if family != _family(app):
@@ -303,16 +304,33 @@ def _is_app_database(url: URL) -> bool:
         return False
     if (url.port or DEFAULT_PORTS.get(family)) != (app.port or DEFAULT_PORTS.get(family)):
         return False
-    return not url.host or bool(_addresses(url.host) & _addresses(app.host))
+    return not url.host or bool(_stands_for(url.host, lookups) & _stands_for(app.host, lookups))
 
 
-def _addresses(host: str | None) -> set[str]:
+class _Lookups:
+    """What one check learns from DNS and from this machine's interfaces, each asked once and only when needed:
+    a SQL source check judges the same host twice (is it the app's database? is it a public address?)."""
+
+    def __init__(self) -> None:
+        self._answers: dict[str, set[IPAddress]] = {}
+
+    def addresses(self, name: str) -> set[IPAddress]:
+        if name not in self._answers:
+            self._answers[name] = _resolve(name)
+        return self._answers[name]
+
+    @cached_property
+    def local(self) -> set[IPAddress]:
+        return _local_addresses()
+
+
+def _stands_for(host: str | None, lookups: _Lookups) -> set[str]:
     """What a host stands for: its name and IP addresses, with every address of this machine as one token."""
     if not host:
         return {THIS_MACHINE}  # a Unix socket
-    name, local_addresses = normal_host(host), _local_addresses()
-    return {name} | {THIS_MACHINE if ip.is_loopback or ip.is_unspecified or ip in local_addresses else str(ip)
-                     for ip in _resolve(name)}
+    name = normal_host(host)
+    return {name} | {THIS_MACHINE if ip.is_loopback or ip.is_unspecified or ip in lookups.local else str(ip)
+                     for ip in lookups.addresses(name)}
 
 
 def _resolve(name: str) -> set[IPAddress]:

@@ -61,7 +61,7 @@ from core.money import plain_decimal
 from core.pricing import Price
 from core.usage import bucketed_events_sql, register_cuts, register_periods
 from db.session import data_dir
-from services import audit, integrations, source_policy
+from services import audit, integrations
 from services.context import Actor, require_role
 from services.errors import Conflict, InvalidInput, ServiceError
 
@@ -297,10 +297,9 @@ def _usage_source(actor: Actor, kind: str, start: datetime, end: datetime,
     if side not in ("actual", "reported"):
         raise InvalidInput(f"{integrations.LABELS[kind]}: side must be 'actual' or 'reported', got {side!r}")
     try:
-        source_policy.check_integration(kind, config)  # also a source saved before the policy existed
-        options = source_policy.connector_options(kind)  # e.g. S3: may a keyless config use the server's keys?
+        options = integrations.policy_options(kind, config)  # also a source saved before the policy existed
     except InvalidInput as exc:
-        raise SyncFailed(f"{integrations.LABELS[kind]}: {exc}") from None
+        raise SyncFailed(str(exc)) from None
     connector = sql_source if kind == "sql_source" else s3_parquet
     try:
         table, seconds = _timed(lambda: connector.fetch_daily_buckets(config, start, end, max_products=seats,

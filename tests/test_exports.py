@@ -233,7 +233,7 @@ def test_an_org_export_destination_without_keys_is_refused(orgs: dict[str, Any],
             "bucket": bucket, "prefix": "usage", "region": "us-east-1", "endpoint_url": moto_endpoint,
             "columns": COLUMNS, "export_prefix": "audit-exports"})
     before = _expected_audit(orgs["admin"])
-    with pytest.raises(InvalidInput, match=r"^S3 integration: access_key_id: required"):
+    with pytest.raises(InvalidInput, match=r"^S3 Parquet usage source: access_key_id: required"):
         exports.export_audit(orgs["analyst"], START, END, "csv")
     assert _objects(moto_endpoint, bucket) == []
     assert _expected_audit(orgs["admin"]) == before

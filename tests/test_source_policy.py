@@ -175,6 +175,29 @@ def test_other_databases_of_the_same_kind_are_accepted(data: Path, monkeypatch: 
     source_policy.check_usage_source("stripe", {"api_key": "sk_test_x"})  # other kinds: nothing to judge
 
 
+
+def test_a_sql_source_check_looks_its_host_up_once(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app-database rule and the endpoint rule judge the same host from one DNS answer and one read of this
+    machine's interfaces (the real lookups, counted)."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://rrc@192.0.2.10:5432/rrc")  # a literal: no lookup
+    monkeypatch.setenv(source_policy.PRIVATE_ENDPOINTS_ENV, "127.0.0.0/8")
+    lookups: list[str] = []
+    interface_reads: list[bool] = []
+    real_getaddrinfo, real_net_if_addrs = socket.getaddrinfo, psutil.net_if_addrs
+
+    def counted_getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        lookups.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def counted_net_if_addrs() -> object:
+        interface_reads.append(True)
+        return real_net_if_addrs()
+
+    monkeypatch.setattr(socket, "getaddrinfo", counted_getaddrinfo)
+    monkeypatch.setattr(psutil, "net_if_addrs", counted_net_if_addrs)
+    _check("postgresql+psycopg://tenant@localhost:5432/rrc")  # the app's port and database on an allowed host
+    assert lookups == ["localhost"] and len(interface_reads) == 1
+
 # ---- S3: an org's settings carry their own keys ------------------------------------------------------------------
 
 S3_SOURCE = {"bucket": "usage", "prefix": "events", "columns": COLUMNS}
@@ -472,7 +495,7 @@ def test_a_stored_private_endpoint_is_refused_by_sync_and_export(org: tuple[Acto
                                                                  stored_before: dict[str, int]) -> None:
     admin, analyst = org
     before = _audit_actions(admin)
-    with pytest.raises(InvalidInput, match=r"^S3 integration: endpoint_url: 10\.0\.0\.4 is not a public"):
+    with pytest.raises(InvalidInput, match=r"^S3 Parquet usage source: endpoint_url: 10\.0\.0\.4 is not a public"):
         exports.export_audit(analyst, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC))
     assert _audit_actions(admin) == before
     base = Scenario().write(tmp_path / "base")
