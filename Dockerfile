@@ -22,6 +22,7 @@ COPY core ./core
 COPY connectors ./connectors
 COPY db ./db
 COPY services ./services
+COPY routes ./routes
 COPY pages ./pages
 COPY ui ./ui
 

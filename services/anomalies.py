@@ -22,6 +22,8 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.money import plain_decimal
+from core.reconcile import ANOMALY_TYPES, LEAK_TYPES
+from core.scoring import SEVERITIES
 from core.spreadsheet import safe_cell
 from db.models import Account, Action, Anomaly, AuditEntry
 from db.session import org_session
@@ -29,8 +31,7 @@ from services import audit
 from services.context import Actor, require_role
 from services.errors import InvalidInput, NotFound
 
-TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage", "over_billing")
-LEAK_TYPES = TYPES[:4]
+TYPES = ANOMALY_TYPES  # the engine's vocabulary, which the queue filters and labels
 TYPE_LABELS = {
     "unbilled_usage": "Unbilled usage",
     "under_reported_usage": "Under-reported usage",
@@ -39,7 +40,6 @@ TYPE_LABELS = {
     "over_billing": "Over-billing (credit risk)",
 }
 STATUSES = ("open", "dismissed", "actioned", "recovered", "resolved")
-SEVERITIES = ("low", "medium", "high", "critical")
 MANUAL_TRANSITIONS = {  # target status -> statuses it may come from
     "dismissed": ("open", "actioned"),
     "recovered": ("open", "actioned"),

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api import ApiSettings, create_app
+from api import create_app
+from config import Settings
+from routes import middleware
 from services import api_keys, ingest, users
 from services.context import Actor
 
@@ -31,7 +33,8 @@ def key(admin: Actor) -> str:
 
 
 def client_for(**limits: Any) -> TestClient:
-    settings = ApiSettings(**{"key_rate": 0, "ip_rate": 0, **limits})
+    """The app with rate limits off, but for `limits` (config.Settings' `api_*` fields)."""
+    settings = Settings(**{"api_key_rate": 0, "api_ip_rate": 0, **limits})
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 
@@ -96,7 +99,7 @@ def test_batch_and_body_size_limits(key: str, admin: Actor) -> None:
     with client_for() as client:
         too_many = client.post(URL, json={"events": events(ingest.MAX_BATCH + 1)}, headers=auth(key))
         assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "events"
-    with client_for(max_body_bytes=4096) as client:
+    with client_for(api_max_body_bytes=4096) as client:
         big = json.dumps({"events": events(100)}).encode()
         assert len(big) > 4096
         response = client.post(URL, content=big, headers={**auth(key), "Content-Type": "application/json"})
@@ -131,7 +134,7 @@ def test_ingest_authentication(client: TestClient, key: str, admin: Actor) -> No
 
 
 def test_rate_limits_answer_429_with_retry_after(key: str, admin: Actor) -> None:
-    with client_for(key_rate=0.01, key_burst=2) as client:
+    with client_for(api_key_rate=0.01, api_key_burst=2) as client:
         statuses = [client.post(URL, json={"events": events(1, start=i)}, headers=auth(key)).status_code
                     for i in range(3)]
         assert statuses == [200, 200, 429]
@@ -139,7 +142,7 @@ def test_rate_limits_answer_429_with_retry_after(key: str, admin: Actor) -> None
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         other_key = api_keys.create_api_key(admin, "other").plaintext  # buckets are per key
         assert client.post(URL, json={"events": events(1, start=7)}, headers=auth(other_key)).status_code == 200
-    with client_for(ip_rate=0.01, ip_burst=3) as client:
+    with client_for(api_ip_rate=0.01, api_ip_burst=3) as client:
         statuses = [client.post(URL, json={"events": events(1)}).status_code for _ in range(4)]
         assert statuses == [401, 401, 401, 429]  # guessing credentials is slowed down too
         assert int(client.get("/api/runs").headers["retry-after"]) >= 1
@@ -148,11 +151,9 @@ def test_rate_limits_answer_429_with_retry_after(key: str, admin: Actor) -> None
 
 
 def test_token_bucket_refills_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import api
-
     now = [1000.0]
-    monkeypatch.setattr(api.time, "monotonic", lambda: now[0])
-    bucket = api.TokenBucket(rate=2, burst=3, max_keys=10)
+    monkeypatch.setattr(middleware.time, "monotonic", lambda: now[0])
+    bucket = middleware.TokenBucket(rate=2, burst=3, max_keys=10)
     assert [bucket.take("k") for _ in range(3)] == [0, 0, 0]
     assert bucket.take("k") == pytest.approx(0.5)  # one token back after half a second at 2/s
     now[0] += 0.5
@@ -161,7 +162,7 @@ def test_token_bucket_refills_and_stays_bounded(monkeypatch: pytest.MonkeyPatch)
         now[0] += 10
         bucket.take(f"ip{i}")
     assert len(bucket._buckets) <= 11
-    assert api.TokenBucket(rate=0, burst=1).take("k") == 0  # 0 = no limit
+    assert middleware.TokenBucket(rate=0, burst=1).take("k") == 0  # 0 = no limit
     scope = {"client": ("10.0.0.9", 1234), "headers": [(b"x-forwarded-for", b"203.0.113.7, 10.0.0.1")]}
-    assert api.client_ip(scope, trust_forwarded_for=False) == "10.0.0.9"
-    assert api.client_ip(scope, trust_forwarded_for=True) == "203.0.113.7"
+    assert middleware.client_ip(scope, trust_forwarded_for=False) == "10.0.0.9"
+    assert middleware.client_ip(scope, trust_forwarded_for=True) == "203.0.113.7"

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api import ApiSettings, create_app, decimal_text, to_jsonable
+from api import create_app
+from config import Settings
 from core.logging import configure_logging, correlation, get_logger
+from routes.schemas import decimal_text, to_jsonable
 from services import api_keys, integrations, reconciliation, users
 from services.context import Actor
 from tests.bundles import Scenario
@@ -66,7 +68,7 @@ def tenants(app_db: str, tmp_path: Path) -> tuple[Tenant, Tenant]:
 
 @pytest.fixture
 def client() -> Iterator[TestClient]:
-    with TestClient(create_app(ApiSettings(key_rate=0, ip_rate=0)), raise_server_exceptions=False) as c:
+    with TestClient(create_app(Settings(api_key_rate=0, api_ip_rate=0)), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -196,10 +198,10 @@ def test_health_ready_and_docs(client: TestClient, tenants: tuple[Tenant, Tenant
 
 def test_cors_is_off_unless_configured(app_db: str) -> None:
     preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
-    with TestClient(create_app(ApiSettings())) as client:
+    with TestClient(create_app()) as client:
         response = client.options("/api/anomalies", headers=preflight)
         assert "access-control-allow-origin" not in response.headers
-    with TestClient(create_app(ApiSettings(cors_origins="https://app.example"))) as client:
+    with TestClient(create_app(Settings(api_cors_origins="https://app.example"))) as client:
         allowed = client.options("/api/anomalies", headers={**preflight, "Origin": "https://app.example"})
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         refused = client.options("/api/anomalies", headers=preflight)
@@ -330,7 +332,7 @@ def test_draft_invoice_preview_and_exactly_once(client: TestClient, tenants: tup
 
 
 def test_an_unexpected_error_is_a_json_500_with_the_request_id_and_a_scrubbed_log(app_db: str) -> None:
-    app = create_app(ApiSettings())
+    app = create_app()
 
     @app.get("/api/boom")
     def boom() -> None:

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from api import ApiSettings, create_app
+from api import create_app
+from config import Settings
 from services import api_keys, reconciliation, users
 from services.context import Actor
 from tests.test_api_routes import leaky
@@ -51,7 +52,7 @@ def test_no_operation_answers_500(app_db: str, tmp_path: Path) -> None:
     reconciliation.run_reconciliation(admin, bundle_dir=leaky("1000").write(tmp_path / "bundle"))
     token = api_keys.issue_user_token("admin@acme.example", "password-1").access_token
     key = api_keys.create_api_key(admin, "fuzz").plaintext
-    schema = schemathesis.openapi.from_asgi("/api/openapi.json", create_app(ApiSettings(key_rate=0, ip_rate=0)))
+    schema = schemathesis.openapi.from_asgi("/api/openapi.json", create_app(Settings(api_key_rate=0, api_ip_rate=0)))
 
     checked, statuses = [], Counter[int]()
     for result in schema.get_all_operations():

@@ -62,7 +62,7 @@ def test_env_example_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _env_names_read_by_code() -> set[str]:
-    """Every RRC_* / DATABASE_URL name the code reads with os.environ, plus api.py's RRC_API_* settings."""
+    """Every RRC_* / DATABASE_URL name the code reads with os.environ (the API's RRC_API_* are config fields)."""
     names: set[str] = set()
     files = [*ROOT.glob("*.py"), *(ROOT / "services").glob("*.py"), *(ROOT / "db").glob("*.py"),
              *(ROOT / "core").glob("*.py"), *(ROOT / "connectors").glob("*.py"), *(ROOT / "pages").glob("*.py")]
@@ -71,11 +71,6 @@ def _env_names_read_by_code() -> set[str]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) \
                     and re.fullmatch(r"RRC_[A-Z0-9_]*[A-Z0-9]|DATABASE_URL", node.value):
                 names.add(node.value)
-    try:
-        from api import ApiSettings
-    except ImportError:  # pragma: no cover - api.py is optional for this check
-        return names
-    names |= {f"RRC_API_{field.upper()}" for field in ApiSettings.model_fields}
     return names
 
 
