@@ -1,8 +1,8 @@
-"""What the connectors share: the health-check result, usage column mapping, loopback and request-limit checks."""
+"""What the connectors share: the health-check result, usage column mapping, request limits and the message for
+a refused redirect."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 USAGE_COLUMNS = ("account_id", "product_key", "ts", "units")
@@ -44,14 +44,14 @@ def usage_column_mapping(columns: object, error: type[Exception], holder: str) -
     return mapping
 
 
-def is_loopback(host: str) -> bool:
-    """True for this machine: the only place a connector may talk plain http (the local fakes)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def redirect_refused(system: str, status: int, field: str, doing: str | None = None) -> str:
+    """The message for a 3xx answer, which no connector follows: services/source_policy.py judged the address in
+    `field` (api_base, host, instance_url, endpoint_url), not where a redirect leads, so the admin must set
+    `field` to the address that answers itself. `doing` completes "while ..." (e.g. "creating the task") when
+    the connector knows what it was doing."""
+    during = f" while {doing}" if doing else ""
+    return (f"{system} answered with a redirect ({status}){during}; redirects are refused: set {field} to the "
+            "address that answers")
 
 
 def request_limits(config: dict, error: type[Exception], system: str) -> tuple[float, int]:

@@ -1,8 +1,10 @@
 """HubSpot through `hubspot-api-client`: a health check and one writer, "create a follow-up task".
 
 Config: `access_token`* (a private app token) and optional `host` (default https://api.hubapi.com;
-a local fake's http://127.0.0.1:PORT in tests — plain http is refused for any non-loopback host so
-the token never travels in clear), optional `timeout` (seconds) and `max_attempts`.
+any http:// or https:// URL), optional `timeout` (seconds) and `max_attempts`. Which hosts and schemes
+`host` may name (https to public hosts, plain http only to a private host the operator allows, so the
+token never crosses the internet in clear) is services/source_policy.py's rule, applied before any
+call reaches this module; here a `host` is only checked to be an http(s) URL with a host.
 
 Exactly-once creation: HubSpot has no idempotency keys for CRM objects, so each task carries a custom
 text property `rrc_idempotency_key` (created on first use when missing; the private app then needs
@@ -41,7 +43,7 @@ from hubspot.crm.properties import PropertyCreate
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from urllib3.util.retry import Retry
 
-from connectors.base import CheckResult, is_loopback, request_limits
+from connectors.base import CheckResult, redirect_refused, request_limits
 
 DEFAULT_HOST = "https://api.hubapi.com"
 MAX_RETRY_AFTER = 30.0
@@ -84,8 +86,6 @@ def _settings(config: dict[str, Any]) -> _Settings:
     parts = urlsplit(host)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise HubSpotFailure(f"HubSpot host: expected https://api.hubapi.com or another https URL, got {host!r}")
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise HubSpotFailure("HubSpot host: must use https:// (plain http only for a local test server)")
     timeout, attempts = request_limits(config, HubSpotFailure, "HubSpot")
     return _Settings(token.strip(), host, timeout, attempts)
 
@@ -121,8 +121,7 @@ def _translate(exc: Exception, what: str) -> HubSpotFailure:
         body = body if isinstance(body, dict) else {}
         category, message = body.get("category"), str(body.get("message") or getattr(exc, "reason", ""))[:300]
         if 300 <= status < 400:
-            return HubSpotFailure(f"HubSpot answered with a redirect ({status}) to another address while {what}; "
-                                  "redirects are refused: set host to the address that answers")
+            return HubSpotFailure(redirect_refused("HubSpot", status, "host", what))
         if status == 401:
             return HubSpotFailure("HubSpot rejected the access token (401): reconnect HubSpot in Settings with a "
                                   "valid private app token", category=category)

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from connectors.base import OPTIONAL_USAGE_COLUMNS, USAGE_COLUMNS, CheckResult, usage_column_mapping
+from connectors.base import OPTIONAL_USAGE_COLUMNS, USAGE_COLUMNS, CheckResult, redirect_refused, usage_column_mapping
 
 BUCKET_SCHEMA = pa.schema([
     pa.field("account_id", pa.string()),
@@ -70,10 +70,10 @@ class S3SourceError(ValueError):
 
 
 class RedirectRefused(BotoCoreError):
-    """An `endpoint_url` answered with a redirect. A BotoCoreError, so whoever handles boto3's failures handles it."""
+    """An `endpoint_url` answered with a redirect. A BotoCoreError, so whoever handles boto3's failures handles it;
+    its `message` is `redirect_refused`'s."""
 
-    fmt = ("S3 answered with a redirect ({status}) to another address; redirects are refused: set endpoint_url to "
-           "the address that answers")
+    fmt = "{message}"
 
 
 @dataclass(frozen=True)
@@ -294,7 +294,7 @@ def _refuse_redirect(response_dict: dict[str, Any], **_: Any) -> None:
     in another region re-sends to the same custom endpoint, which redirects again, until Python's recursion
     limit. (Without endpoint_url, AWS's own 301s still steer botocore to the bucket's region.)"""
     if 300 <= response_dict["status_code"] < 400:
-        raise RedirectRefused(status=response_dict["status_code"])
+        raise RedirectRefused(message=redirect_refused("S3", response_dict["status_code"], "endpoint_url"))
 
 
 def boto_client(cfg: S3Config) -> Any:

@@ -6,9 +6,12 @@ username and password, an External Client App / Connected App's `consumer_key` a
 (OAuth 2.0 client credentials flow, token requested from `instance_url`). With
 `instance_url` (a My Domain URL such as https://acme.my.salesforce.com, or a local fake) the SOAP
 login is sent there instead of {domain}.salesforce.com, and the REST calls go to the serverUrl that
-login returns. simple-salesforce always builds https:// URLs; a plain http:// `instance_url` is
-accepted only for a loopback host (a local fake), never for a remote one, so a password never
-travels in clear over a network.
+login returns. `instance_url` may be any http:// or https:// URL here: which hosts and schemes it may
+name (https to public hosts, plain http only to a private host the operator allows, so a password
+never crosses the internet in clear) is services/source_policy.py's rule, applied before any call
+reaches this module. simple-salesforce always builds https:// URLs, so for a plain http://
+`instance_url` those to its own host are sent as http:// (`_Session`); a Salesforce domain a login
+names is always reached over https.
 
 Exactly-once creation without any setup in the customer's org: Task custom fields cannot be
 External IDs, so upsert is not available. Instead every Task subject ends with a stable marker
@@ -41,7 +44,7 @@ from simple_salesforce.format import format_soql
 from simple_salesforce.login import token_login
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from connectors.base import CheckResult, is_loopback, request_limits
+from connectors.base import CheckResult, redirect_refused, request_limits
 
 API_VERSION = "59.0"
 MAX_RETRY_AFTER = 30.0
@@ -106,9 +109,6 @@ def _settings(config: dict[str, Any]) -> _Settings:
         parts = urlsplit(str(instance_url))
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise SalesforceFailure(f"Salesforce instance_url: expected https://<your domain>, got {instance_url!r}")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
-            raise SalesforceFailure("Salesforce instance_url: must use https:// "
-                                    "(plain http only for a local test server)")
         instance_url = f"{parts.scheme}://{parts.netloc}"
     timeout, attempts = request_limits(config, SalesforceFailure, "Salesforce")
     return _Settings(str(username).strip(), str(password), token, consumer_key, client_secret, domain, instance_url,
@@ -118,8 +118,10 @@ def _settings(config: dict[str, Any]) -> _Settings:
 class _Session(requests.Session):
     """Every call gets a timeout; Retry-After is remembered for the retry policy.
 
-    For a loopback http:// instance_url, the https:// URLs simple-salesforce builds for that one
-    host are sent as http:// (see the module docstring).
+    `plain_http_netloc` is the netloc of an http:// instance_url (None for https://): exactly the
+    https:// URLs simple-salesforce builds for that netloc are sent as http://, i.e. the REST calls
+    when the login names instance_url itself as the instance (the login is sent to instance_url as
+    given). An instance the login names elsewhere (a Salesforce domain, see `_check_instance`) keeps https.
 
     A redirect is never followed, and a 3xx answer fails here, by name (simple-salesforce would
     report it as a failed login or a rejected request): services/source_policy.py judges
@@ -130,18 +132,18 @@ class _Session(requests.Session):
     def __init__(self, timeout: float, plain_http_netloc: str | None) -> None:
         super().__init__()
         self.timeout = timeout
-        self.plain_http_netloc = plain_http_netloc
+        self.plain_http_netloc = plain_http_netloc.lower() if plain_http_netloc else None
         self.retry_after: float | None = None
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         url = url.decode() if isinstance(url, bytes) else url
-        if self.plain_http_netloc and url.startswith(f"https://{self.plain_http_netloc}/"):
+        parts = urlsplit(url)
+        if self.plain_http_netloc and parts.scheme == "https" and parts.netloc.lower() == self.plain_http_netloc:
             url = "http://" + url[len("https://"):]
         response = super().request(method, url, *args, **{**kwargs, "allow_redirects": False})
         if 300 <= response.status_code < 400:
-            raise SalesforceFailure(f"Salesforce answered with a redirect ({response.status_code}) to another "
-                                    "address; redirects are refused: set instance_url to the address that answers")
+            raise SalesforceFailure(redirect_refused("Salesforce", response.status_code, "instance_url"))
         header = response.headers.get("Retry-After")
         self.retry_after = None
         if response.status_code in (429, 503) and header:
@@ -189,8 +191,6 @@ def _login(settings: _Settings, session: _Session) -> Salesforce:
 def _signed_in(settings: _Settings, session: _Session, session_id: str, instance: str) -> Salesforce:
     """The client for the instance a login named, once that instance is one we may send the session to."""
     _check_instance(settings, instance)
-    if session.plain_http_netloc is not None:  # REST calls go to the host login named, if it is local too
-        session.plain_http_netloc = instance if is_loopback(urlsplit(f"//{instance}").hostname or "") else None
     return Salesforce(session_id=session_id, instance=instance, version=API_VERSION, session=session)
 
 
@@ -236,9 +236,8 @@ def _translate(exc: Exception) -> SalesforceFailure:
 
 def _call(settings: _Settings, operation: Callable[[Salesforce], T]) -> T:
     """Log in and run `operation`, retrying the whole unit on 429/5xx/timeouts with backoff."""
-    session = _Session(settings.timeout,
-                       urlsplit(settings.instance_url).netloc
-                       if settings.instance_url and settings.instance_url.startswith("http://") else None)
+    instance = urlsplit(settings.instance_url or "")
+    session = _Session(settings.timeout, instance.netloc if instance.scheme == "http" else None)
 
     def attempt() -> T:
         try:

@@ -36,7 +36,7 @@ import requests
 import stripe
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from connectors.base import CheckResult
+from connectors.base import CheckResult, redirect_refused
 from core.model import Account, InvoiceLine, Product, SubscriptionPeriod
 from core.money import from_minor_units, to_minor_units
 from core.pricing import Price, Tier
@@ -161,9 +161,7 @@ def _translate(exc: stripe.StripeError, what: str) -> StripeConnectorError:
                                                "with different parameters")
     if isinstance(exc, stripe.APIConnectionError) and isinstance(exc.__cause__, requests.TooManyRedirects):
         status = exc.__cause__.response.status_code  # requests always attaches the redirect it refused to follow
-        return StripeConnectorError("config", f"Stripe answered the request to {what} with a redirect ({status}) to "
-                                              "another address; redirects are refused: set api_base to the address "
-                                              "that answers")
+        return StripeConnectorError("config", redirect_refused("Stripe", status, "api_base", f"trying to {what}"))
     if isinstance(exc, stripe.APIConnectionError):
         return StripeConnectorError("unavailable", f"Could not reach Stripe to {what} (network error or timeout)")
     if isinstance(exc, stripe.InvalidRequestError):

@@ -62,8 +62,9 @@ CRM tasks, the audit-export destination).
 Plain http: the HTTP endpoints must use https://, except to a host the operator lists by name or
 whose addresses are all non-public and allowed (the operator's own network, the tests' local
 fakes): an API key, token or password sent over plain http to a public host would cross the
-internet in clear. A SQL URL's transport security is the driver's (e.g. `sslmode`), not judged
-here.
+internet in clear. This is the only rule on scheme: the connectors take http:// or https:// and leave
+the verdict to this module, applied before any of their calls. A SQL URL's transport security is the
+driver's (e.g. `sslmode`), not judged here.
 
 Limits: DNS rebinding (above). HTTP redirects need no judging: the connectors never follow one (a
 redirect answer is their error), and the Salesforce connector accepts, as the instance a login names

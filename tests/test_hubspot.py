@@ -56,8 +56,20 @@ def test_check_never_raises_and_never_leaks_the_token(fake: FakeHubSpot) -> None
     unreachable = hubspot.check(config_for(fake, host=f"http://127.0.0.1:{free_port()}", max_attempts=1))
     assert not unreachable.ok and "could not be reached" in unreachable.message
     assert hubspot.check({}).message == "HubSpot access_token: required (a private app token)"
-    remote_http = hubspot.check(config_for(fake, host="http://api.hubapi.com"))
-    assert not remote_http.ok and "https" in remote_http.message
+
+
+@pytest.mark.parametrize("host", ["ftp://api.hubapi.com", "http://:8080", "api.hubapi.com"])
+def test_a_host_that_is_not_an_http_url_is_named(host: str) -> None:
+    result = hubspot.check({"access_token": "pat-na1-0000", "host": host})
+    assert not result.ok
+    assert result.message == f"HubSpot host: expected https://api.hubapi.com or another https URL, got {host!r}"
+
+
+def test_plain_http_is_the_source_policys_call_not_the_connectors() -> None:
+    """services/source_policy.py allows http to a private host the operator lists (tests/test_source_policy.py
+    refuses it to a public one): the connector takes that verdict, for any host, not only this machine."""
+    for host in ("http://10.1.2.3:8080", "http://crm.internal", "https://api.hubapi.com"):
+        assert hubspot._settings({"access_token": "pat-na1-0000", "host": host}).host == host
 
 
 def test_a_redirect_is_refused_without_contacting_where_it_points(fake: FakeHubSpot) -> None:
@@ -66,11 +78,10 @@ def test_a_redirect_is_refused_without_contacting_where_it_points(fake: FakeHubS
         fake.redirect_next("GET", r"/companies$", target.url)
         checked = hubspot.check(config_for(fake))
         fake.redirect_next("POST", TASK_POST, target.url, status=307)
-        with pytest.raises(HubSpotFailure, match=r"redirect \(307\) to another address while creating the task") \
-                as create:
+        with pytest.raises(HubSpotFailure, match=r"redirect \(307\) while creating the task; ") as create:
             make_task(config_for(fake))
-    assert checked.message == ("HubSpot answered with a redirect (302) to another address while checking the "
-                               "connection; redirects are refused: set host to the address that answers")
+    assert checked.message == ("HubSpot answered with a redirect (302) while checking the connection; redirects are "
+                               "refused: set host to the address that answers")
     assert not checked.ok and not create.value.retryable
     assert SECRET not in checked.message + str(create.value)
     assert target.requests == [] and not fake.tasks

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +14,7 @@ from connectors.base import CheckResult
 from services import integrations, users
 from services.context import Actor
 from services.errors import InvalidInput, NotFound, PermissionDenied
+from tests.fakes import hubspot_server, salesforce_server
 
 KEY = "sk_test_51Hxyzabcdefghijklmnop1234"
 COLUMNS = {"account_id": "acct", "product_key": "product", "ts": "at", "units": "qty"}
@@ -56,6 +59,52 @@ def test_salesforce_accepts_password_login_or_client_credentials(app_db: str, ac
                                                       "instance_url": "https://acme.my.salesforce.com"})
     assert view.config["client_secret"] == "…-123"
     assert integrations.get_config(admin, "salesforce")["client_secret"] == "s3cret-value-123"
+
+
+PRIVATE_CRM = "crm.internal"  # a host of the operator's network: not loopback by name, listed by the operator
+
+
+@pytest.fixture
+def private_crm(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The operator allows PRIVATE_CRM (RRC_PRIVATE_ENDPOINTS), which this machine resolves to the fakes' 127.0.0.1;
+    yields the list of lookups of it, so a test sees the connectors connected through that name."""
+    lookups: list[str] = []
+    resolve = socket.getaddrinfo
+
+    def private_dns(host: object, *args: object, **kwargs: object) -> object:
+        if host == PRIVATE_CRM:
+            lookups.append(host)
+            host = "127.0.0.1"
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", private_dns)
+    monkeypatch.setenv("RRC_PRIVATE_ENDPOINTS", PRIVATE_CRM)
+    return lookups
+
+
+def test_crms_on_a_private_http_host_the_operator_allows_are_connected(app_db: str, actors: tuple[Actor, Actor],
+                                                                       private_crm: list[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain http to a private host is the source policy's verdict alone: allowed, HubSpot and Salesforce connect
+    over it; not allowed, nothing is connected to."""
+    admin, _ = actors
+    with hubspot_server.running() as hs, salesforce_server.running() as sf:
+        hs_host = f"http://{PRIVATE_CRM}:{urlsplit(hs.base_url).port}"
+        sf.instance_url = f"http://{PRIVATE_CRM}:{urlsplit(sf.base_url).port}"  # its login names itself
+        integrations.connect(admin, "hubspot", {"access_token": hs.token, "host": hs_host, "timeout": 5})
+        integrations.connect(admin, "salesforce", {"username": sf.username, "password": sf.password,
+                                                   "security_token": sf.security_token, "instance_url": sf.instance_url,
+                                                   "timeout": 5})
+        hubspot, salesforce = (integrations.test_connection(admin, kind) for kind in ("hubspot", "salesforce"))
+        assert hubspot.ok and salesforce.ok, (hubspot.message, salesforce.message)
+        assert salesforce.details is not None and salesforce.details["instance"] == sf.instance_url[len("http://"):]
+        assert hs.requests and any(path.endswith("/limits/") for _, path in sf.requests) and private_crm
+        monkeypatch.delenv("RRC_PRIVATE_ENDPOINTS")  # withdrawn: the stored settings are refused before any call
+        calls = len(hs.requests) + len(sf.requests)
+        for kind in ("hubspot", "salesforce"):
+            refused = integrations.test_connection(admin, kind)
+            assert not refused.ok and "is not a public internet address" in refused.message
+        assert len(hs.requests) + len(sf.requests) == calls
 
 
 def test_sql_url_password_is_masked(app_db: str, actors: tuple[Actor, Actor], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,7 @@ from connectors import s3_parquet
 from connectors.s3_parquet import S3SourceError
 from tests.fakes.redirect_target import SECRET, redirect_target, redirecting_to
 
-REFUSED = ("S3 answered with a redirect (307) to another address; redirects are refused: set endpoint_url to the "
-           "address that answers")
+REFUSED = "S3 answered with a redirect (307); redirects are refused: set endpoint_url to the address that answers"
 
 
 def test_a_redirecting_endpoint_is_refused_without_contacting_where_it_points() -> None:

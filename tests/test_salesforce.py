@@ -61,8 +61,53 @@ def test_check_never_raises_and_never_leaks_a_secret(fake: FakeSalesforce) -> No
     assert not missing.ok and missing.message == "Salesforce password: required"
     sandbox = salesforce.check(config_for(fake, domain="staging"))
     assert not sandbox.ok and "domain" in sandbox.message
-    remote_http = salesforce.check(config_for(fake, instance_url="http://acme.my.salesforce.com"))
-    assert not remote_http.ok and "https" in remote_http.message
+
+
+@pytest.mark.parametrize("url", ["ftp://acme.my.salesforce.com", "https://", "acme.my.salesforce.com"])
+def test_an_instance_url_that_is_not_an_http_url_is_named(url: str) -> None:
+    result = salesforce.check({"username": "ops@example.com", "password": "pw", "instance_url": url})
+    assert not result.ok and result.message == f"Salesforce instance_url: expected https://<your domain>, got {url!r}"
+
+
+def test_plain_http_is_the_source_policys_call_not_the_connectors() -> None:
+    """services/source_policy.py allows http to a private host the operator lists (tests/test_source_policy.py
+    refuses it to a public one): the connector takes that verdict, for any host, not only this machine."""
+    for url in ("http://10.1.2.3:8080", "http://crm.internal", "https://acme.my.salesforce.com"):
+        settings = salesforce._settings({"username": "ops@example.com", "password": "pw", "instance_url": url + "/x"})
+        assert settings.instance_url == url
+
+
+@pytest.mark.parametrize("login", ["password", "client credentials"])
+def test_only_instance_urls_own_host_is_spoken_to_over_plain_http(fake: FakeSalesforce, login: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """instance_url is http to the fake. When its login names a Salesforce domain, the session id goes there over
+    https (simple-salesforce's URLs, unrewritten); when it names instance_url itself, over http. Every request is
+    recorded at the transport, and none leaves for a host other than the fake."""
+    config = config_for(fake, max_attempts=1) if login == "password" else {
+        "consumer_key": fake.consumer_key, "client_secret": fake.client_secret, "instance_url": fake.base_url,
+        "timeout": 5, "max_attempts": 1}
+    sent: list[str] = []
+    send = requests.adapters.HTTPAdapter.send
+
+    def recording_send(adapter: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
+                       *args: Any, **kwargs: Any) -> requests.Response:
+        sent.append(str(request.url))
+        if not str(request.url).startswith(f"{fake.base_url}/"):
+            raise requests.ConnectionError("this test reaches no host but the fake")
+        return send(adapter, request, *args, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", recording_send)
+    fake.instance_url = "https://acme.my.salesforce.com"
+    elsewhere = salesforce.check(config)
+    assert not elsewhere.ok and "could not be reached" in elsewhere.message
+    assert sent[0].startswith(f"{fake.base_url}/services/")  # the login, to instance_url as given
+    assert sent[1:] == [f"https://acme.my.salesforce.com/services/data/v{salesforce.API_VERSION}/limits/"]
+    sent.clear()
+    fake.instance_url = None
+    itself = salesforce.check(config)
+    assert itself.ok, itself.message
+    assert f"{fake.base_url}/services/data/v{salesforce.API_VERSION}/limits/" in sent
+    assert all(url.startswith(f"{fake.base_url}/") for url in sent)
 
 
 def test_a_redirect_is_refused_without_contacting_where_it_points(fake: FakeSalesforce) -> None:
@@ -79,8 +124,8 @@ def test_a_redirect_is_refused_without_contacting_where_it_points(fake: FakeSale
         fake.redirect_next("POST", TASK_POST, target.url, status=308)
         with pytest.raises(SalesforceFailure, match=r"redirect \(308\)") as create:
             make_task(config_for(fake))
-    assert login.message == ("Salesforce answered with a redirect (307) to another address; redirects are refused: "
-                             "set instance_url to the address that answers")
+    assert login.message == ("Salesforce answered with a redirect (307); redirects are refused: set instance_url to "
+                             "the address that answers")
     assert not login.ok and not token.ok and "redirect (302)" in token.message
     assert not query.value.retryable and not create.value.retryable
     assert SECRET not in login.message + token.message + str(query.value) + str(create.value)

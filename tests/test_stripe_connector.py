@@ -264,14 +264,14 @@ def test_a_redirect_is_refused_without_contacting_where_it_points(fake: tuple[Fa
         stripe_fake.redirect_next(target.url, path_contains="/v1/customers")
         checked = sc.check(config)
         stripe_fake.redirect_next(target.url, status=301, path_contains="/v1/products")
-        with pytest.raises(sc.StripeConnectorError, match=r"list products with a redirect \(301\)") as reading:
+        with pytest.raises(sc.StripeConnectorError, match=r"redirect \(301\) while trying to list products") as reading:
             sc.read_billing(config)  # the SDK's default retries: a redirect is not retried
         stripe_fake.redirect_next(target.url, status=307, path_contains="/v1/invoices", method="POST")
-        with pytest.raises(sc.StripeConnectorError, match=r"create the draft invoice with a redirect \(307\)"):
+        with pytest.raises(sc.StripeConnectorError, match=r"redirect \(307\) while trying to create the draft invoice"):
             sc.create_draft_invoice(config, "cus_a", "usd", lines, "rrc-redirect-0001")
     assert not checked.ok and checked.details == {"failed_at": "customers"}
-    assert checked.message == ("Stripe answered the request to read customers with a redirect (302) to another "
-                               "address; redirects are refused: set api_base to the address that answers")
+    assert checked.message == ("Stripe answered with a redirect (302) while trying to read customers; redirects are "
+                               "refused: set api_base to the address that answers")
     assert reading.value.kind == "config" and SECRET not in checked.message + str(reading.value)
     assert target.requests == []
     assert [r.status for r in stripe_fake.requests if r.path == "/v1/products"] == [301]
