@@ -17,10 +17,14 @@ run: $(BIN)/.installed
 	$(BIN)/python cli.py db prepare
 	$(BIN)/streamlit run app.py
 
+# ruff, and lint-imports: the layout's one-way flow as contracts (pyproject.toml [tool.importlinter]).
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
 # Everything CI runs: lint, then every test (PostgreSQL, browser and slow ones included), one worker per
 # core (pytest-xdist): each test has its own database, data folder and ports.
-test: $(BIN)/.installed
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/pytest -q -n auto
 
 # The quick loop while coding: skips tests marked slow or browser.
