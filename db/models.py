@@ -87,7 +87,24 @@ class User(OrgScoped, Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None]
+    last_failed_at: Mapped[datetime | None]  # failures with none after them for a day are forgotten
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SignInThrottle(Base):
+    """Failed sign-ins for an email without an account (migration 0009; services/users.py).
+
+    Counted and locked by the same rule as a user's `failed_logins`/`locked_until`, so the answers
+    to a sign-in do not tell which emails have an account. Keyed by the SHA-256 of the normalised
+    email: the table never holds an address nobody registered. Not a tenant table (emails are
+    unique across organizations); only system sessions use it.
+    """
+
+    __tablename__ = "sign_in_throttle"
+    email_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None]
+    last_failed_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class Integration(OrgScoped, Base):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from datetime import UTC, datetime, timedelta
 
 import bcrypt
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config import load_settings
-from db.models import Organization, OrgSettings, User
+from db.models import Organization, OrgSettings, SignInThrottle, User
 from db.session import org_session, system_session
 from services import audit
 from services.context import ROLES, Actor, require_role
@@ -20,10 +22,13 @@ from services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 
 MAX_FAILED_LOGINS = 5
 LOCKOUT = timedelta(minutes=15)
+FAILURE_MEMORY = timedelta(days=1)  # failures with no other one after them for this long are forgotten
+THROTTLE_PRUNE_BATCH = 100  # forgotten sign_in_throttle rows deleted per failed sign-in, at most
 MIN_PASSWORD = 8
 LOCKED_HASH = "$2b$04$" + "." * 53  # a well-formed bcrypt hash that no password matches
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+UNIQUE_VIOLATIONS = frozenset({"23505", "SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
 
 def hash_password(password: str) -> str:
@@ -31,7 +36,7 @@ def hash_password(password: str) -> str:
 
 
 def _check_new_user(email: str, role: str, password: str) -> str:
-    email = email.strip().lower()
+    email = _normalised(email)
     if not EMAIL.match(email):
         raise InvalidInput(f"email: {email!r} is not an email address")
     if role not in ROLES:
@@ -71,11 +76,20 @@ def create_organization(name: str, slug: str, admin_email: str, admin_name: str,
 
 def _flush_unique(session: Session, taken: str) -> None:
     """Flush; a unique index refusing the row means someone took the slug or email since we looked (two sign-ups
-    or two processes seeding the demo at once): the same Conflict as the look itself, not a database error."""
+    or two processes seeding the demo at once): the same Conflict as the look itself, not a database error.
+    Any other integrity error (a missing organization, a NULL) is a bug, not a taken name: it propagates."""
     try:
         session.flush()
-    except IntegrityError:
+    except IntegrityError as exc:
+        if not _is_unique_violation(exc):
+            raise
         raise Conflict(taken) from None
+
+
+def _is_unique_violation(exc: IntegrityError) -> bool:
+    """psycopg gives the SQLSTATE (23505 is unique_violation), Python's sqlite3 the extended result code."""
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorname", None)
+    return code in UNIQUE_VIOLATIONS
 
 
 def create_user(actor: Actor, email: str, name: str, role: str, password: str) -> User:
@@ -137,11 +151,84 @@ def set_active(actor: Actor, user_id: int, active: bool) -> User:
     return user
 
 
-def _register_failure(session, user: User, now: datetime) -> None:  # type: ignore[no-untyped-def]
-    user.failed_logins += 1
-    if user.failed_logins >= MAX_FAILED_LOGINS:
-        user.locked_until, user.failed_logins = now + LOCKOUT, 0
-        audit.append(session, Actor.system(user.org_id, "auth"), "user.locked", "user", user.id, {"email": user.email})
+def _normalised(email: str) -> str:
+    return email.strip().lower()
+
+
+def _find_user(session: Session, email: str) -> User | None:
+    return session.execute(select(User).where(User.email == _normalised(email))).scalar_one_or_none()
+
+
+def _email_key(email: str) -> str:
+    """What sign_in_throttle stores instead of the email: the SHA-256 of its normalised form."""
+    return hashlib.sha256(_normalised(email).encode()).hexdigest()
+
+
+def _lockout_message(counter: User | SignInThrottle | None, now: datetime) -> str | None:
+    """The refusal while `counter` (an account, or the throttle row of an email without one) is locked."""
+    if counter is None or counter.locked_until is None or counter.locked_until <= now:
+        return None
+    return f"too many failed sign-ins; try again after {counter.locked_until:%H:%M} UTC"
+
+
+def _register_failure(session: Session, email: str, user: User | None, now: datetime) -> User | SignInThrottle:
+    """Count a failed sign-in for `email`: on its account when there is one (active or not), else on its
+    sign_in_throttle row. One rule for both, so the answers never tell which emails have an account:
+    MAX_FAILED_LOGINS failures lock for LOCKOUT, failures are forgotten after FAILURE_MEMORY without
+    another, and failing while locked neither counts nor moves the lock's end."""
+    counter = _counter_for_update(session, email, user, now)
+    if _lockout_message(counter, now) is not None:
+        return counter
+    if counter.last_failed_at is None or counter.last_failed_at <= now - FAILURE_MEMORY:
+        counter.failed_logins = 0
+    counter.failed_logins += 1
+    counter.last_failed_at = now
+    if counter.failed_logins >= MAX_FAILED_LOGINS:
+        counter.locked_until, counter.failed_logins = now + LOCKOUT, 0
+        if user is not None:
+            audit.append(session, Actor.system(user.org_id, "auth"), "user.locked", "user", user.id,
+                         {"email": user.email})
+    if user is None:
+        session.flush()  # this email's row is fresh now, so the pruning below never takes it
+        _prune_throttle(session, now)
+    return counter
+
+
+def _counter_for_update(session: Session, email: str, user: User | None, now: datetime) -> User | SignInThrottle:
+    """The row counting `email`'s failures (its user, else its sign_in_throttle row, created on the first
+    failure), locked for this transaction and re-read, so concurrent failures never lose a count:
+    otherwise parallel guesses would get more tries at a real account than at an unknown email.
+
+    A user row is locked by a no-op UPDATE; a throttle row is inserted unless there (ON CONFLICT DO
+    NOTHING: racing first failures do not trip over the primary key), then SELECTed FOR UPDATE. On
+    SQLite, which has no row locks, that first write takes the database's write lock instead.
+    """
+    if user is not None:
+        session.execute(update(User).where(User.id == user.id).values(failed_logins=User.failed_logins),
+                        execution_options={"synchronize_session": False})
+        session.refresh(user)
+        return user
+    key = _email_key(email)
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    session.execute(insert(SignInThrottle).values(email_sha256=key, failed_logins=0, last_failed_at=now)
+                    .on_conflict_do_nothing(index_elements=[SignInThrottle.email_sha256]))
+    return session.execute(select(SignInThrottle).where(SignInThrottle.email_sha256 == key).with_for_update()
+                           .execution_options(populate_existing=True)).scalar_one()
+
+
+def _prune_throttle(session: Session, now: datetime) -> None:
+    """Delete throttle rows the rule has forgotten (last failure FAILURE_MEMORY ago, lock over): a
+    pruned row and a kept one answer alike, and the table holds about a day of failing emails.
+
+    At most THROTTLE_PRUNE_BATCH rows per failed sign-in, which outpaces the one row a failure can add.
+    SKIP LOCKED (PostgreSQL) leaves rows another sign-in is counting to a later pass instead of waiting.
+    """
+    forgotten = (select(SignInThrottle.email_sha256)
+                 .where(SignInThrottle.last_failed_at <= now - FAILURE_MEMORY,
+                        or_(SignInThrottle.locked_until.is_(None), SignInThrottle.locked_until <= now))
+                 .limit(THROTTLE_PRUNE_BATCH).with_for_update(skip_locked=True))
+    session.execute(delete(SignInThrottle).where(SignInThrottle.email_sha256.in_(forgotten)),
+                    execution_options={"synchronize_session": False})
 
 
 @functools.cache
@@ -150,49 +237,46 @@ def _decoy_hash(rounds: int) -> bytes:
     return bcrypt.hashpw(b"decoy", bcrypt.gensalt(rounds))
 
 
-def _locked_message(user: User) -> str:
-    return f"too many failed sign-ins; try again after {user.locked_until:%H:%M} UTC"
-
-
 def authenticate(email: str, password: str) -> User:
-    """Check a password; 5 failures lock the account for 15 minutes (kept in the database)."""
-    now = datetime.now(UTC)
-    with system_session() as session:
-        user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
-        if user is None or not user.active:
-            bcrypt.checkpw(password.encode(), _decoy_hash(load_settings().bcrypt_rounds))
-            raise PermissionDenied("wrong email or password")
-        if user.locked_until and user.locked_until > now:
-            raise PermissionDenied(_locked_message(user))
-        if not bcrypt.checkpw(password.encode(), user.password_hash.encode()):
-            _register_failure(session, user, now)
-            session.commit()
-            raise PermissionDenied("wrong email or password")
-        user.failed_logins, user.locked_until = 0, None
-        return user
+    """Check a password; 5 failures lock the account for 15 minutes (kept in the database).
 
-
-def record_failed_login(email: str) -> str | None:
-    """A failed sign-in seen by the app's login form: counts toward the lockout.
-
-    Returns the message to show when the account is (now) locked, else None.
+    An email without an account, or with a deactivated one, is answered like a wrong password: a
+    decoy bcrypt check takes as long, and its failures count and lock alike (_register_failure),
+    so neither the message nor the time tells which emails have an account.
     """
     now = datetime.now(UTC)
     with system_session() as session:
-        user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
-        if user is None:
-            return None
-        if not (user.locked_until and user.locked_until > now):
-            _register_failure(session, user, now)
-        return _locked_message(user) if user.locked_until and user.locked_until > now else None
+        user = _find_user(session, email)
+        counter = user if user is not None else session.get(SignInThrottle, _email_key(email))
+        if locked := _lockout_message(counter, now):
+            raise PermissionDenied(locked)
+        account = user if user is not None and user.active else None
+        hashed = account.password_hash.encode() if account else _decoy_hash(load_settings().bcrypt_rounds)
+        if bcrypt.checkpw(password.encode(), hashed) and account is not None:
+            account.failed_logins, account.locked_until = 0, None
+            return account
+        _register_failure(session, email, user, now)
+        session.commit()  # the failure counts although the refusal below rolls the session back
+        raise PermissionDenied("wrong email or password")
+
+
+def record_failed_login(email: str) -> str | None:
+    """A failed sign-in seen by the app's login form: counts toward the lockout, whether or not the
+    email has an account (see authenticate).
+
+    Returns the message to show when the email is (now) locked, else None.
+    """
+    now = datetime.now(UTC)
+    with system_session() as session:
+        return _lockout_message(_register_failure(session, email, _find_user(session, email), now), now)
 
 
 def record_login(email: str) -> User | None:
     """A successful sign-in: clears the failure count. None when the user may not sign in (any more)."""
     now = datetime.now(UTC)
     with system_session() as session:
-        user = session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
-        if user is None or not user.active or (user.locked_until and user.locked_until > now):
+        user = _find_user(session, email)
+        if user is None or not user.active or _lockout_message(user, now) is not None:
             return None
         user.failed_logins, user.locked_until = 0, None
         return user
@@ -200,7 +284,7 @@ def record_login(email: str) -> User | None:
 
 def get_user_by_email(email: str) -> User | None:
     with system_session() as session:
-        return session.execute(select(User).where(User.email == email.strip().lower())).scalar_one_or_none()
+        return _find_user(session, email)
 
 
 def current_role(user_id: int | None) -> str | None:
@@ -241,5 +325,5 @@ def credentials_for_authenticator() -> dict[str, dict[str, dict[str, object]]]:
     with system_session() as session:
         users = session.execute(select(User).where(User.active.is_(True))).scalars()
         return {"usernames": {u.email: {"email": u.email, "name": u.name, "roles": [u.role],
-                                        "password": LOCKED_HASH if u.locked_until and u.locked_until > now
+                                        "password": LOCKED_HASH if _lockout_message(u, now) is not None
                                         else u.password_hash} for u in users}}

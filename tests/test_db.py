@@ -23,7 +23,7 @@ def tables(url: str) -> set[str]:
 
 def test_migrations_up_down_up(app_db: str) -> None:
     assert is_current(app_db)
-    assert {"organizations", *TENANT_TABLES} <= tables(app_db)
+    assert {"organizations", "sign_in_throttle", *TENANT_TABLES} <= tables(app_db)
     downgrade(app_db, "base")
     get_engine(app_db).dispose()
     assert tables(app_db) <= {"alembic_version"}
