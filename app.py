@@ -2,7 +2,8 @@
 
 Checks the configuration (a bad operator setting stops every run with a message naming it),
 prepares the database (migrations, the demo organization on a first start), signs the user in
-with streamlit-authenticator against the users in the app database, then hands over to
+against the users in the app database (the app's own form over `users.authenticate`;
+streamlit-authenticator keeps the remember-me cookie and signs out), then hands over to
 `st.navigation` with the pages the user's role may see. The services check roles again: the
 menu only keeps people from clicking into a refusal.
 """
@@ -20,7 +21,7 @@ from db.crypto import local_key
 from db.session import database_url
 from services import demo, users
 from services.context import Actor
-from services.errors import ServiceError
+from services.errors import PermissionDenied, ServiceError, TooManySignIns
 from ui import session
 
 COOKIE_NAME = "rrc_session"
@@ -87,24 +88,40 @@ def signed_in_actor() -> Actor | None:
     return current
 
 
-def sign_in_page(authenticator: stauth.Authenticate, credentials: dict) -> None:
+def sign_in_page() -> None:
     """The only page a signed-out visitor gets: the sign-in form and "Create your organization"."""
     st.title("Revenue Recovery Copilot")
     st.caption("Find revenue that was earned but never billed — and recover it.")
-    authenticator.login(location="main", fields={"Form name": "Sign in", "Username": "Email",
-                                                 "Login": "Sign in"}, key="sign_in")
-    if st.session_state.get("authentication_status") is False:
-        failed = [email for email, entry in credentials["usernames"].items() if entry.get("failed_login_attempts")]
-        locked = next((message for email in failed if (message := users.record_failed_login(email))), None)
-        st.error(f"This account is locked: {locked}." if locked else "Wrong email or password.")
-    elif st.session_state.get("authentication_status"):
-        if signed_in_actor() is not None:
-            # Start over with the app's pages. This rerun drops the cookie component login() just drew
-            # before the browser runs it, so the next run draws it again (remember_sign_in).
-            st.session_state[COOKIE_PENDING] = True
-            st.rerun()
-        st.error("This account cannot sign in (deactivated or locked).")
+    sign_in_form()
     create_organization_form()
+
+
+def sign_in_form() -> None:
+    """The app's own form, not streamlit-authenticator's: that one answers an email it does not list at once
+    and never counts the failure, which tells which emails have an account. `users.authenticate` answers
+    every email alike (message, bcrypt time, lockout). The authenticator keeps the remember-me cookie."""
+    with st.form("sign_in"):
+        st.subheader("Sign in")
+        email = st.text_input("Email", autocomplete="username")
+        password = st.text_input("Password", type="password", autocomplete="current-password")
+        submitted = st.form_submit_button("Sign in")
+    if not submitted:
+        return
+    try:
+        user = users.authenticate(email, password)
+    except TooManySignIns as exc:
+        st.error(f"Sign-in is locked for this email: {exc}.")
+        return
+    except PermissionDenied:
+        st.error("Wrong email or password.")
+        return
+    st.session_state.update(authentication_status=True, username=user.email, name=user.name, email=user.email,
+                            roles=[user.role])
+    if signed_in_actor() is not None:
+        # Start over with the app's pages; the next full run writes the cookie (remember_sign_in).
+        st.session_state[COOKIE_PENDING] = True
+        st.rerun()
+    st.error("This account cannot sign in (deactivated or locked).")
 
 
 def pages_for(role: str) -> dict[str, list]:
@@ -126,15 +143,12 @@ def pages_for(role: str) -> dict[str, list]:
     return menu
 
 
-def sign_in_pages(authenticator: stauth.Authenticate, credentials: dict) -> list[StreamlitPage]:
+def sign_in_pages() -> list[StreamlitPage]:
     """The sign-in form under its own address and under every page address of the app, so that a link
     to /anomalies?id=16 opened signed out shows the form (not "Page not found") and is kept for later."""
-    def show() -> None:
-        sign_in_page(authenticator, credentials)
-
     paths = [page.url_path for section in pages_for("admin").values() for page in section if page.url_path]
-    return [st.Page(show, title="Sign in", url_path="sign-in", default=True),
-            *[st.Page(show, title="Sign in", url_path=path) for path in paths]]
+    return [st.Page(sign_in_page, title="Sign in", url_path="sign-in", default=True),
+            *[st.Page(sign_in_page, title="Sign in", url_path=path) for path in paths]]
 
 
 def open_requested_page(current: StreamlitPage, pages: list[StreamlitPage]) -> None:
@@ -158,16 +172,15 @@ def remember_sign_in(authenticator: stauth.Authenticate) -> None:
 def main() -> None:
     configuration_or_stop()
     prepare_database(database_url())
-    credentials = users.credentials_for_authenticator()
     # No built-in 0.7 s sleep per signed-out run: the lockout in the database (5 failures, 15 minutes)
     # is the brute-force guard, and a long run let a click arriving meanwhile lose its submit.
-    authenticator = stauth.Authenticate(credentials, COOKIE_NAME, cookie_key(), COOKIE_DAYS, auto_hash=False,
-                                        login_sleep_time=0)
+    authenticator = stauth.Authenticate(users.credentials_for_authenticator(), COOKIE_NAME, cookie_key(),
+                                        COOKIE_DAYS, auto_hash=False, login_sleep_time=0)
     authenticator.login(location="unrendered")  # re-checks the cookie only
     current = signed_in_actor()
     if current is None:
         st.session_state.pop("actor", None)
-        page = st.navigation(sign_in_pages(authenticator, credentials), position="hidden")
+        page = st.navigation(sign_in_pages(), position="hidden")
         if page.url_path:  # a page of the app, not the sign-in page itself ("")
             st.session_state[AFTER_SIGN_IN] = (page.url_path, st.query_params.to_dict())
         else:

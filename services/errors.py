@@ -9,6 +9,10 @@ class PermissionDenied(ServiceError):
     pass
 
 
+class TooManySignIns(PermissionDenied):
+    """A sign-in refused because the email failed too often lately, whether or not it has an account."""
+
+
 class NotFound(ServiceError):
     pass
 

@@ -18,14 +18,13 @@ from db.models import Organization, OrgSettings, SignInThrottle, User
 from db.session import org_session, system_session
 from services import audit
 from services.context import ROLES, Actor, require_role
-from services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from services.errors import Conflict, InvalidInput, NotFound, PermissionDenied, TooManySignIns
 
 MAX_FAILED_LOGINS = 5
 LOCKOUT = timedelta(minutes=15)
 FAILURE_MEMORY = timedelta(days=1)  # failures with no other one after them for this long are forgotten
 THROTTLE_PRUNE_BATCH = 100  # forgotten sign_in_throttle rows deleted per failed sign-in, at most
 MIN_PASSWORD = 8
-LOCKED_HASH = "$2b$04$" + "." * 53  # a well-formed bcrypt hash that no password matches
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 UNIQUE_VIOLATIONS = frozenset({"23505", "SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
@@ -242,33 +241,26 @@ def authenticate(email: str, password: str) -> User:
 
     An email without an account, or with a deactivated one, is answered like a wrong password: a
     decoy bcrypt check takes as long, and its failures count and lock alike (_register_failure),
-    so neither the message nor the time tells which emails have an account.
+    so neither the message nor the time tells which emails have an account. TooManySignIns (a
+    PermissionDenied) from the failure that locks on, until the lock ends, even for the right password.
+    The app's sign-in form and the API's token endpoint both come here.
     """
     now = datetime.now(UTC)
     with system_session() as session:
         user = _find_user(session, email)
         counter = user if user is not None else session.get(SignInThrottle, _email_key(email))
         if locked := _lockout_message(counter, now):
-            raise PermissionDenied(locked)
+            raise TooManySignIns(locked)
         account = user if user is not None and user.active else None
         hashed = account.password_hash.encode() if account else _decoy_hash(load_settings().bcrypt_rounds)
         if bcrypt.checkpw(password.encode(), hashed) and account is not None:
             account.failed_logins, account.locked_until = 0, None
             return account
-        _register_failure(session, email, user, now)
+        counter = _register_failure(session, email, user, now)
         session.commit()  # the failure counts although the refusal below rolls the session back
+        if locked := _lockout_message(counter, now):  # this failure was the last one allowed
+            raise TooManySignIns(locked)
         raise PermissionDenied("wrong email or password")
-
-
-def record_failed_login(email: str) -> str | None:
-    """A failed sign-in seen by the app's login form: counts toward the lockout, whether or not the
-    email has an account (see authenticate).
-
-    Returns the message to show when the email is (now) locked, else None.
-    """
-    now = datetime.now(UTC)
-    with system_session() as session:
-        return _lockout_message(_register_failure(session, email, _find_user(session, email), now), now)
 
 
 def record_login(email: str) -> User | None:
@@ -316,14 +308,11 @@ def find_organization(slug: str) -> Organization | None:
 
 
 def credentials_for_authenticator() -> dict[str, dict[str, dict[str, object]]]:
-    """The credentials dict streamlit-authenticator 0.4 expects, built from active users.
+    """The users streamlit-authenticator 0.4 may restore from a remember-me cookie: the active ones.
 
-    A locked-out user is listed with an unusable hash, so the form refuses even the right password
-    until the lock expires (the lock itself lives in the database, not in the authenticator).
+    No password hash: the app's sign-in form checks passwords through `authenticate` (one answer and one
+    lockout for every email), so the authenticator only keeps the session cookie and needs none.
     """
-    now = datetime.now(UTC)
     with system_session() as session:
         users = session.execute(select(User).where(User.active.is_(True))).scalars()
-        return {"usernames": {u.email: {"email": u.email, "name": u.name, "roles": [u.role],
-                                        "password": LOCKED_HASH if _lockout_message(u, now) is not None
-                                        else u.password_hash} for u in users}}
+        return {"usernames": {u.email: {"email": u.email, "name": u.name, "roles": [u.role]} for u in users}}

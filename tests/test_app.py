@@ -3,6 +3,7 @@ empty states, and the draft-invoice dialog end to end against the fake Stripe.""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from decimal import Decimal
@@ -115,6 +116,17 @@ def test_wrong_password_then_lockout(app_env: Path) -> None:
     assert "locked" in texts(at.error)
     at = sign_in(ANALYST[0], ANALYST[2])  # the right password no longer works while locked
     assert "locked" in texts(at.error) and not at.metric
+
+
+def test_the_form_answers_an_unknown_email_like_a_real_one(app_env: Path) -> None:
+    """Same messages, attempt by attempt, whether the email has an account or not: the form does not tell."""
+    def answers(email: str) -> list[str]:  # the lock's end (HH:MM) may fall in another minute for each
+        return [re.sub(r"\d\d:\d\d", "HH:MM", texts(sign_in(email, "not-the-password").error))
+                for _ in range(users.MAX_FAILED_LOGINS + 1)]
+
+    real, unknown = answers(ANALYST[0]), answers("nobody@demo.example")
+    assert real == unknown
+    assert "Wrong email or password" in real[0] and "locked" in real[-2] and "locked" in real[-1]
 
 
 @pytest.mark.parametrize(("who", "settings_visible"), [(ADMIN, True), (ANALYST, False)])

@@ -19,7 +19,7 @@ from db.models import Organization, SignInThrottle, User
 from db.session import downgrade, get_engine, org_session, system_session, upgrade
 from services import api_keys, users
 from services.context import Actor
-from services.errors import Conflict, PermissionDenied
+from services.errors import Conflict, PermissionDenied, TooManySignIns
 
 REAL, UNKNOWN, INACTIVE = "analyst@acme.example", "nobody@acme.example", "gone@acme.example"
 START = datetime(2026, 3, 2, 9, 41, 7, tzinfo=UTC)
@@ -63,6 +63,13 @@ def authenticate_message(email: str, password: str = "not-the-password") -> str:
     return str(refused.value)
 
 
+def fail(email: str) -> str | None:
+    """A wrong password, as the app's form and the API send it: the lock message when refused as locked."""
+    with pytest.raises(PermissionDenied) as refused:
+        users.authenticate(email, "not-the-password")
+    return str(refused.value) if isinstance(refused.value, TooManySignIns) else None
+
+
 def throttle_rows() -> dict[str, tuple[int, datetime | None, datetime]]:
     with system_session() as session:
         rows = session.execute(sa.select(SignInThrottle)).scalars()
@@ -73,16 +80,10 @@ def key(email: str) -> str:
     return hashlib.sha256(email.encode()).hexdigest()
 
 
-def test_app_path_locks_every_email_alike(emails: tuple[str, str, str], clock: Clock) -> None:
-    """record_failed_login (the app's form) answers a real, an unknown and a deactivated email the same way."""
-    expected = [None] * (users.MAX_FAILED_LOGINS - 1) + [LOCKED, LOCKED]
-    for email in emails:
-        assert [users.record_failed_login(email) for _ in range(users.MAX_FAILED_LOGINS + 1)] == expected, email
-
-
-def test_service_path_locks_every_email_alike(emails: tuple[str, str, str], clock: Clock) -> None:
-    """authenticate (and so the API's /api/auth/token): the 6th attempt is refused with the same lock."""
-    expected = [WRONG] * users.MAX_FAILED_LOGINS + [LOCKED]
+def test_every_email_is_locked_alike(emails: tuple[str, str, str], clock: Clock) -> None:
+    """authenticate (the app's sign-in form and the API's /api/auth/token): the failure that locks says so, and
+    so does every attempt until the lock ends, for a real, an unknown and a deactivated email alike."""
+    expected = [WRONG] * (users.MAX_FAILED_LOGINS - 1) + [LOCKED, LOCKED]
     for email in emails:
         assert [authenticate_message(email) for _ in range(users.MAX_FAILED_LOGINS + 1)] == expected, email
         with pytest.raises(api_keys.InvalidCredentials, match=f"^{LOCKED}$"):
@@ -93,15 +94,15 @@ def test_service_path_locks_every_email_alike(emails: tuple[str, str, str], cloc
 def test_the_lock_ends_after_lockout_and_counting_starts_again(emails: tuple[str, str, str], clock: Clock) -> None:
     for email in emails:
         for _ in range(users.MAX_FAILED_LOGINS):
-            users.record_failed_login(email)
+            fail(email)
     clock.advance(users.LOCKOUT - timedelta(seconds=1))
     assert [authenticate_message(email) for email in emails] == [LOCKED] * 3
     clock.advance(timedelta(seconds=1))
     assert users.authenticate(REAL, "password-2").email == REAL
     assert [authenticate_message(email) for email in (UNKNOWN, INACTIVE)] == [WRONG] * 2
     for _ in range(users.MAX_FAILED_LOGINS - 2):  # one failure short of a new lock: the old count is gone
-        assert users.record_failed_login(UNKNOWN) is None
-    assert users.record_failed_login(UNKNOWN) == "too many failed sign-ins; try again after 10:11 UTC"
+        assert fail(UNKNOWN) is None
+    assert fail(UNKNOWN) == "too many failed sign-ins; try again after 10:11 UTC"
 
 
 def test_failures_are_forgotten_after_a_day_for_every_email(emails: tuple[str, str, str], clock: Clock) -> None:
@@ -110,9 +111,9 @@ def test_failures_are_forgotten_after_a_day_for_every_email(emails: tuple[str, s
     def four_failures_then_wait(wait: timedelta) -> list[str | None]:
         for email in emails:
             for _ in range(users.MAX_FAILED_LOGINS - 1):
-                users.record_failed_login(email)
+                fail(email)
         clock.advance(wait)
-        return [users.record_failed_login(email) for email in emails]
+        return [fail(email) for email in emails]
 
     assert four_failures_then_wait(users.FAILURE_MEMORY - timedelta(seconds=1)) == [LOCKED] * 3  # 09:56 next day
     clock.advance(users.LOCKOUT)
@@ -120,10 +121,10 @@ def test_failures_are_forgotten_after_a_day_for_every_email(emails: tuple[str, s
 
 
 def test_throttle_stores_no_email_only_unknown_ones(org: tuple[Actor, Actor], clock: Clock) -> None:
-    users.record_failed_login(" Nobody@ACME.example ")
+    fail(" Nobody@ACME.example ")
     for _ in range(users.MAX_FAILED_LOGINS):
-        users.record_failed_login("locked@else.example")
-    users.record_failed_login(REAL)  # a real account's failures stay on its user row
+        fail("locked@else.example")
+    fail(REAL)  # a real account's failures stay on its user row
     assert throttle_rows() == {key("nobody@acme.example"): (1, None, START),
                                key("locked@else.example"): (0, START + users.LOCKOUT, START)}
     with get_engine().connect() as conn:
@@ -134,15 +135,15 @@ def test_throttle_stores_no_email_only_unknown_ones(org: tuple[Actor, Actor], cl
 def test_a_failure_prunes_forgotten_throttle_rows_in_bounded_batches(org: tuple[Actor, Actor], clock: Clock,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     for email in ("a@else.example", "b@else.example", "c@else.example"):
-        users.record_failed_login(email)
+        fail(email)
     clock.advance(users.FAILURE_MEMORY - timedelta(seconds=1))
-    users.record_failed_login("d@else.example")
+    fail("d@else.example")
     assert len(throttle_rows()) == 4  # a day is not over: nothing forgotten yet
     clock.advance(timedelta(seconds=1))
     monkeypatch.setattr(users, "THROTTLE_PRUNE_BATCH", 2)
     assert authenticate_message("e@else.example") == WRONG
     assert len(throttle_rows()) == 3  # two of a, b, c gone; d and e are recent
-    users.record_failed_login("e@else.example")
+    fail("e@else.example")
     assert set(throttle_rows()) == {key("d@else.example"), key("e@else.example")}
 
 
@@ -151,14 +152,14 @@ def test_concurrent_failures_on_a_new_email_all_count(org: tuple[Actor, Actor], 
     barrier = threading.Barrier(users.MAX_FAILED_LOGINS)
     results: list[str | BaseException | None] = []
 
-    def fail() -> None:
+    def attempt() -> None:
         barrier.wait()
         try:
-            results.append(users.record_failed_login("racer@else.example"))
+            results.append(fail("racer@else.example"))
         except BaseException as exc:  # reported by the assertion below
             results.append(exc)
 
-    threads = [threading.Thread(target=fail) for _ in range(users.MAX_FAILED_LOGINS)]
+    threads = [threading.Thread(target=attempt) for _ in range(users.MAX_FAILED_LOGINS)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -174,20 +175,20 @@ def test_a_failure_counted_while_a_password_is_checked_is_not_lost(emails: tuple
     check = bcrypt.checkpw
     for email in emails:
         for _ in range(users.MAX_FAILED_LOGINS - 2):
-            users.record_failed_login(email)
+            fail(email)
 
         def check_while_another_fails(password: bytes, hashed: bytes, email: str = email) -> bool:
             monkeypatch.setattr(bcrypt, "checkpw", check)
-            assert users.record_failed_login(email) is None  # the 4th failure, from a parallel request
+            assert fail(email) is None  # the 4th failure, from a parallel request
             return check(password, hashed)
 
         monkeypatch.setattr(bcrypt, "checkpw", check_while_another_fails)
-        assert authenticate_message(email) == WRONG  # the 5th: it locks
+        assert authenticate_message(email) == LOCKED  # the 5th: it locks, so the 4th was counted
         assert authenticate_message(email) == LOCKED, email
 
 
 def test_throttle_migration_up_and_down(org: tuple[Actor, Actor], app_db: str) -> None:
-    users.record_failed_login(UNKNOWN)
+    fail(UNKNOWN)
     inspector = sa.inspect(get_engine(app_db))
     assert "last_failed_at" in {c["name"] for c in inspector.get_columns("users")}
     downgrade(app_db, "0008")
@@ -206,7 +207,7 @@ def test_throttle_migration_up_and_down(org: tuple[Actor, Actor], app_db: str) -
 @pytest.mark.parametrize("app_db", ["postgres"], indirect=True)
 def test_tenant_sessions_cannot_read_the_throttle(org: tuple[Actor, Actor]) -> None:
     """Only system sessions use the table: like apscheduler_jobs (0004), no grant to rrc_app."""
-    users.record_failed_login(UNKNOWN)
+    fail(UNKNOWN)
     with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), org_session(org[0].org_id) as session:
         session.execute(sa.text("SELECT count(*) FROM sign_in_throttle"))
 
