@@ -29,6 +29,7 @@ from typing import Any
 import duckdb
 
 from core.duck import EPOCH, epoch_micros, floor_div_sql, register_columns
+from core.explain import AnomalyFacts, explain
 from core.gcpause import paused_gc
 from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, plain_decimal, round_money
@@ -299,18 +300,12 @@ def _classify(period: _Period, book: _PriceBook, params: ReconcileParams) -> _Ve
 
 
 def _explain(period: _Period, v: _Verdict) -> str:
-    cur = v.price.currency.upper()
-    facts = f"actual {plain_decimal(period.actual)} vs reported {plain_decimal(period.reported)} units; " \
-            f"expected {v.expected} {cur} under {v.price.price_id} ({v.price_source}), billed {v.billed} {cur}"
-    reasons = {
-        "unbilled_usage": "usage with no subscription covering the product in this period",
-        "under_reported_usage": "usage never reached billing",
-        "renewal_drift": f"billed at {v.billing_price.price_id if v.billing_price else '?'} instead of "
-                         f"the contract price {v.price.price_id}",
-        "missed_overage": "reported usage above the allowance was not charged",
-        "over_billing": f"billed {v.overbilled} {cur} more than the usage warrants (credit risk)",
-    }
-    return f"{reasons[v.kind]}: {facts}"
+    return explain(AnomalyFacts(
+        kind=v.kind, actual_units=period.actual, reported_units=period.reported, expected_amount=v.expected,
+        billed_amount=v.billed, overbilled_amount=v.overbilled, currency=v.price.currency,
+        price_id=v.price.price_id, price_source=v.price_source,
+        billing_price_id=v.billing_price.price_id if v.billing_price else None,
+    ))
 
 
 def _anomaly(period: _Period, v: _Verdict, daily: _DailyEvidence, as_of: datetime) -> Anomaly:

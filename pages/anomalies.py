@@ -226,7 +226,7 @@ def detail_panel(anomaly_id: int) -> None:
         open_account(row.account_id)
     st.caption(f"{type_label(row.type)} · severity {row.severity} · {STATUS_LABELS[row.status]}"
                + (f" ({detail.status_reason})" if detail.status_reason else "") + f" · anomaly #{row.id}")
-    st.write(explanation(detail.explanation))
+    st.write(explanation(detail))
     figures = st.columns(5)
     figures[0].metric("Amount", money(row.amount, row.currency))
     figures[1].metric("Expected", money(row.expected_amount, row.currency))

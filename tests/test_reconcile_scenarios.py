@@ -10,11 +10,21 @@ import pytest
 
 from core.bundle import load_bundle
 from core.demo import generate_demo_bundle
-from core.reconcile import ReconcileParams, reconcile
+from core.explain import AnomalyFacts, explain
+from core.reconcile import Anomaly, ReconcileParams, reconcile
 from tests.bundles import AS_OF, FEB, JAN, MAR, Scenario, only
 
 GRADUATED = [{"up_to": 100, "unit_amount": "1.00", "flat_amount": "0"},
              {"up_to": None, "unit_amount": "0.50", "flat_amount": "10.00"}]
+
+
+def explained_from_fields(a: Anomaly) -> str:
+    """The sentence `core.explain` builds from what an anomaly stores: what the app shows must match the
+    engine's stored text, so every fact it states has to be among the stored fields."""
+    return explain(AnomalyFacts(
+        kind=a.type, actual_units=a.actual_units, reported_units=a.reported_units, expected_amount=a.expected_amount,
+        billed_amount=a.billed_amount, overbilled_amount=a.overbilled_amount, currency=a.currency,
+        price_id=a.price_id, price_source=a.price_source, billing_price_id=a.evidence["billing_price_id"]))
 
 
 def test_under_reported_usage(tmp_path: Path) -> None:
@@ -29,6 +39,9 @@ def test_under_reported_usage(tmp_path: Path) -> None:
     assert a.evidence["daily"][1] == {"day": "2026-01-06", "actual": "500", "reported": "0"}
     assert set(a.confidence_factors) == {"mapping", "completeness", "persistence", "period_closed", "signal_to_noise"}
     assert 0 <= a.confidence <= 1 and a.severity in ("low", "medium", "high", "critical")
+    assert a.explanation == explained_from_fields(a) == (
+        "usage never reached billing: actual 1500 vs reported 1000 units; expected 150.00 USD under p_api "
+        "(subscription), billed 100.00 USD")
 
 
 def test_unbilled_usage_list_price_precedence(tmp_path: Path) -> None:
@@ -42,6 +55,9 @@ def test_unbilled_usage_list_price_precedence(tmp_path: Path) -> None:
     s.products[0][4] = "p_api_default"
     a = only(s.run(tmp_path / "default"))
     assert (a.expected_amount, a.price_source) == (D("20.00"), "list:default")
+    assert a.explanation == explained_from_fields(a) == (
+        "usage with no subscription covering the product in this period: actual 100 vs reported 100 units; "
+        "expected 20.00 USD under p_api_default (list:default), billed 0.00 USD")
 
 
 def test_usage_after_cancellation_uses_the_previous_subscription_price(tmp_path: Path) -> None:
@@ -68,6 +84,9 @@ def test_renewal_drift(tmp_path: Path) -> None:
     assert (a.type, a.period_start.month, a.price_id, a.price_source) == ("renewal_drift", 2, "p_api_2026", "contract")
     assert (a.expected_amount, a.billed_amount, a.leak_amount) == (D("120.00"), D("100.00"), D("20.00"))
     assert a.evidence["billing_price_id"] == "p_api"
+    assert a.explanation == explained_from_fields(a) == (
+        "billed at p_api instead of the contract price p_api_2026: actual 1000 vs reported 1000 units; "
+        "expected 120.00 USD under p_api_2026 (contract), billed 100.00 USD")
 
 
 def test_missed_overage_graduated(tmp_path: Path) -> None:
@@ -76,6 +95,9 @@ def test_missed_overage_graduated(tmp_path: Path) -> None:
     a = only(s.run(tmp_path))  # 100 x 1.00 + 50 x 0.50 + 10.00 flat = 135.00
     assert (a.type, a.expected_amount, a.billed_amount, a.leak_amount) == (
         "missed_overage", D("135.00"), D("100.00"), D("35.00"))
+    assert a.explanation == explained_from_fields(a) == (
+        "reported usage above the allowance was not charged: actual 150 vs reported 150 units; "
+        "expected 135.00 USD under p_grad (subscription), billed 100.00 USD")
 
 
 def test_over_billing_and_its_threshold(tmp_path: Path) -> None:
@@ -83,6 +105,9 @@ def test_over_billing_and_its_threshold(tmp_path: Path) -> None:
     s.invoice("acme", "api", "100", "11.00")
     a = only(s.run(tmp_path / "a"))
     assert (a.type, a.leak_amount, a.overbilled_amount) == ("over_billing", D("0.00"), D("1.00"))
+    assert a.explanation == explained_from_fields(a) == (
+        "billed 1.00 USD more than the usage warrants (credit risk): actual 100 vs reported 100 units; "
+        "expected 10.00 USD under p_api (subscription), billed 11.00 USD")
     s.invoice_lines[0][6] = "10.99"
     assert s.run(tmp_path / "b").anomalies == []
 
@@ -113,6 +138,8 @@ def test_minor_unit_currencies(tmp_path: Path, currency: str, unit: str, expecte
     s.use("acme", "api", "2026-01-03T00:00:00Z", "1000", reported="")
     a = only(s.run(tmp_path))
     assert (a.currency, a.expected_amount, a.leak_amount) == (currency, expected, expected)
+    assert a.explanation == explained_from_fields(a)
+    assert f"expected {expected} {currency.upper()} under p_c" in a.explanation  # the currency's decimals
 
 
 def test_invoice_in_another_currency_is_not_compared(tmp_path: Path) -> None:
@@ -205,6 +232,7 @@ def test_demo_bundle_matches_its_planted_truth(tmp_path: Path, usage_format: str
     want = {(p["account_id"], p["product_key"], p["period_start"], p["type"]):
             (p["expected_amount"], p["billed_amount"], p["leak_amount"]) for p in manifest.planted}
     assert got == want
+    assert all(a.explanation == explained_from_fields(a) for a in result.anomalies)
     assert {k[3] for k in want} == {"unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage",
                                     "over_billing"}
     assert manifest.noise  # late events were planted and, per the equality above, not flagged

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
-from ui.format import audit_details, decimal_text, explanation, plural, price
+import pytest
+
+from services.anomalies import AnomalyDetail, AnomalyRow
+from ui.format import PRICE_SOURCES, audit_details, decimal_text, explanation, plural, price
 
 
 def test_prices_keep_the_currency_and_its_decimals_and_never_lose_sub_cent_precision() -> None:
@@ -28,15 +34,55 @@ def test_plural() -> None:
     assert plural(1234, "action") == "1,234 actions"
 
 
-def test_explanations_read_as_sentences_without_touching_ids_or_dates() -> None:
-    stored = ("unbilled usage with no subscription covering the product in this period: actual 31369 vs "
-              "reported 0 units; expected 2490.03 USD under price_export_usd (list:default), billed 0.00 USD")
-    assert explanation(stored) == (
-        "Unbilled usage with no subscription covering the product in this period: actual 31,369 vs reported 0 "
-        "units; expected 2,490.03 USD under price_export_usd (default list price), billed 0.00 USD")
-    assert explanation("billed at price_2026 instead of acct_10000 on 2026-10-01") == \
-        "Billed at price_2026 instead of acct_10000 on 2026-10-01"
-    assert explanation("") == ""
+def anomaly(kind: str, **fields: Any) -> AnomalyDetail:
+    """An anomaly as the queue reads it back from the database (amounts with the column's six decimals);
+    `fields` override row or detail fields by name."""
+    row = AnomalyRow(
+        id=1, account_id="acct_10000", account_name="Acme", product_key="api",
+        period_start=datetime(2026, 10, 1, tzinfo=UTC), period_end=datetime(2026, 11, 1, tzinfo=UTC), type=kind,
+        severity="high", status="open", amount=Decimal("2490.030000"), currency="usd", confidence=Decimal("0.9"),
+        actual_units=Decimal("31369.000000"), reported_units=Decimal("0E-6"), leak_units=Decimal("31369.000000"),
+        expected_amount=Decimal("2490.030000"), billed_amount=Decimal("0.000000"))
+    row = replace(row, **{k: v for k, v in fields.items() if hasattr(row, k)})
+    detail = AnomalyDetail(
+        row=row, fingerprint="f", price_id="price_20261001", price_source="subscription", subscription_id="sub_1",
+        explanation="stored text the page never reads", confidence_factors={},
+        evidence={"billing_price_id": "price_10000"}, status_reason=None, notes=[], stripe_customer_id=None,
+        crm_id=None, overbilled_amount=Decimal("1234.500000"))
+    return replace(detail, **{k: v for k, v in fields.items() if not hasattr(row, k)})
+
+
+FACTS = ("actual 31,369 vs reported 0 units; expected 2,490.03 USD under price_20261001 (subscription price), "
+         "billed 0.00 USD")
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("unbilled_usage", "Usage with no subscription covering the product in this period"),
+    ("under_reported_usage", "Usage never reached billing"),
+    ("renewal_drift", "Billed at price_10000 instead of the contract price price_20261001"),
+    ("missed_overage", "Reported usage above the allowance was not charged"),
+    ("over_billing", "Billed 1,234.50 USD more than the usage warrants (credit risk)"),
+])
+def test_explanations_are_rebuilt_from_the_anomaly_fields(kind: str, reason: str) -> None:
+    # ids with many digits are never reformatted (no id goes through a number format) and the stored text is
+    # not read, so an anomaly stored under another wording reads like a new one
+    assert explanation(anomaly(kind)) == f"{reason}: {FACTS}"
+
+
+def test_explanation_numbers_get_separators_and_money_its_currency_decimals() -> None:
+    shown = explanation(anomaly("over_billing", currency="kwd", actual_units=Decimal("1234567.500000"),
+                                reported_units=Decimal("999.000000"), expected_amount=Decimal("1000.000000"),
+                                billed_amount=Decimal("2234.500000")))
+    assert shown == ("Billed 1,234.500 KWD more than the usage warrants (credit risk): actual 1,234,567.5 vs "
+                     "reported 999 units; expected 1,000.000 KWD under price_20261001 (subscription price), "
+                     "billed 2,234.500 KWD")
+    assert "expected 350,000 JPY" in explanation(anomaly("under_reported_usage", currency="jpy",
+                                                         expected_amount=Decimal("350000.000000")))
+
+
+@pytest.mark.parametrize(("source", "words"), sorted(PRICE_SOURCES.items()))
+def test_explanations_name_each_price_source_in_words(source: str, words: str) -> None:
+    assert f"under price_20261001 ({words}), billed" in explanation(anomaly("unbilled_usage", price_source=source))
 
 
 def test_audit_details_show_money_with_its_currency() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from core.explain import AnomalyFacts, explain
 from core.money import currency_exponent, format_money
-from services.anomalies import TYPE_LABELS
+from services.anomalies import TYPE_LABELS, AnomalyDetail
 
 STATUS_LABELS = {"open": "Open", "dismissed": "Dismissed", "actioned": "Actioned", "recovered": "Recovered",
                  "resolved": "Resolved"}
@@ -75,23 +75,25 @@ PRICE_SOURCES = {
     "list:default": "default list price",
     "list:first": "first listed price",
 }
-_NUMBER = re.compile(r"(?<![\w.\-])(\d{4,})(\.\d+)?(?![\w\-])")
-_PRICE_SOURCE = re.compile(r"\((" + "|".join(re.escape(key) for key in PRICE_SOURCES) + r")\)")
 
 
-def explanation(text: str | None) -> str:
-    """A stored explanation as a sentence: capitalised, thousands separators, price sources in words.
+def explanation(detail: AnomalyDetail) -> str:
+    """Why the anomaly was raised, as a sentence: core's wording rebuilt from the anomaly's fields,
+    capitalised, with thousands separators, money in its currency's decimals and price sources in words.
 
-    `reported usage above the allowance was not charged: actual 31369 vs reported 31369 units; expected
-    479.00 USD under price_seats_usd (subscription)` ->
-    `Reported usage above the allowance was not charged: actual 31,369 vs reported 31,369 units; expected
-    479.00 USD under price_seats_usd (subscription price)`. The stored text (and exports) stay as they are.
+    `Usage never reached billing: actual 31,369 vs reported 0 units; expected 2,490.03 USD under
+    price_api_usd (subscription price), billed 0.00 USD`. Built from fields, never by parsing the stored
+    text, so ids such as `price_20261001` stay as they are and an anomaly stored under an older wording reads
+    like a new one. The stored text (and exports) stay as the engine wrote them.
     """
-    if not text:
-        return ""
-    shown = _NUMBER.sub(lambda m: f"{int(m.group(1)):,}{m.group(2) or ''}", text)
-    shown = _PRICE_SOURCE.sub(lambda m: f"({PRICE_SOURCES[m.group(1)]})", shown)
-    return shown[:1].upper() + shown[1:]
+    row = detail.row
+    sentence = explain(
+        AnomalyFacts(kind=row.type, actual_units=row.actual_units, reported_units=row.reported_units,
+                     expected_amount=row.expected_amount, billed_amount=row.billed_amount,
+                     overbilled_amount=detail.overbilled_amount, currency=row.currency, price_id=detail.price_id,
+                     price_source=detail.price_source, billing_price_id=detail.evidence.get("billing_price_id")),
+        units=units, money=money, source=lambda key: PRICE_SOURCES.get(key, key))
+    return sentence[:1].upper() + sentence[1:]
 
 
 AMOUNT_KEYS = ("amount", "total", "leak_amount", "overbilled_amount", "expected_amount", "billed_amount")
