@@ -2,10 +2,18 @@
 
 Schema changes go through Alembic (db/migrations); these classes are the single description the
 migrations were written from. Money is Numeric (never float); timestamps are timezone-aware UTC.
+
+Enumerated and bounded columns carry a CHECK constraint `ck_<table>_<column>` (migration 0010)
+built from a `OneOf` or `AtLeastZero` rule, so a row the app would mis-render or mis-count (a
+role "owner", a negative leak) is refused by the database whoever writes it; `column_rules`
+hands the same rules to code that checks rows before writing them (`import-org`). The
+vocabularies live here, or in core when the engine produces them, because db may not import
+services: the services take theirs from this module.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -14,12 +22,15 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     Numeric,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -28,12 +39,95 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from core.reconcile import ANOMALY_TYPES
+from core.scoring import SEVERITIES
+
 MONEY = Numeric(20, 6)
 UNITS = Numeric(38, 9)
 TENANT_TABLES = (
     "users", "integrations", "org_settings", "accounts", "recon_runs", "anomalies", "actions",
     "audit_log", "api_keys", "usage_events", "audit_heads",
 )
+
+# The vocabularies of the enumerated columns (anomaly types and severities come from core's engine).
+ROLES = ("admin", "analyst")  # users.role; "system" is an Actor of the scheduler/CLI, never a stored user
+INTEGRATION_KINDS = ("stripe", "salesforce", "hubspot", "sql_source", "s3_parquet")
+INTEGRATION_STATUSES = ("unchecked", "ok", "error")  # never checked since saved | last check passed | failed
+SCHEDULE_KINDS = ("off", "cron", "interval")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "interrupted")
+RUN_TRIGGERS = ("manual", "schedule", "api", "cli")
+ANOMALY_STATUSES = ("open", "dismissed", "actioned", "recovered", "resolved")
+ACTION_KINDS = ("draft_invoice", "salesforce_task", "hubspot_task")
+ACTION_STATUSES = ("pending", "succeeded", "failed")
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """An enumerated column: only these values (NULL passes, as in SQL; NOT NULL is the column's business)."""
+
+    column: str
+    values: tuple[str, ...]
+
+    @property
+    def sql(self) -> str:
+        listed = ", ".join("'" + value.replace("'", "''") + "'" for value in self.values)
+        return f"{_quoted(self.column)} IN ({listed})"
+
+    def problem(self, value: Any) -> str | None:
+        """None when the database accepts `value`, else what was expected instead."""
+        if value is None or (isinstance(value, str) and value in self.values):
+            return None
+        return f"is not one of {', '.join(self.values)}"
+
+
+@dataclass(frozen=True)
+class AtLeastZero:
+    """A number that is never negative (an amount, a count), and at most `upper` when given."""
+
+    column: str
+    upper: Decimal | None = None
+
+    @property
+    def _bounds(self) -> tuple[str, ...]:
+        return (">= 0",) if self.upper is None else (">= 0", f"<= {self.upper}")
+
+    @property
+    def sql(self) -> str:
+        return " AND ".join(f"{_quoted(self.column)} {bound}" for bound in self._bounds)
+
+    def problem(self, value: Any) -> str | None:
+        """None when `value` is a finite number in bounds (or NULL), else what was expected instead.
+
+        Stricter than the database only in refusing NaN and infinities, which no column should hold.
+        """
+        if value is None:
+            return None
+        if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+            number = Decimal(value)
+            # NaN must not reach a comparison: it raises
+            if number.is_finite() and number >= 0 and (self.upper is None or number <= self.upper):
+                return None
+        return f"is not a number {' and '.join(self._bounds)}"
+
+
+ColumnRule = OneOf | AtLeastZero
+
+
+def checks(*rules: ColumnRule) -> tuple[CheckConstraint, ...]:
+    """One CHECK constraint per rule, named ck_<table>_<column> by the metadata's convention."""
+    return tuple(CheckConstraint(rule.sql, name=rule.column, info={"rule": rule}) for rule in rules)
+
+
+def column_rules(table: Table) -> dict[str, ColumnRule]:
+    """The rules of `table`'s CHECK constraints by column, in column order: what the database will
+    refuse, for code that checks rows before it writes them."""
+    rules = {constraint.info["rule"].column: constraint.info["rule"] for constraint in table.constraints
+             if isinstance(constraint, CheckConstraint) and "rule" in constraint.info}
+    return {column.name: rules[column.name] for column in table.columns if column.name in rules}
 
 
 def utcnow() -> datetime:
@@ -61,6 +155,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
+    # SQLAlchemy's default index names, and ck_<table>_<name> for CHECK constraints (see `checks`)
+    metadata = MetaData(naming_convention={"ix": "ix_%(column_0_label)s",
+                                           "ck": "ck_%(table_name)s_%(constraint_name)s"})
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
 
 
@@ -79,11 +176,12 @@ class Organization(Base):
 
 class User(OrgScoped, Base):
     __tablename__ = "users"
+    __table_args__ = checks(OneOf("role", ROLES), AtLeastZero("failed_logins"))
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(254), unique=True)  # also the login name
     name: Mapped[str] = mapped_column(String(200))
     password_hash: Mapped[str] = mapped_column(String(100))
-    role: Mapped[str] = mapped_column(String(16))  # admin | analyst
+    role: Mapped[str] = mapped_column(String(16))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None]
@@ -101,6 +199,7 @@ class SignInThrottle(Base):
     """
 
     __tablename__ = "sign_in_throttle"
+    __table_args__ = checks(AtLeastZero("failed_logins"))
     email_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None]
@@ -109,9 +208,10 @@ class SignInThrottle(Base):
 
 class Integration(OrgScoped, Base):
     __tablename__ = "integrations"
-    __table_args__ = (UniqueConstraint("org_id", "kind", "name"),)
+    __table_args__ = (UniqueConstraint("org_id", "kind", "name"),
+                      *checks(OneOf("kind", INTEGRATION_KINDS), OneOf("status", INTEGRATION_STATUSES)))
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # stripe | salesforce | hubspot | sql_source | s3
+    kind: Mapped[str] = mapped_column(String(32))
     name: Mapped[str] = mapped_column(String(100))
     config_encrypted: Mapped[str] = mapped_column(Text)  # Fernet token of a JSON dict
     status: Mapped[str] = mapped_column(String(16), default="unchecked")
@@ -124,11 +224,14 @@ class Integration(OrgScoped, Base):
 
 class OrgSettings(Base):
     __tablename__ = "org_settings"
+    # The thresholds are checked where they are used (services.settings.reconcile_params fails a run with the
+    # reason), which also covers rows stored before their bounds existed.
+    __table_args__ = checks(OneOf("schedule_kind", SCHEDULE_KINDS))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
     rel_tolerance: Mapped[Decimal] = mapped_column(Numeric(10, 6), default=Decimal("0.005"))
     min_leak_amount: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("1.00"))
     over_billing_min: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("1.00"))
-    schedule_kind: Mapped[str] = mapped_column(String(16), default="off")  # cron | interval | off
+    schedule_kind: Mapped[str] = mapped_column(String(16), default="off")
     schedule_expr: Mapped[str | None] = mapped_column(String(100))
     schedule_timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     data_source: Mapped[dict[str, Any] | None]
@@ -153,10 +256,11 @@ class ReconRun(OrgScoped, Base):
         # at most one queued run per org (migration 0008): queue_run's read-then-insert cannot race into two
         Index("ux_recon_runs_one_queued", "org_id", unique=True, sqlite_where=text("status = 'queued'"),
               postgresql_where=text("status = 'queued'")),
+        *checks(OneOf("status", RUN_STATUSES), OneOf("trigger", RUN_TRIGGERS), AtLeastZero("progress", Decimal(1))),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed|interrupted
-    trigger: Mapped[str] = mapped_column(String(16))  # manual | schedule | api | cli
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    trigger: Mapped[str] = mapped_column(String(16))
     params: Mapped[dict[str, Any] | None]
     counts: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
@@ -180,6 +284,11 @@ class Anomaly(OrgScoped, Base):
         Index("ix_anomalies_org_period", "org_id", "period_start"),
         Index("ix_anomalies_dashboard", "org_id", "status", "type", "currency", "period_start", "product_key",
               "account_id", "confidence", "leak_amount", "overbilled_amount"),  # migration 0005
+        # expected_amount and billed_amount stay unbounded: invoice lines may be credits, and a price tier's amounts
+        # are not refused when negative (core/bundle.py), so either can be below 0
+        *checks(OneOf("type", ANOMALY_TYPES), OneOf("severity", SEVERITIES), OneOf("status", ANOMALY_STATUSES),
+                AtLeastZero("confidence", Decimal(1)), AtLeastZero("actual_units"), AtLeastZero("reported_units"),
+                AtLeastZero("leak_units"), AtLeastZero("leak_amount"), AtLeastZero("overbilled_amount")),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
@@ -206,7 +315,7 @@ class Anomaly(OrgScoped, Base):
     price_source: Mapped[str] = mapped_column(String(64))
     subscription_id: Mapped[str | None] = mapped_column(String(200))
     explanation: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open|dismissed|actioned|recovered|resolved
+    status: Mapped[str] = mapped_column(String(16), default="open")
     status_reason: Mapped[str | None] = mapped_column(Text)
     status_changed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     status_changed_at: Mapped[datetime | None]
@@ -217,10 +326,11 @@ class Anomaly(OrgScoped, Base):
 
 class Action(OrgScoped, Base):
     __tablename__ = "actions"
+    __table_args__ = checks(OneOf("kind", ACTION_KINDS), OneOf("status", ACTION_STATUSES), AtLeastZero("amount"))
     id: Mapped[int] = mapped_column(primary_key=True)
     anomaly_id: Mapped[int | None] = mapped_column(ForeignKey("anomalies.id", ondelete="SET NULL"), index=True)
-    kind: Mapped[str] = mapped_column(String(32))  # draft_invoice | salesforce_task | hubspot_task | export
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | succeeded | failed
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     external_id: Mapped[str | None] = mapped_column(String(200))
     amount: Mapped[Decimal | None] = mapped_column(MONEY)
@@ -282,6 +392,7 @@ class UsageEvent(OrgScoped, Base):
     __table_args__ = (
         UniqueConstraint("org_id", "event_id"),
         Index("ix_usage_events_lookup", "org_id", "account_id", "product_key", "ts"),
+        *checks(AtLeastZero("units")),
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(200))

@@ -25,7 +25,7 @@ from core.money import plain_decimal
 from core.reconcile import ANOMALY_TYPES, LEAK_TYPES
 from core.scoring import SEVERITIES
 from core.spreadsheet import safe_cell
-from db.models import Account, Action, Anomaly, AuditEntry
+from db.models import ANOMALY_STATUSES, Account, Action, Anomaly, AuditEntry
 from db.session import org_session
 from services import audit
 from services.context import Actor, require_role
@@ -39,7 +39,7 @@ TYPE_LABELS = {
     "missed_overage": "Missed overage",
     "over_billing": "Over-billing (credit risk)",
 }
-STATUSES = ("open", "dismissed", "actioned", "recovered", "resolved")
+STATUSES = ANOMALY_STATUSES  # the database's vocabulary for anomalies.status
 MANUAL_TRANSITIONS = {  # target status -> statuses it may come from
     "dismissed": ("open", "actioned"),
     "recovered": ("open", "actioned"),

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from db.models import ROLES as ROLES  # the database checks users.role against it (db may not import services)
 from services.errors import PermissionDenied
-
-ROLES = ("admin", "analyst")
 
 
 @dataclass(frozen=True)

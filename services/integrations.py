@@ -27,16 +27,16 @@ from sqlalchemy import select
 from connectors.base import CheckResult
 from connectors.sql_source import mask_url
 from db.crypto import decrypt_json, encrypt_json, mask_secret
-from db.models import Integration
+from db.models import INTEGRATION_KINDS, Integration
 from db.session import org_session
 from services import audit, source_policy
 from services.context import Actor, require_role
 from services.errors import InvalidInput, NotFound
 
 DEFAULT_NAME = "default"
+KINDS = INTEGRATION_KINDS  # the database's vocabulary for integrations.kind; LABELS and the rest cover each
 LABELS = {"stripe": "Stripe", "salesforce": "Salesforce", "hubspot": "HubSpot", "sql_source": "SQL usage source",
           "s3_parquet": "S3 Parquet usage source"}
-KINDS = tuple(LABELS)
 REQUIRED: dict[str, tuple[str, ...]] = {
     "stripe": ("api_key",),
     "salesforce": (),  # username + password, or consumer_key + client_secret + instance_url: see _validate

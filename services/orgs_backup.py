@@ -19,6 +19,13 @@ over the new ids, and the entry `organization.imported` records the original cha
 and the archive's checksum, which ties the new chain to the verified old one. Either way the head
 is sealed anew with this installation's key (`audit.set_head`); the archive's own seal is checked
 with this installation's keys, and a note says so when none of them made it.
+
+The manifest's checksums only show damage: whoever edits an archive can rewrite them. So every
+value is also checked as it is read, against its column's type and the rules of the database's
+CHECK constraints (`db.models.column_rules`: roles, statuses, kinds, amounts never negative,
+confidence in [0, 1]); a refusal names file, line, column, value and what was expected. Every
+table but org_settings is read (and so checked) before the import's transaction opens; a bad
+org_settings row stops it inside, and the transaction writes nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from db.models import (
     UsageEvent,
     User,
     UTCDateTime,
+    column_rules,
 )
 from db.session import current_revision, head_revision, org_session, system_session
 from services import audit
@@ -119,7 +127,7 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def _from_json(table: str, column: str, value: Any) -> Any:
+def _from_json(table: str, line: int, column: str, value: Any) -> Any:
     if value is None:
         return None
     col_type = MODELS[table].__table__.c[column].type
@@ -134,7 +142,7 @@ def _from_json(table: str, column: str, value: Any) -> Any:
         if isinstance(col_type, Numeric):
             return Decimal(str(value))
     except (TypeError, ValueError, ArithmeticError) as exc:
-        raise InvalidInput(f"{table}.jsonl: column {column}: bad value {value!r} ({exc})") from None
+        raise InvalidInput(f"{table}.jsonl line {line}: column {column}: bad value {value!r} ({exc})") from None
     return value
 
 
@@ -236,7 +244,9 @@ class _Archive:
         self.source_org_id = int(self.manifest["source"]["org_id"])
 
     def rows(self, table: str) -> Iterator[dict[str, Any]]:
+        """The table's rows as column values, each checked as the database would check it."""
         columns = set(_columns(table))
+        rules = column_rules(MODELS[table].__table__)
         with self.zip.open(f"{table}.jsonl") as handle:
             for number, line in enumerate(handle, start=1):
                 try:
@@ -245,7 +255,12 @@ class _Archive:
                     raise InvalidInput(f"{table}.jsonl line {number}: not JSON ({exc})") from None
                 if not isinstance(raw, dict) or set(raw) != columns:
                     raise InvalidInput(f"{table}.jsonl line {number}: expected the columns {sorted(columns)}")
-                yield {name: _from_json(table, name, value) for name, value in raw.items()}
+                row = {name: _from_json(table, number, name, value) for name, value in raw.items()}
+                for name, rule in rules.items():
+                    problem = rule.problem(row[name])
+                    if problem:
+                        raise InvalidInput(f"{table}.jsonl line {number}: column {name}: {raw[name]!r} {problem}")
+                yield row
 
 
 def _verify_chain(org_id: int, entries: list[dict[str, Any]]) -> str:

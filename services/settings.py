@@ -14,13 +14,12 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.orm import Session
 
 from core.reconcile import ReconcileParams
-from db.models import OrgSettings
+from db.models import SCHEDULE_KINDS, OrgSettings  # SCHEDULE_KINDS: org_settings.schedule_kind's vocabulary
 from db.session import org_session
 from services import audit
 from services.context import Actor, require_role
 from services.errors import InvalidInput
 
-SCHEDULE_KINDS = ("off", "cron", "interval")
 # A minimum amount of a billion major units already disables detection; and up to 15 significant digits
 # (9 + 6 decimals) a value survives SQLite, which stores Numeric as a binary float, unchanged.
 MAX_AMOUNT = Decimal(10) ** 9

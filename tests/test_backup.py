@@ -6,7 +6,7 @@ import hashlib
 import json
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -95,6 +95,33 @@ def jsonl(path: Path, table: str) -> list[dict]:
         return [json.loads(line) for line in archive.read(f"{table}.jsonl").splitlines()]
 
 
+def edited(archive: Path, out: Path, item: str, edit: Callable[[bytes], bytes], fix_checksum: bool = True) -> Path:
+    """A copy of `archive` with file `item` edited; with `fix_checksum` its manifest is rewritten to match, as
+    whoever edits an archive on purpose would do."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
+        manifest = json.loads(src.read("manifest.json"))
+        for name in src.namelist():
+            data = src.read(name)
+            if name == item:
+                data = edit(data)
+                if fix_checksum:
+                    manifest["files"][name]["sha256"] = hashlib.sha256(data).hexdigest()
+                    manifest["files"][name]["rows"] = len(data.splitlines())
+            if name != "manifest.json":
+                dst.writestr(name, data)
+        dst.writestr("manifest.json", json.dumps(manifest))
+    return out
+
+
+def line_edited(number: int, **changes: object) -> Callable[[bytes], bytes]:
+    """An edit of a JSON-lines file: line `number` (from 1) gets `changes`."""
+    def edit(data: bytes) -> bytes:
+        lines = data.splitlines(keepends=True)
+        lines[number - 1] = (json.dumps({**json.loads(lines[number - 1]), **changes}) + "\n").encode()
+        return b"".join(lines)
+    return edit
+
+
 def chain_ok(org_id: int) -> audit.VerifyResult:
     with org_session(org_id) as session:
         return audit.verify(session, org_id)
@@ -180,28 +207,10 @@ def test_a_conflicting_or_altered_archive_is_refused_and_nothing_is_written(
     with pytest.raises(InvalidInput, match="slug"):
         orgs_backup.import_org(archive, new_slug="Not A Slug")
 
-    def altered(name: str, edit, fix_checksum: bool) -> Path:  # type: ignore[no-untyped-def]
-        out = tmp_path / f"{name}.zip"
-        with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
-            manifest = json.loads(src.read("manifest.json"))
-            for item in src.namelist():
-                data = src.read(item)
-                if item == "audit_log.jsonl":
-                    data = edit(data)
-                    if fix_checksum:
-                        manifest["files"][item]["sha256"] = hashlib.sha256(data).hexdigest()
-                        manifest["files"][item]["rows"] = len(data.splitlines())
-                if item != "manifest.json":
-                    dst.writestr(item, data)
-            dst.writestr("manifest.json", json.dumps(manifest))
-        return out
+    def altered(name: str, edit: Callable[[bytes], bytes], fix_checksum: bool) -> Path:
+        return edited(archive, tmp_path / f"{name}.zip", "audit_log.jsonl", edit, fix_checksum)
 
-    def tamper(data: bytes) -> bytes:
-        lines = data.splitlines(keepends=True)
-        entry = json.loads(lines[2])
-        entry["details"] = {"email": "mallory@evil.example", "role": "admin"}
-        lines[2] = (json.dumps(entry) + "\n").encode()
-        return b"".join(lines)
+    tamper = line_edited(3, details={"email": "mallory@evil.example", "role": "admin"})
 
     monkeypatch.setenv("DATABASE_URL", other_db)
     with pytest.raises(InvalidInput, match="checksum"):
@@ -220,6 +229,41 @@ def test_a_conflicting_or_altered_archive_is_refused_and_nothing_is_written(
         orgs_backup.import_org(not_zip)
     with system_session() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Organization)) == 0
+
+
+def test_an_edited_row_is_refused_naming_line_column_and_value_even_with_rewritten_checksums(
+        app_db: str, other_db: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest's checksums are the archive's own word: each value is checked against the database's rules."""
+    source = populate("acme", demo_bundle)
+    archive = orgs_backup.export_org(source.admin, tmp_path / "acme.zip").path
+    assert [user["role"] for user in jsonl(archive, "users")] == ["admin", "analyst"]
+    refusals = {
+        ("users", 2, "role", "owner"): "users.jsonl line 2: column role: 'owner' is not one of admin, analyst",
+        ("users", 1, "failed_logins", -1): "users.jsonl line 1: column failed_logins: -1 is not a number >= 0",
+        ("anomalies", 3, "status", "paid"): "anomalies.jsonl line 3: column status: 'paid' is not one of open, "
+                                            "dismissed, actioned, recovered, resolved",
+        ("anomalies", 1, "confidence", "7"): "anomalies.jsonl line 1: column confidence: '7' is not a number >= 0 "
+                                             "and <= 1",
+        ("anomalies", 2, "leak_amount", "-5.00"): "anomalies.jsonl line 2: column leak_amount: '-5.00' is not a "
+                                                  "number >= 0",
+        ("actions", 1, "kind", "refund"): "actions.jsonl line 1: column kind: 'refund' is not one of draft_invoice, "
+                                          "salesforce_task, hubspot_task",
+        # read only inside the import's transaction, after the organization row: that one is rolled back too
+        ("org_settings", 1, "schedule_kind", "hourly"): "org_settings.jsonl line 1: column schedule_kind: 'hourly' "
+                                                        "is not one of off, cron, interval",
+    }
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    for (table, line, column, value), message in refusals.items():
+        forged = edited(archive, tmp_path / f"{table}-{column}.zip", f"{table}.jsonl",
+                        line_edited(line, **{column: value}))
+        with pytest.raises(InvalidInput) as refused:
+            orgs_backup.import_org(forged)
+        assert str(refused.value) == message
+    result = CliRunner().invoke(cli.app, ["import-org", str(tmp_path / "users-role.zip")])
+    assert result.exit_code == 2 and refusals[("users", 2, "role", "owner")] in " ".join(result.output.split())
+    with get_engine(other_db).connect() as conn:
+        assert {table: conn.execute(sa.select(sa.func.count()).select_from(model.__table__)).scalar_one()
+                for table, model in orgs_backup.TABLES} == {table: 0 for table, _ in orgs_backup.TABLES}
 
 
 def test_only_admins_export_and_output_must_be_a_zip(app_db: str, demo_bundle: Path, tmp_path: Path) -> None:

@@ -14,10 +14,8 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from db.models import ReconRun
+from db.models import RUN_STATUSES, RUN_TRIGGERS, ReconRun
 
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "interrupted")
-RUN_TRIGGERS = ("manual", "schedule", "api", "cli")
 FINISHED = ("succeeded", "failed", "interrupted")
 UPDATABLE = frozenset({"status", "params", "counts", "error", "progress", "progress_message", "started_at",
                        "finished_at", "heartbeat_at", "worker_id"})
