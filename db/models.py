@@ -253,6 +253,9 @@ class ReconRun(OrgScoped, Base):
     __tablename__ = "recon_runs"
     __table_args__ = (
         Index("ix_recon_runs_org_status", "org_id", "status"),
+        # at most one running run per org (migration 0004): two workers cannot both claim an org's runs
+        Index("ux_recon_runs_one_running", "org_id", unique=True, sqlite_where=text("status = 'running'"),
+              postgresql_where=text("status = 'running'")),
         # at most one queued run per org (migration 0008): queue_run's read-then-insert cannot race into two
         Index("ux_recon_runs_one_queued", "org_id", unique=True, sqlite_where=text("status = 'queued'"),
               postgresql_where=text("status = 'queued'")),
