@@ -51,6 +51,7 @@ MAX_RETRY_AFTER = 30.0
 SUBJECT_MAX = 255
 # Where Salesforce's logins send the REST calls (My Domain, Hyperforce, sandboxes, Government Cloud, China)
 SALESFORCE_DOMAINS = (".salesforce.com", ".force.com", ".cloudforce.com", ".salesforce.mil", ".sfcrmproducts.cn")
+HOST_NAME = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)+")  # a DNS name and nothing else: no port, user part or path
 RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
 T = TypeVar("T")
 
@@ -159,14 +160,18 @@ def _check_instance(settings: _Settings, instance: str) -> None:
 
     `instance_url` is judged before anyone connects (services/source_policy.py); the instance a login
     answers with is not, so a login server of the tenant's choosing could otherwise steer the REST
-    calls, with the session id, to an address the policy refuses."""
-    named = urlsplit(f"//{instance}")
-    host = (named.hostname or "").rstrip(".").lower()
-    own = settings.instance_url is not None and named.netloc.lower() == urlsplit(settings.instance_url).netloc.lower()
-    salesforce_host = host.endswith(SALESFORCE_DOMAINS) and ":" not in named.netloc  # https on its usual port
+    calls, with the session id, to an address the policy refuses. The instance is compared as the text
+    simple-salesforce puts after https://, not as urlsplit reads it: `127.0.0.2\\@na1.salesforce.com` is
+    na1.salesforce.com to urlsplit but 127.0.0.2 to requests. So it must be instance_url's own netloc
+    exactly, or a bare host name (letters, digits, dashes, dots; https on its usual port) in Salesforce's
+    domains."""
+    named = instance.lower()
+    own = settings.instance_url is not None and named == urlsplit(settings.instance_url).netloc.lower()
+    host = named.rstrip(".")
+    salesforce_host = HOST_NAME.fullmatch(host) is not None and host.endswith(SALESFORCE_DOMAINS)
     if not (own or salesforce_host):
         raise SalesforceFailure(f"Salesforce login named an instance outside Salesforce's domains "
-                                f"({host or instance!r}); refused: set instance_url to your Salesforce My Domain")
+                                f"({instance!r}); refused: set instance_url to your Salesforce My Domain")
 
 
 def _login(settings: _Settings, session: _Session) -> Salesforce:

@@ -148,6 +148,34 @@ def test_a_login_cannot_send_the_session_to_another_host(fake: FakeSalesforce) -
     assert salesforce.check(config_for(fake)).ok  # back to itself: the configured instance_url
 
 
+
+@pytest.mark.parametrize("instance", [
+    "127.0.0.2\\@na1.salesforce.com",  # urlsplit: na1.salesforce.com; requests: 127.0.0.2
+    "169.254.169.254#.salesforce.com", "169.254.169.254?.salesforce.com", "169.254.169.254/.salesforce.com",
+    "user@na1.salesforce.com", "na1.salesforce.com:8443", "na1.salesforce.com.evil.example",
+])
+def test_an_instance_that_reads_two_ways_is_refused(fake: FakeSalesforce, instance: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instance a login names is judged as the text the calls are built from, not as urlsplit reads it:
+    nothing but the login itself leaves, whichever login flow."""
+    sent: list[str] = []
+    send = requests.adapters.HTTPAdapter.send
+
+    def recording_send(adapter: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
+                       *args: Any, **kwargs: Any) -> requests.Response:
+        sent.append(str(request.url))
+        if not str(request.url).startswith(f"{fake.base_url}/"):
+            raise requests.ConnectionError("this test reaches no host but the fake")
+        return send(adapter, request, *args, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", recording_send)
+    fake.instance_url = f"https://{instance}"
+    oauth = {"consumer_key": fake.consumer_key, "client_secret": fake.client_secret, "instance_url": fake.base_url,
+             "max_attempts": 1}
+    for outcome in (salesforce.check(config_for(fake, max_attempts=1)), salesforce.check(oauth)):
+        assert not outcome.ok and outcome.message.startswith("Salesforce login named an instance outside")
+    assert sent and all(url.startswith(f"{fake.base_url}/services/") for url in sent)  # the logins only
+
 def test_create_task_sets_fields_and_is_idempotent_per_key(fake: FakeSalesforce) -> None:
     config = config_for(fake)
     first = make_task(config)
