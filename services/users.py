@@ -25,6 +25,7 @@ LOCKOUT = timedelta(minutes=15)
 FAILURE_MEMORY = timedelta(days=1)  # failures with no other one after them for this long are forgotten
 THROTTLE_PRUNE_BATCH = 100  # forgotten sign_in_throttle rows deleted per failed sign-in, at most
 MIN_PASSWORD = 8
+BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 refuses longer input instead of cutting it
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 UNIQUE_VIOLATIONS = frozenset({"23505", "SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
@@ -42,6 +43,9 @@ def _check_new_user(email: str, role: str, password: str) -> str:
         raise InvalidInput(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
     if len(password) < MIN_PASSWORD:
         raise InvalidInput(f"password: at least {MIN_PASSWORD} characters")
+    if len(password.encode()) > BCRYPT_MAX_BYTES:
+        raise InvalidInput(f"password: at most {BCRYPT_MAX_BYTES} bytes (72 plain letters; accented letters and "
+                           "symbols take 2 to 4 bytes each)")
     with system_session() as session:
         if session.execute(select(User.id).where(User.email == email)).first():
             raise Conflict(f"email: {email} already has an account")
@@ -253,7 +257,9 @@ def authenticate(email: str, password: str) -> User:
             raise TooManySignIns(locked)
         account = user if user is not None and user.active else None
         hashed = account.password_hash.encode() if account else _decoy_hash(load_settings().bcrypt_rounds)
-        if bcrypt.checkpw(password.encode(), hashed) and account is not None:
+        # what bcrypt reads of a password: a longer one is judged by its first 72 bytes, as every bcrypt before
+        # version 5 did (and as any hash made by one was), not refused with an error
+        if bcrypt.checkpw(password.encode()[:BCRYPT_MAX_BYTES], hashed) and account is not None:
             account.failed_logins, account.locked_until = 0, None
             return account
         counter = _register_failure(session, email, user, now)

@@ -85,6 +85,9 @@ def test_token_sign_in(client: TestClient, tenants: tuple[Tenant, Tenant]) -> No
     wrong = client.post("/api/auth/token", json={"email": "analyst@acme.example", "password": "password-x"})
     assert wrong.status_code == 401 and wrong.json()["detail"] == "wrong email or password"
     assert client.post("/api/auth/token", json={"email": "x"}).status_code == 422
+    for email in ("analyst@acme.example", "nobody@acme.example"):  # longer than bcrypt reads: a wrong password
+        long = client.post("/api/auth/token", json={"email": email, "password": "p" * 80})
+        assert long.status_code == 401 and long.json()["detail"] == "wrong email or password"
     for headers in ({}, auth("garbage"), auth(a.admin_token + "x"), {"Authorization": a.admin_token}):
         response = client.get("/api/runs", headers=headers)
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"

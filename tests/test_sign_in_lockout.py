@@ -19,7 +19,7 @@ from db.models import Organization, SignInThrottle, User
 from db.session import downgrade, get_engine, org_session, system_session, upgrade
 from services import api_keys, users
 from services.context import Actor
-from services.errors import Conflict, PermissionDenied, TooManySignIns
+from services.errors import Conflict, InvalidInput, PermissionDenied, TooManySignIns
 
 REAL, UNKNOWN, INACTIVE = "analyst@acme.example", "nobody@acme.example", "gone@acme.example"
 START = datetime(2026, 3, 2, 9, 41, 7, tzinfo=UTC)
@@ -90,6 +90,19 @@ def test_every_email_is_locked_alike(emails: tuple[str, str, str], clock: Clock)
             api_keys.issue_user_token(email, "not-the-password")
     assert authenticate_message(REAL, "password-2") == LOCKED  # the right password too, until the lock ends
 
+
+
+def test_passwords_are_judged_by_what_bcrypt_reads(org: tuple[Actor, Actor]) -> None:
+    """bcrypt reads 72 bytes: a new password may not be longer (bcrypt 5 would raise), and a longer one at sign-in
+    is judged by its first 72 bytes, as a hash made by an older bcrypt was, instead of crashing the sign-in."""
+    admin, _ = org
+    with pytest.raises(InvalidInput, match=r"^password: at most 72 bytes"):
+        users.create_user(admin, "long@acme.example", "Lou", "analyst", "é" * 37)  # 37 letters, 74 bytes
+    made = users.create_user(admin, "long@acme.example", "Lou", "analyst", "x" * 72)
+    assert users.authenticate("long@acme.example", "x" * 72).id == made.id
+    assert users.authenticate("long@acme.example", "x" * 72 + "and more").id == made.id
+    for email in ("long@acme.example", UNKNOWN):
+        assert authenticate_message(email, "y" * 80) == WRONG
 
 def test_the_lock_ends_after_lockout_and_counting_starts_again(emails: tuple[str, str, str], clock: Clock) -> None:
     for email in emails:
