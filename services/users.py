@@ -191,9 +191,8 @@ def _register_failure(session: Session, email: str, user: User | None, now: date
         if user is not None:
             audit.append(session, Actor.system(user.org_id, "auth"), "user.locked", "user", user.id,
                          {"email": user.email})
-    if user is None:
-        session.flush()  # this email's row is fresh now, so the pruning below never takes it
-        _prune_throttle(session, now)
+    session.flush()  # this email's row is fresh now, so the pruning below never takes it
+    _prune_throttle(session, now)  # on every failure, an account's too: the same work, the same time
     return counter
 
 
