@@ -21,26 +21,49 @@ is sealed anew with this installation's key (`audit.set_head`); the archive's ow
 with this installation's keys, and a note says so when none of them made it.
 
 The manifest's checksums only show damage: whoever edits an archive can rewrite them. So every
-value is also checked as it is read, against its column's type and the rules of the database's
-CHECK constraints (`db.models.column_rules`: roles, statuses, kinds, amounts never negative,
-confidence in [0, 1]); a refusal names file, line, column, value and what was expected. Every
-table but org_settings is read (and so checked) before the import's transaction opens; a bad
-org_settings row stops it inside, and the transaction writes nothing.
+value is also checked as it is read, against what the database would refuse or silently change,
+derived from the models (`CHECKS`, `UNIQUE_KEYS`): its column's type (null only where the column
+allows it, text within its length, whole numbers that are not booleans or 1.5, booleans, decimals
+that fit their precision and scale without rounding, timestamps with a UTC offset, JSON without
+NaN), the rules of the database's CHECK constraints (`db.models.column_rules`: roles, statuses,
+kinds, amounts never negative, confidence in [0, 1]), the unique constraints and indexes among the
+file's rows (ids, emails, one running and one queued run per organization...) and the references
+between files; a refusal names file, line (both lines for a duplicate), column, value and what was
+expected. Every table but org_settings is read (and so checked) before the import's transaction
+opens; a bad org_settings row stops it inside, and the transaction writes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Numeric, func, insert, select, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    Numeric,
+    PrimaryKeyConstraint,
+    String,
+    UniqueConstraint,
+    func,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.orm import Session
 
 from core.files import replacing
@@ -117,6 +140,166 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)
 
 
+# --- what the database stores unchanged ----------------------------------------------------------
+# Derived from the models' columns, constraints and indexes once, when the module loads: a column type
+# or a partial index without a check here stops the import of this module rather than going unchecked.
+
+class _Unfit(ValueError):
+    """A value its column's type cannot hold unchanged; the text says why, when the expectation alone does not."""
+
+
+@dataclass(frozen=True)
+class _ColumnCheck:
+    expected: str  # what the column holds, in words: a refusal reads "<value> is not <expected>"
+    convert: Callable[[Any], Any]  # the value to insert; raises when the database would refuse or change it
+    nullable: bool
+
+
+def _text(length: int | None) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        if length is not None and len(value) > length:  # PostgreSQL refuses it, SQLite keeps it: refuse on both
+            raise _Unfit(f"it has {len(value)}")
+        if "\x00" in value:
+            raise _Unfit("PostgreSQL stores no NUL character")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: valid as a JSON \u escape, but not UTF-8
+            raise _Unfit("it holds an unpaired surrogate") from None
+        return value
+    return convert
+
+
+def _whole(bits: int) -> Callable[[Any], int]:
+    bound = 2 ** (bits - 1)
+
+    def convert(value: Any) -> int:
+        # JSON's 1.5 would be rounded and its true stored as 1: only an int (bool is one in Python) is a whole number
+        if isinstance(value, bool) or not isinstance(value, int) or not -bound <= value < bound:
+            raise TypeError(value)
+        return value
+    return convert
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(value)
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(value)
+    return float(value)
+
+
+DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # no NaN, no Infinity, no "1_000"
+
+
+def _decimal(precision: int | None, scale: int) -> Callable[[Any], Decimal]:
+    def convert(value: Any) -> Decimal:
+        if isinstance(value, str) and DECIMAL.fullmatch(value):
+            number = Decimal(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            number = Decimal(str(value))  # the number as JSON wrote it, not its binary float
+        else:
+            raise TypeError(value)
+        if precision is not None:
+            if number.adjusted() >= precision - scale:
+                raise _Unfit("too large")
+            # exact: the default context's 28 digits are fewer than UNITS' 38
+            if number.quantize(Decimal(1).scaleb(-scale), context=Context(prec=precision)) != number:
+                raise _Unfit("the database would round it")
+        return number
+    return convert
+
+
+def _timestamp(value: Any) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError(value)
+    parsed.astimezone(UTC)  # OverflowError near year 1 or 9999
+    return parsed
+
+
+def _json(value: Any) -> Any:
+    json.dumps(value, allow_nan=False)  # NaN and Infinity: Python reads them, JSON (and PostgreSQL) has none
+    return value
+
+
+def _column_check(column: Column[Any]) -> _ColumnCheck:
+    """The check of one column's values, from its type; a type without one is a programming error."""
+    kind = column.type
+    if isinstance(kind, UTCDateTime):
+        check: tuple[str, Callable[[Any], Any]] = ("an ISO 8601 timestamp with a UTC offset", _timestamp)
+    elif isinstance(kind, JSON):
+        check = ("a JSON value" + ("" if column.nullable else " other than null"), _json)
+    elif isinstance(kind, Boolean):
+        check = ("true or false", _boolean)
+    elif isinstance(kind, Float):  # before Numeric: a Float is a Numeric
+        check = ("a finite number", _float)
+    elif isinstance(kind, Numeric):
+        scale = kind.scale or 0
+        whole = None if kind.precision is None else kind.precision - scale
+        shape = "" if whole is None else \
+            f" of at most {whole} digit{'s' * (whole != 1)} before the point and {scale} after"
+        check = ("a decimal number" + shape, _decimal(kind.precision, scale))
+    elif isinstance(kind, Integer):
+        bits = 64 if isinstance(kind, BigInteger) else 32  # PostgreSQL's sizes; SQLite takes 64 bits either way
+        check = (f"a whole number from {-2 ** (bits - 1)} to {2 ** (bits - 1) - 1}", _whole(bits))
+    elif isinstance(kind, String):
+        check = ("text" if kind.length is None else f"text of at most {kind.length} characters", _text(kind.length))
+    else:
+        raise TypeError(f"{column}: import-org has no check for the type {kind!r}")
+    # Every row names every column, so a default never applies: null in a NOT NULL column (primary keys
+    # included) is refused even where the model has a default.
+    return _ColumnCheck(*check, nullable=bool(column.nullable))
+
+
+@dataclass(frozen=True)
+class _UniqueKey:
+    """A unique constraint or index that the rows of one archive file could break among themselves."""
+
+    name: str | None
+    columns: tuple[str, ...]  # without the organization's id, which the import gives every row
+    where: tuple[tuple[str, str], ...]  # a partial index: only rows with these values count
+    per_org: bool
+
+
+PARTIAL = re.compile(r"(\w+) = '([^']*)'")
+
+
+def _partial(index: Index) -> tuple[tuple[str, str], ...]:
+    clauses = {str(where) for where in (index.dialect_options["postgresql"]["where"],
+                                        index.dialect_options["sqlite"]["where"]) if where is not None}
+    matches = [PARTIAL.fullmatch(clause) for clause in clauses]
+    if len(matches) > 1 or None in matches:
+        raise TypeError(f"index {index.name}: import-org cannot check the condition {sorted(clauses)}")
+    return tuple((match[1], match[2]) for match in matches if match)
+
+
+def _unique_keys(table: str) -> tuple[_UniqueKey, ...]:
+    model_table = MODELS[table].__table__
+    org_column = "id" if table == "organizations" else "org_id"
+    constraints = sorted((c for c in model_table.constraints if isinstance(c, PrimaryKeyConstraint | UniqueConstraint)),
+                         key=lambda c: (not isinstance(c, PrimaryKeyConstraint), c.columns.keys()))  # a stable order
+    keys = [(c.name, c.columns.keys(), ()) for c in constraints]
+    keys += [(index.name, index.columns.keys(), _partial(index)) for index in model_table.indexes if index.unique]
+    return tuple(_UniqueKey(name if isinstance(name, str) else None, tuple(c for c in columns if c != org_column),
+                            where, org_column in columns) for name, columns, where in keys)
+
+
+CHECKS = {table: {column.name: _column_check(column) for column in model.__table__.columns} for table, model in TABLES}
+UNIQUE_KEYS = {table: _unique_keys(table) for table, _ in TABLES}
+
+
+def _shown(value: Any) -> str:
+    """`value` as the archive's JSON spells it, shortened when long."""
+    text = json.dumps(value, ensure_ascii=False).encode(errors="backslashreplace").decode()
+    return text if len(text) <= 60 else text[:50] + "…"
+
+
 # --- values <-> JSON -----------------------------------------------------------------------------
 
 def _to_json(value: Any) -> Any:
@@ -128,22 +311,20 @@ def _to_json(value: Any) -> Any:
 
 
 def _from_json(table: str, line: int, column: str, value: Any) -> Any:
-    if value is None:
-        return None
-    col_type = MODELS[table].__table__.c[column].type
+    return _checked(f"{table}.jsonl line {line}: column {column}", CHECKS[table][column], value)
+
+
+def _checked(where: str, check: _ColumnCheck, value: Any) -> Any:
+    """The value to insert; InvalidInput naming `where` when the database would refuse or change it."""
     try:
-        if isinstance(col_type, UTCDateTime):
-            parsed = datetime.fromisoformat(value)
-            if parsed.tzinfo is None:
-                raise ValueError("no UTC offset")
-            return parsed
-        if isinstance(col_type, Float):
-            return float(value)
-        if isinstance(col_type, Numeric):
-            return Decimal(str(value))
+        if value is None:
+            if check.nullable:
+                return None
+            raise TypeError(value)
+        return check.convert(value)
     except (TypeError, ValueError, ArithmeticError) as exc:
-        raise InvalidInput(f"{table}.jsonl line {line}: column {column}: bad value {value!r} ({exc})") from None
-    return value
+        why = f" ({exc})" if isinstance(exc, _Unfit) else ""
+        raise InvalidInput(f"{where}: {_shown(value)} is not {check.expected}{why}") from None
 
 
 def _columns(table: str) -> list[str]:
@@ -244,9 +425,12 @@ class _Archive:
         self.source_org_id = int(self.manifest["source"]["org_id"])
 
     def rows(self, table: str) -> Iterator[dict[str, Any]]:
-        """The table's rows as column values, each checked as the database would check it."""
+        """The table's rows as column values, each checked as the database would check it: the column's type,
+        its CHECK rule, and the unique constraints and indexes among the file's rows."""
         columns = set(_columns(table))
         rules = column_rules(MODELS[table].__table__)
+        keys = UNIQUE_KEYS[table]
+        seen: list[dict[tuple[Any, ...], int]] = [{} for _ in keys]  # per key: its values -> the first line
         with self.zip.open(f"{table}.jsonl") as handle:
             for number, line in enumerate(handle, start=1):
                 try:
@@ -259,8 +443,29 @@ class _Archive:
                 for name, rule in rules.items():
                     problem = rule.problem(row[name])
                     if problem:
-                        raise InvalidInput(f"{table}.jsonl line {number}: column {name}: {raw[name]!r} {problem}")
+                        raise InvalidInput(f"{table}.jsonl line {number}: column {name}: {_shown(raw[name])} {problem}")
+                for key, lines in zip(keys, seen, strict=True):
+                    values = tuple(row[name] for name in key.columns)
+                    # NULLs never collide in a unique constraint; a partial index counts only its rows
+                    if None in values or any(row[name] != value for name, value in key.where):
+                        continue
+                    first = lines.setdefault(values, number)
+                    if first != number:
+                        raise InvalidInput(f"{table}.jsonl lines {first} and {number}: {_duplicate(key, raw)}")
                 yield row
+
+
+def _duplicate(key: _UniqueKey, raw: dict[str, Any]) -> str:
+    """What two rows share that `key` allows once, and what was expected."""
+    shared = [f"{name} {_shown(raw[name])}" for name in (*key.columns, *(name for name, _ in key.where))]
+    if key.where:
+        expected = "at most one such row"
+    elif key.columns:
+        expected = f"each {' and '.join(key.columns)} once"
+    else:
+        expected = "at most one row"
+    return ((f"both have {', '.join(shared)}: " if shared else "") + f"expected {expected}"
+            + (" per organization" if key.per_org else "") + (f" ({key.name})" if key.name else ""))
 
 
 def _verify_chain(org_id: int, entries: list[dict[str, Any]]) -> str:
@@ -299,8 +504,21 @@ def _check_head(org_id: int, entries: list[dict[str, Any]], heads: list[dict[str
 # --- import --------------------------------------------------------------------------------------
 
 def _id_span(archive: _Archive, table: str) -> tuple[int, int] | None:
-    ids = [row["org_id" if table == "org_settings" else "id"] for row in archive.rows(table)]
+    ids = [row["id"] for row in archive.rows(table)]
     return (min(ids), max(ids)) if ids else None
+
+
+def _check_references(archive: _Archive) -> None:
+    """A reference must be null or the id of a row in the archive: the database refuses one to a missing row, and
+    once ids are shifted, one to an id outside the archive could land on another organization's row."""
+    targets = {target for columns in REFERENCES.values() for target in columns.values()}
+    ids = {target: {row["id"] for row in archive.rows(target)} for target in targets}
+    for table, columns in REFERENCES.items():
+        for number, row in enumerate(archive.rows(table), start=1):
+            for column, target in columns.items():
+                if row[column] is not None and row[column] not in ids[target]:
+                    raise InvalidInput(f"{table}.jsonl line {number}: column {column}: {row[column]} is not the id "
+                                       f"of a row in {target}.jsonl")
 
 
 def _offset(session: Session, table: str, span: tuple[int, int] | None) -> int:
@@ -415,10 +633,15 @@ def import_org(path: Path | str, *, new_slug: str | None = None, new_name: str |
     slug = (new_slug or source["slug"]).strip()
     if not SLUG.match(slug):
         raise InvalidInput("slug: lower-case letters, digits and dashes, 2 to 63 characters")
+    if new_name:
+        _checked("new name", CHECKS["organizations"]["name"], new_name.strip())
     entries = list(archive.rows("audit_log"))
     head = _verify_chain(archive.source_org_id, entries)
     notes = _check_head(archive.source_org_id, entries, list(archive.rows("audit_heads")))
     spans = {table: _id_span(archive, table) for table, _ in TABLES if table not in ORG_KEYED}
+    if spans["organizations"] is None:  # more than one is refused as rows are read
+        raise InvalidInput("organizations.jsonl: expected the organization's row, found none")
+    _check_references(archive)
     rows: dict[str, int] = {}
     with system_session() as session:
         _lock_tables(session)

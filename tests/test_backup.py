@@ -122,6 +122,23 @@ def line_edited(number: int, **changes: object) -> Callable[[bytes], bytes]:
     return edit
 
 
+def line_added(**changes: object) -> Callable[[bytes], bytes]:
+    """An edit of a JSON-lines file: a copy of its last line, with `changes`, is appended."""
+    def edit(data: bytes) -> bytes:
+        last = json.loads(data.splitlines()[-1])
+        return data + (json.dumps({**last, **changes}) + "\n").encode()
+    return edit
+
+
+def chained(*edits: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """The edits one after the other."""
+    def edit(data: bytes) -> bytes:
+        for step in edits:
+            data = step(data)
+        return data
+    return edit
+
+
 def chain_ok(org_id: int) -> audit.VerifyResult:
     with org_session(org_id) as session:
         return audit.verify(session, org_id)
@@ -233,37 +250,131 @@ def test_a_conflicting_or_altered_archive_is_refused_and_nothing_is_written(
 
 def test_an_edited_row_is_refused_naming_line_column_and_value_even_with_rewritten_checksums(
         app_db: str, other_db: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The manifest's checksums are the archive's own word: each value is checked against the database's rules."""
+    """The manifest's checksums are the archive's own word: each value is checked against what the database would
+    refuse (a raw database error) or silently change (1.5 stored as 2), and nothing is written."""
     source = populate("acme", demo_bundle)
     archive = orgs_backup.export_org(source.admin, tmp_path / "acme.zip").path
     assert [user["role"] for user in jsonl(archive, "users")] == ["admin", "analyst"]
-    refusals = {
-        ("users", 2, "role", "owner"): "users.jsonl line 2: column role: 'owner' is not one of admin, analyst",
-        ("users", 1, "failed_logins", -1): "users.jsonl line 1: column failed_logins: -1 is not a number >= 0",
-        ("anomalies", 3, "status", "paid"): "anomalies.jsonl line 3: column status: 'paid' is not one of open, "
-                                            "dismissed, actioned, recovered, resolved",
-        ("anomalies", 1, "confidence", "7"): "anomalies.jsonl line 1: column confidence: '7' is not a number >= 0 "
-                                             "and <= 1",
-        ("anomalies", 2, "leak_amount", "-5.00"): "anomalies.jsonl line 2: column leak_amount: '-5.00' is not a "
-                                                  "number >= 0",
-        ("actions", 1, "kind", "refund"): "actions.jsonl line 1: column kind: 'refund' is not one of draft_invoice, "
-                                          "salesforce_task, hubspot_task",
+    user_id = jsonl(archive, "users")[0]["id"]
+    (run,) = jsonl(archive, "recon_runs")
+    event = jsonl(archive, "usage_events")[0]["event_id"]
+    whole = "a whole number from -2147483648 to 2147483647"
+    money = "a decimal number of at most 14 digits before the point and 6 after"
+
+    def two_runs(status: str) -> Callable[[bytes], bytes]:
+        return chained(line_edited(1, status=status), line_added(id=run["id"] + 1, status=status))
+
+    refusals: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
+        # the CHECK constraints' rules
+        "role": ("users", line_edited(2, role="owner"),
+                 'users.jsonl line 2: column role: "owner" is not one of admin, analyst'),
+        "negative": ("users", line_edited(1, failed_logins=-1),
+                     "users.jsonl line 1: column failed_logins: -1 is not a number >= 0"),
+        "status": ("anomalies", line_edited(3, status="paid"), 'anomalies.jsonl line 3: column status: "paid" is not '
+                   "one of open, dismissed, actioned, recovered, resolved"),
+        "confidence": ("anomalies", line_edited(1, confidence="7"),
+                       'anomalies.jsonl line 1: column confidence: "7" is not a number >= 0 and <= 1'),
+        "leak": ("anomalies", line_edited(2, leak_amount="-5.00"),
+                 'anomalies.jsonl line 2: column leak_amount: "-5.00" is not a number >= 0'),
+        "kind": ("actions", line_edited(1, kind="refund"), 'actions.jsonl line 1: column kind: "refund" is not one of '
+                 "draft_invoice, salesforce_task, hubspot_task"),
+        # the column types
+        "long name": ("users", line_edited(1, name="N" * 300), 'users.jsonl line 1: column name: "' + "N" * 49 +
+                      "… is not text of at most 200 characters (it has 300)"),
+        "no name": ("users", line_edited(2, name=None),
+                    "users.jsonl line 2: column name: null is not text of at most 200 characters"),
+        "no status": ("anomalies", line_edited(1, status=None),
+                      "anomalies.jsonl line 1: column status: null is not text of at most 16 characters"),
+        "no evidence": ("anomalies", line_edited(2, evidence=None),
+                        "anomalies.jsonl line 2: column evidence: null is not a JSON value other than null"),
+        "NaN": ("anomalies", line_edited(1, evidence={"units": float("nan")}),
+                'anomalies.jsonl line 1: column evidence: {"units": NaN} is not a JSON value other than null'),
+        "NUL": ("accounts", line_edited(1, name="Acme\x00"), 'accounts.jsonl line 1: column name: "Acme\\u0000" is '
+                "not text of at most 300 characters (PostgreSQL stores no NUL character)"),
+        "fraction": ("users", line_edited(1, failed_logins=1.5),
+                     f"users.jsonl line 1: column failed_logins: 1.5 is not {whole}"),
+        "true count": ("users", line_edited(1, failed_logins=True),
+                       f"users.jsonl line 1: column failed_logins: true is not {whole}"),
+        "huge count": ("users", line_edited(1, failed_logins=2 ** 31),
+                       f"users.jsonl line 1: column failed_logins: 2147483648 is not {whole}"),
+        "text boolean": ("users", line_edited(2, active="yes"),
+                         'users.jsonl line 2: column active: "yes" is not true or false'),
+        "number boolean": ("users", line_edited(2, active=1),
+                           "users.jsonl line 2: column active: 1 is not true or false"),
+        "rounded money": ("anomalies", line_edited(2, leak_amount="1.0000001"), 'anomalies.jsonl line 2: column '
+                          f'leak_amount: "1.0000001" is not {money} (the database would round it)'),
+        "big money": ("actions", line_edited(1, amount=123456789012345.5),
+                      f"actions.jsonl line 1: column amount: 123456789012345.5 is not {money} (too large)"),
+        "rounded units": ("usage_events", line_edited(3, units="12.5000000001"), 'usage_events.jsonl line 3: column '
+                          'units: "12.5000000001" is not a decimal number of at most 29 digits before the point and 9 '
+                          "after (the database would round it)"),
+        "no offset": ("users", line_edited(1, created_at="2026-01-01T10:00:00"), 'users.jsonl line 1: column '
+                      'created_at: "2026-01-01T10:00:00" is not an ISO 8601 timestamp with a UTC offset'),
+        "text progress": ("recon_runs", line_edited(1, progress="1"),
+                          'recon_runs.jsonl line 1: column progress: "1" is not a finite number'),
+        # the unique constraints and indexes among the archive's rows; the references between its files
+        "two running": ("recon_runs", two_runs("running"), 'recon_runs.jsonl lines 1 and 2: both have status '
+                        '"running": expected at most one such row per organization (ux_recon_runs_one_running)'),
+        "two queued": ("recon_runs", two_runs("queued"), 'recon_runs.jsonl lines 1 and 2: both have status '
+                       '"queued": expected at most one such row per organization (ux_recon_runs_one_queued)'),
+        "same id": ("users", line_edited(2, id=user_id),
+                    f"users.jsonl lines 1 and 2: both have id {user_id}: expected each id once"),
+        "same event": ("usage_events", line_edited(2, event_id=event), f'usage_events.jsonl lines 1 and 2: both have '
+                       f'event_id "{event}": expected each event_id once per organization'),
+        "two organizations": ("organizations", line_added(slug="acme-2"),
+                              "organizations.jsonl lines 1 and 2: expected at most one row per organization"),
+        "no organization": ("organizations", lambda data: b"",
+                            "organizations.jsonl: expected the organization's row, found none"),
+        "dangling": ("recon_runs", line_edited(1, created_by=user_id + 1000),
+                     f"recon_runs.jsonl line 1: column created_by: {user_id + 1000} is not the id of a row in "
+                     "users.jsonl"),
         # read only inside the import's transaction, after the organization row: that one is rolled back too
-        ("org_settings", 1, "schedule_kind", "hourly"): "org_settings.jsonl line 1: column schedule_kind: 'hourly' "
-                                                        "is not one of off, cron, interval",
+        "org settings": ("org_settings", line_edited(1, schedule_kind="hourly"), 'org_settings.jsonl line 1: column '
+                         'schedule_kind: "hourly" is not one of off, cron, interval'),
     }
     monkeypatch.setenv("DATABASE_URL", other_db)
-    for (table, line, column, value), message in refusals.items():
-        forged = edited(archive, tmp_path / f"{table}-{column}.zip", f"{table}.jsonl",
-                        line_edited(line, **{column: value}))
+    for name, (table, edit, message) in refusals.items():
+        forged = edited(archive, tmp_path / f"{name}.zip", f"{table}.jsonl", edit)
         with pytest.raises(InvalidInput) as refused:
             orgs_backup.import_org(forged)
-        assert str(refused.value) == message
-    result = CliRunner().invoke(cli.app, ["import-org", str(tmp_path / "users-role.zip")])
-    assert result.exit_code == 2 and refusals[("users", 2, "role", "owner")] in " ".join(result.output.split())
+        assert str(refused.value) == message, name
+    with pytest.raises(InvalidInput) as refused:
+        orgs_backup.import_org(archive, new_name="N" * 201)
+    assert str(refused.value) == 'new name: "' + "N" * 49 + "… is not text of at most 200 characters (it has 201)"
+    result = CliRunner().invoke(cli.app, ["import-org", str(tmp_path / "long name.zip")])
+    assert result.exit_code == 2 and refusals["long name"][2] in " ".join(result.output.split())
     with get_engine(other_db).connect() as conn:
         assert {table: conn.execute(sa.select(sa.func.count()).select_from(model.__table__)).scalar_one()
                 for table, model in orgs_backup.TABLES} == {table: 0 for table, _ in orgs_backup.TABLES}
+
+
+def test_values_the_database_stores_unchanged_pass_the_checks_up_to_their_bounds() -> None:
+    """The checks are no stricter than the columns: what fits exactly passes, one step beyond is refused."""
+    def value(table: str, column: str, raw: object) -> object:
+        return orgs_backup._from_json(table, 1, column, raw)
+
+    accepted = [
+        ("anomalies", "leak_amount", "99999999999999.999999", Decimal("99999999999999.999999")),
+        ("anomalies", "leak_amount", "1.50000000", Decimal("1.5")),  # zeros past the scale: nothing is rounded
+        ("anomalies", "leak_amount", 120.5, Decimal("120.5")),
+        ("usage_events", "units", "0E-9", Decimal(0)),  # how str() writes a stored zero of scale 9
+        ("usage_events", "units", "1" * 29 + "." + "1" * 9, Decimal("1" * 29 + "." + "1" * 9)),  # 38 digits
+        ("usage_events", "id", 2 ** 63 - 1, 2 ** 63 - 1),
+        ("users", "failed_logins", 2 ** 31 - 1, 2 ** 31 - 1),
+        ("users", "name", "Zoë " * 50, "Zoë " * 50),
+        ("users", "locked_until", None, None),
+        ("recon_runs", "progress", 1, 1.0),
+    ]
+    for table, column, raw, expected in accepted:
+        assert value(table, column, raw) == expected, (table, column, raw)
+    refused = [("anomalies", "leak_amount", "100000000000000"), ("anomalies", "leak_amount", "0.0000001"),
+               ("anomalies", "leak_amount", "1_000"), ("anomalies", "leak_amount", "NaN"),
+               ("anomalies", "leak_amount", " 1"), ("anomalies", "leak_amount", float("inf")),
+               ("usage_events", "id", 2 ** 63), ("users", "failed_logins", -2 ** 31 - 1), ("users", "name", "N" * 201),
+               ("users", "id", None), ("recon_runs", "progress", float("nan"))]
+    for table, column, raw in refused:
+        with pytest.raises(InvalidInput, match=f"^{table}.jsonl line 1: column {column}: "):
+            value(table, column, raw)
 
 
 def test_only_admins_export_and_output_must_be_a_zip(app_db: str, demo_bundle: Path, tmp_path: Path) -> None:
