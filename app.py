@@ -14,7 +14,9 @@ import os
 
 import streamlit as st
 import streamlit_authenticator as stauth
+from jwt import InvalidTokenError
 from streamlit.navigation.page import StreamlitPage
+from streamlit_authenticator.utilities import LoginError
 
 from config import ConfigError, load_settings
 from db.crypto import local_key
@@ -169,6 +171,21 @@ def remember_sign_in(authenticator: stauth.Authenticate) -> None:
         authenticator.cookie_controller.set_cookie()
 
 
+def restore_sign_in(authenticator: stauth.Authenticate) -> None:
+    """Sign in from the remember-me cookie (no form drawn). A cookie the authenticator refuses signs the
+    visitor out instead of showing an exception page for the cookie's 7 days: its user was deactivated or
+    deleted since (`LoginError`: the credentials list active users only), or the token is one the library
+    does not catch itself (an algorithm other than HS256, "none" included, or a bad header:
+    `InvalidTokenError`; a wrong signature, a malformed or an expired token already count as no cookie).
+    The refused cookie is deleted. A session keeps the cookies it connected with (`st.context.cookies`), so
+    each of its signed-out runs is refused again and renders the deletion again: a rerun that drops the
+    cookie component before the browser ran it (see remember_sign_in) only delays the deletion."""
+    try:
+        authenticator.login(location="unrendered")
+    except (LoginError, InvalidTokenError):
+        authenticator.cookie_controller.delete_cookie()
+
+
 def main() -> None:
     configuration_or_stop()
     prepare_database(database_url())
@@ -176,7 +193,7 @@ def main() -> None:
     # is the brute-force guard, and a long run let a click arriving meanwhile lose its submit.
     authenticator = stauth.Authenticate(users.credentials_for_authenticator(), COOKIE_NAME, cookie_key(),
                                         COOKIE_DAYS, auto_hash=False, login_sleep_time=0)
-    authenticator.login(location="unrendered")  # re-checks the cookie only
+    restore_sign_in(authenticator)
     current = signed_in_actor()
     if current is None:
         st.session_state.pop("actor", None)

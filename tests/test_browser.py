@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
 from core.bundle import load_bundle
@@ -24,6 +25,8 @@ from tests.fakes.stripe_server import FakeStripe, serve
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "test-artifacts" / "screenshots"
+COOKIE = "rrc_session"  # app.COOKIE_NAME (importing app.py would run the app)
+COOKIE_KEY = "browser-test-cookie-key-0123456789abcdef"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -51,7 +54,7 @@ def running_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     data = tmp_path / "data"
     env = {**os.environ, "RRC_DATA_DIR": str(data), "DATABASE_URL": f"sqlite:///{data / 'rrc.db'}",
-           "RRC_COOKIE_KEY": "browser-test-cookie-key-0123456789abcdef"}
+           "RRC_COOKIE_KEY": COOKIE_KEY}
     for name in ("RRC_DATA_DIR", "DATABASE_URL", "RRC_COOKIE_KEY"):
         monkeypatch.setenv(name, env[name])
     port = free_port()
@@ -160,6 +163,29 @@ def sign_in_as(page, who: tuple[str, str, str]) -> None:  # type: ignore[no-unty
     page.get_by_role("button", name="Sign in").click()
 
 
+def wait_for_cookie(page, present: bool) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the browser holds (or no longer holds) the remember-me cookie: the cookie component
+    writes and deletes it some time after the run that asked for it."""
+    def held() -> bool:
+        return COOKIE in {c["name"] for c in page.context.cookies()}
+
+    deadline = time.monotonic() + 15
+    while held() != present and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    assert held() == present, page.context.cookies()
+
+
+def assert_signed_out_without_error(page) -> None:  # type: ignore[no-untyped-def]
+    """The sign-in form, no page of the app, and no exception (the library's or ours) on the page."""
+    page.get_by_role("button", name="Sign in").wait_for(timeout=60_000)
+    settle(page)
+    assert page.get_by_role("heading", name="Overview").count() == 0
+    assert page.locator("[data-testid='stException']").count() == 0
+    text = page.locator("body").inner_text()
+    for error in ("LoginError", "Traceback", "User not authorized", "Error"):
+        assert error not in text, text
+
+
 def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -172,10 +198,7 @@ def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> 
         sign_in_as(page, demo.DEMO_ANALYST)
         page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
         settle(page)
-        deadline = time.monotonic() + 15
-        while "rrc_session" not in {c["name"] for c in context.cookies()} and time.monotonic() < deadline:
-            page.wait_for_timeout(250)
-        assert "rrc_session" in {c["name"] for c in context.cookies()}, context.cookies()
+        wait_for_cookie(page, present=True)
 
         page.reload()  # a reload (or a new tab, a bookmark) keeps the user signed in
         settle(page)
@@ -215,4 +238,60 @@ def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> 
         assert f"id={target.id}" in linked.url
         assert linked.locator("[data-testid='stException']").count() == 0
         shot(linked, "8-deep-link-signed-in")
+        browser.close()
+
+
+def remember_me_token(email: str, key: str = COOKIE_KEY, algorithm: str = "HS256", days: float = 1) -> str:
+    """A cookie value as streamlit-authenticator 0.4 writes it (username and exp_date, a JWT), or a forged one."""
+    return jwt.encode({"username": email, "exp_date": time.time() + days * 86400}, key, algorithm=algorithm)
+
+
+def test_a_refused_remember_me_cookie_signs_out_instead_of_failing(running_app: str) -> None:
+    """A cookie whose user was deactivated since, or one the app did not sign, gives the sign-in form, never
+    an exception page (for the cookie's 7 days, before the fix); a cookie the authenticator refuses is deleted."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        page = context.new_page()
+        page.goto(running_app)
+        settle(page)
+        sign_in_as(page, demo.DEMO_ANALYST)
+        page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
+        settle(page)
+        wait_for_cookie(page, present=True)
+
+        admin = users.get_user_by_email(demo.DEMO_ADMIN[0])
+        analyst = users.get_user_by_email(demo.DEMO_ANALYST[0])
+        assert admin is not None and analyst is not None
+        users.set_active(Actor.user(admin.org_id, admin.id, "admin"), analyst.id, False)
+        page.reload()
+        assert_signed_out_without_error(page)
+        shot(page, "9-deactivated-cookie-signed-out")
+        wait_for_cookie(page, present=False)
+        page.reload()
+        assert_signed_out_without_error(page)
+
+        # The tampered values below are set exactly where a real one works: the admin, restored.
+        context.add_cookies([{"name": COOKIE, "value": remember_me_token(admin.email), "url": running_app}])
+        page.reload()
+        settle(page)
+        page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
+
+        forged = {
+            "alg none": remember_me_token(admin.email, key="", algorithm="none"),  # PyJWT error the library lets out
+            "another key": remember_me_token(admin.email, key="another-key-0123456789abcdef0123456789"),
+            "not a JWT": "not-a-jwt",
+            "expired": remember_me_token(admin.email, days=-1),
+        }
+        for name, value in forged.items():
+            context.add_cookies([{"name": COOKIE, "value": value, "url": running_app}])
+            page.reload()
+            try:
+                assert_signed_out_without_error(page)
+            except Exception as exc:  # a timeout or a failed assertion: say which cookie
+                raise AssertionError(f"cookie {name!r} did not sign out cleanly") from exc
+            if name == "alg none":
+                wait_for_cookie(page, present=False)
         browser.close()
