@@ -186,19 +186,26 @@ def assert_signed_out_without_error(page) -> None:  # type: ignore[no-untyped-de
         assert error not in text, text
 
 
+
+def remembered_analyst(playwright, base: str):  # type: ignore[no-untyped-def]
+    """A browser context in which the demo analyst signed in with a password and got the remember-me cookie."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    page.goto(base)
+    settle(page)
+    sign_in_as(page, demo.DEMO_ANALYST)
+    page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
+    settle(page)
+    wait_for_cookie(page, present=True)
+    return context, page
+
+
 def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 1000})
-        page = context.new_page()
-        page.goto(running_app)
-        settle(page)
-        sign_in_as(page, demo.DEMO_ANALYST)
-        page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
-        settle(page)
-        wait_for_cookie(page, present=True)
+        context, page = remembered_analyst(playwright, running_app)
 
         page.reload()  # a reload (or a new tab, a bookmark) keeps the user signed in
         settle(page)
@@ -224,7 +231,7 @@ def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> 
         assert user is not None
         target = anomalies.list_anomalies(Actor.user(user.org_id, user.id, "analyst"),
                                           AnomalyFilters(statuses=("open",)), page_size=50).rows[-1]
-        fresh = browser.new_context(viewport={"width": 1440, "height": 1000})
+        fresh = context.browser.new_context(viewport={"width": 1440, "height": 1000})
         linked = fresh.new_page()
         linked.goto(f"{running_app}/anomalies?id={target.id}")
         settle(linked)
@@ -238,7 +245,7 @@ def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> 
         assert f"id={target.id}" in linked.url
         assert linked.locator("[data-testid='stException']").count() == 0
         shot(linked, "8-deep-link-signed-in")
-        browser.close()
+        context.browser.close()
 
 
 def remember_me_token(email: str, key: str = COOKIE_KEY, algorithm: str = "HS256", days: float = 1) -> str:
@@ -252,15 +259,7 @@ def test_a_refused_remember_me_cookie_signs_out_instead_of_failing(running_app: 
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 1000})
-        page = context.new_page()
-        page.goto(running_app)
-        settle(page)
-        sign_in_as(page, demo.DEMO_ANALYST)
-        page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
-        settle(page)
-        wait_for_cookie(page, present=True)
+        context, page = remembered_analyst(playwright, running_app)
 
         admin = users.get_user_by_email(demo.DEMO_ADMIN[0])
         analyst = users.get_user_by_email(demo.DEMO_ANALYST[0])
@@ -294,4 +293,4 @@ def test_a_refused_remember_me_cookie_signs_out_instead_of_failing(running_app: 
                 raise AssertionError(f"cookie {name!r} did not sign out cleanly") from exc
             if name == "alg none":
                 wait_for_cookie(page, present=False)
-        browser.close()
+        context.browser.close()

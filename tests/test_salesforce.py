@@ -77,26 +77,33 @@ def test_plain_http_is_the_source_policys_call_not_the_connectors() -> None:
         assert settings.instance_url == url
 
 
+@pytest.fixture
+def sent(fake: FakeSalesforce, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every URL a request went to, recorded at the transport; only the fake's are sent on, any other host is
+    refused as unreachable (so a test shows where the session id would have gone, without it going there)."""
+    urls: list[str] = []
+    send = requests.adapters.HTTPAdapter.send
+
+    def recording_send(adapter: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
+                       *args: Any, **kwargs: Any) -> requests.Response:
+        urls.append(str(request.url))
+        if not str(request.url).startswith(f"{fake.base_url}/"):
+            raise requests.ConnectionError("this test reaches no host but the fake")
+        return send(adapter, request, *args, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", recording_send)
+    return urls
+
+
 @pytest.mark.parametrize("login", ["password", "client credentials"])
 def test_only_instance_urls_own_host_is_spoken_to_over_plain_http(fake: FakeSalesforce, login: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  sent: list[str]) -> None:
     """instance_url is http to the fake. When its login names a Salesforce domain, the session id goes there over
     https (simple-salesforce's URLs, unrewritten); when it names instance_url itself, over http. Every request is
     recorded at the transport, and none leaves for a host other than the fake."""
     config = config_for(fake, max_attempts=1) if login == "password" else {
         "consumer_key": fake.consumer_key, "client_secret": fake.client_secret, "instance_url": fake.base_url,
         "timeout": 5, "max_attempts": 1}
-    sent: list[str] = []
-    send = requests.adapters.HTTPAdapter.send
-
-    def recording_send(adapter: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
-                       *args: Any, **kwargs: Any) -> requests.Response:
-        sent.append(str(request.url))
-        if not str(request.url).startswith(f"{fake.base_url}/"):
-            raise requests.ConnectionError("this test reaches no host but the fake")
-        return send(adapter, request, *args, **kwargs)
-
-    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", recording_send)
     fake.instance_url = "https://acme.my.salesforce.com"
     elsewhere = salesforce.check(config)
     assert not elsewhere.ok and "could not be reached" in elsewhere.message
@@ -154,21 +161,9 @@ def test_a_login_cannot_send_the_session_to_another_host(fake: FakeSalesforce) -
     "169.254.169.254#.salesforce.com", "169.254.169.254?.salesforce.com", "169.254.169.254/.salesforce.com",
     "user@na1.salesforce.com", "na1.salesforce.com:8443", "na1.salesforce.com.evil.example",
 ])
-def test_an_instance_that_reads_two_ways_is_refused(fake: FakeSalesforce, instance: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_instance_that_reads_two_ways_is_refused(fake: FakeSalesforce, instance: str, sent: list[str]) -> None:
     """The instance a login names is judged as the text the calls are built from, not as urlsplit reads it:
     nothing but the login itself leaves, whichever login flow."""
-    sent: list[str] = []
-    send = requests.adapters.HTTPAdapter.send
-
-    def recording_send(adapter: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
-                       *args: Any, **kwargs: Any) -> requests.Response:
-        sent.append(str(request.url))
-        if not str(request.url).startswith(f"{fake.base_url}/"):
-            raise requests.ConnectionError("this test reaches no host but the fake")
-        return send(adapter, request, *args, **kwargs)
-
-    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", recording_send)
     fake.instance_url = f"https://{instance}"
     oauth = {"consumer_key": fake.consumer_key, "client_secret": fake.client_secret, "instance_url": fake.base_url,
              "max_attempts": 1}
