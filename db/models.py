@@ -193,9 +193,10 @@ class SignInThrottle(Base):
     """Failed sign-ins for an email without an account (migration 0009; services/users.py).
 
     Counted and locked by the same rule as a user's `failed_logins`/`locked_until`, so the answers
-    to a sign-in do not tell which emails have an account. Keyed by the SHA-256 of the normalised
-    email: the table never holds an address nobody registered. Not a tenant table (emails are
-    unique across organizations); only system sessions use it.
+    to a sign-in do not tell which emails have an account. Keyed by an HMAC-SHA256 of the normalised
+    email (`users._email_key`; the column's name is from 0009, when it was a plain SHA-256): the table
+    never holds an address nobody registered, nor one that can be tested without the secret key. Not a
+    tenant table (emails are unique across organizations); only system sessions use it.
     """
 
     __tablename__ = "sign_in_throttle"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config import load_settings
+from db import crypto
 from db.models import Organization, OrgSettings, SignInThrottle, User
 from db.session import org_session, system_session
 from services import audit
@@ -28,6 +30,7 @@ MIN_PASSWORD = 8
 BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 refuses longer input instead of cutting it
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+THROTTLE_MAC_PURPOSE = "sign-in-throttle"
 UNIQUE_VIOLATIONS = frozenset({"23505", "SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
 
@@ -163,8 +166,12 @@ def _find_user(session: Session, email: str) -> User | None:
 
 
 def _email_key(email: str) -> str:
-    """What sign_in_throttle stores instead of the email: the SHA-256 of its normalised form."""
-    return hashlib.sha256(_normalised(email).encode()).hexdigest()
+    """What sign_in_throttle stores instead of the email: an HMAC-SHA256 of its normalised form, under a key
+    derived from the installation's secret keys (RRC_SECRET_KEYS, else the data folder's key file), so a copy
+    of the database alone cannot test which addresses someone tried to sign in with. After a key rotation
+    the counts of emails without an account start over: they are forgotten within a day anyway."""
+    key = crypto.mac_keys(THROTTLE_MAC_PURPOSE)[0]
+    return hmac.new(key, _normalised(email).encode(), hashlib.sha256).hexdigest()
 
 
 def _lockout_message(counter: User | SignInThrottle | None, now: datetime) -> str | None:

@@ -7,6 +7,7 @@ On SQLite and PostgreSQL. The services read the time through `services.users.dat
 from __future__ import annotations
 
 import hashlib
+import hmac
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import bcrypt
 import pytest
 import sqlalchemy as sa
 
+from db import crypto
 from db.models import Organization, SignInThrottle, User
 from db.session import downgrade, get_engine, org_session, system_session, upgrade
 from services import api_keys, users
@@ -77,7 +79,8 @@ def throttle_rows() -> dict[str, tuple[int, datetime | None, datetime]]:
 
 
 def key(email: str) -> str:
-    return hashlib.sha256(email.encode()).hexdigest()
+    """The throttle's key: an HMAC under the installation's key, which the email alone does not give."""
+    return hmac.new(crypto.mac_keys(users.THROTTLE_MAC_PURPOSE)[0], email.encode(), hashlib.sha256).hexdigest()
 
 
 def test_every_email_is_locked_alike(emails: tuple[str, str, str], clock: Clock) -> None:
@@ -143,6 +146,8 @@ def test_throttle_stores_no_email_only_unknown_ones(org: tuple[Actor, Actor], cl
     with get_engine().connect() as conn:
         dump = repr(conn.execute(sa.text("SELECT * FROM sign_in_throttle")).all()).lower()
     assert "nobody" not in dump and "example" not in dump
+    unkeyed = {hashlib.sha256(email.encode()).hexdigest() for email in ("nobody@acme.example", "locked@else.example")}
+    assert not unkeyed & set(throttle_rows())  # a plain hash of a guessed address finds nothing
 
 
 def test_a_failure_prunes_forgotten_throttle_rows_in_bounded_batches(org: tuple[Actor, Actor], clock: Clock,
