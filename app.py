@@ -123,6 +123,8 @@ def sign_in_form() -> None:
         # Start over with the app's pages; the next full run writes the cookie (remember_sign_in).
         st.session_state[COOKIE_PENDING] = True
         st.rerun()
+    # deactivated or locked between the password check and now: this session must not stay half signed in
+    st.session_state.update(authentication_status=None, username=None)
     st.error("This account cannot sign in (deactivated or locked).")
 
 

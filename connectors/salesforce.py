@@ -51,7 +51,7 @@ MAX_RETRY_AFTER = 30.0
 SUBJECT_MAX = 255
 # Where Salesforce's logins send the REST calls (My Domain, Hyperforce, sandboxes, Government Cloud, China)
 SALESFORCE_DOMAINS = (".salesforce.com", ".force.com", ".cloudforce.com", ".salesforce.mil", ".sfcrmproducts.cn")
-HOST_NAME = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)+")  # a DNS name and nothing else: no port, user part or path
+HOST_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")  # a DNS name: no port, user or path
 RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
 T = TypeVar("T")
 
@@ -168,7 +168,8 @@ def _check_instance(settings: _Settings, instance: str) -> None:
     named = instance.lower()
     own = settings.instance_url is not None and named == urlsplit(settings.instance_url).netloc.lower()
     host = named.rstrip(".")
-    salesforce_host = HOST_NAME.fullmatch(host) is not None and host.endswith(SALESFORCE_DOMAINS)
+    # isascii on the text as given: lower() would turn a Kelvin sign into an ASCII k
+    salesforce_host = instance.isascii() and HOST_NAME.fullmatch(host) is not None and host.endswith(SALESFORCE_DOMAINS)
     if not (own or salesforce_host):
         raise SalesforceFailure(f"Salesforce login named an instance outside Salesforce's domains "
                                 f"({instance!r}); refused: set instance_url to your Salesforce My Domain")

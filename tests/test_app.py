@@ -118,6 +118,18 @@ def test_wrong_password_then_lockout(app_env: Path) -> None:
     assert "locked" in texts(at.error) and not at.metric
 
 
+def test_an_account_closed_during_sign_in_leaves_no_half_signed_in_session(app_env: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deactivated between the password check and the session's start (record_login refuses): the session must
+    not keep the signed-in flag, or a later reactivation would let that browser in without a password."""
+    monkeypatch.setattr(users, "record_login", lambda email: None)
+    at = sign_in(*ANALYST[::2])
+    assert "cannot sign in" in texts(at.error) and not at.metric
+    assert not at.session_state["authentication_status"]
+    monkeypatch.undo()  # reactivated: the next run still asks for the password
+    assert at.run().button[0].label == "Sign in" and not at.metric
+
+
 def test_the_form_answers_an_unknown_email_like_a_real_one(app_env: Path) -> None:
     """Same messages, attempt by attempt, whether the email has an account or not: the form does not tell."""
     def answers(email: str) -> list[str]:  # the lock's end (HH:MM) may fall in another minute for each

@@ -186,7 +186,6 @@ def assert_signed_out_without_error(page) -> None:  # type: ignore[no-untyped-de
         assert error not in text, text
 
 
-
 def remembered_analyst(playwright, base: str):  # type: ignore[no-untyped-def]
     """A browser context in which the demo analyst signed in with a password and got the remember-me cookie."""
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -160,6 +160,7 @@ def test_a_login_cannot_send_the_session_to_another_host(fake: FakeSalesforce) -
     "127.0.0.2\\@na1.salesforce.com",  # urlsplit: na1.salesforce.com; requests: 127.0.0.2
     "169.254.169.254#.salesforce.com", "169.254.169.254?.salesforce.com", "169.254.169.254/.salesforce.com",
     "user@na1.salesforce.com", "na1.salesforce.com:8443", "na1.salesforce.com.evil.example",
+    "\u212aevil.salesforce.com", "-.salesforce.com",  # a Kelvin sign lower-cases to an ASCII k; no such label
 ])
 def test_an_instance_that_reads_two_ways_is_refused(fake: FakeSalesforce, instance: str, sent: list[str]) -> None:
     """The instance a login names is judged as the text the calls are built from, not as urlsplit reads it:
@@ -170,6 +171,15 @@ def test_an_instance_that_reads_two_ways_is_refused(fake: FakeSalesforce, instan
     for outcome in (salesforce.check(config_for(fake, max_attempts=1)), salesforce.check(oauth)):
         assert not outcome.ok and outcome.message.startswith("Salesforce login named an instance outside")
     assert sent and all(url.startswith(f"{fake.base_url}/services/") for url in sent)  # the logins only
+
+
+@pytest.mark.parametrize("instance", ["na1.salesforce.com", "NA1.Salesforce.COM", "acme.my.salesforce.com.",
+                                      "acme--sandbox.sandbox.my.salesforce.com", "acme.lightning.force.com",
+                                      "acme.my.salesforce.mil", "acme.my.sfcrmproducts.cn"])
+def test_salesforce_instances_are_accepted(instance: str) -> None:
+    settings = salesforce._settings({"username": "u@acme.example", "password": "pw"})
+    salesforce._check_instance(settings, instance)  # no refusal
+
 
 def test_create_task_sets_fields_and_is_idempotent_per_key(fake: FakeSalesforce) -> None:
     config = config_for(fake)
