@@ -35,7 +35,7 @@ from core.model import Bundle, Contract, InvoiceLine, SubscriptionPeriod
 from core.money import ZERO, plain_decimal, round_money
 from core.pricing import Price, price_amount, price_lines
 from core.scoring import ConfidenceInputs, confidence, severity
-from core.usage import DAY_US, aggregate_days, aggregate_usage, register_cuts, register_periods
+from core.usage import DAY_US, aggregate_days, aggregate_usage, register_cuts, register_month_slots, register_periods
 
 ANOMALY_TYPES = ("unbilled_usage", "under_reported_usage", "renewal_drift", "missed_overage", "over_billing")
 LEAK_TYPES = ANOMALY_TYPES[:4]
@@ -429,11 +429,12 @@ def reconcile(bundle: Bundle, params: ReconcileParams | None = None,
         register_columns(con, "known_products", {"product_key": ("VARCHAR", list(bundle.products))})
         register_periods(con, bundle.subscriptions)
         split = register_cuts(con, "month")
+        slots = register_month_slots(con) if split else None
         report(0.05, "aggregating actual usage")
         need_max = _has_max_products(bundle)
-        actual_stats, warnings = aggregate_usage(con, bundle.actual_usage, "actual", split, need_max)
+        actual_stats, warnings = aggregate_usage(con, bundle.actual_usage, "actual", split, need_max, slots)
         report(0.45, "aggregating reported usage")
-        reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", split, need_max)
+        reported_stats, more = aggregate_usage(con, bundle.reported_usage, "reported", split, need_max, slots)
         warnings += more
         report(0.8, "joining usage to billing periods")
         anomalies, coverage, periods_checked = _find_anomalies(con, bundle, params, as_of, warnings, report)

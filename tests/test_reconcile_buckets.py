@@ -9,16 +9,25 @@ several in one day, and events exactly at or a microsecond before them.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from pathlib import Path
 
+import duckdb
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.bundles import Scenario
+import core.usage
+from core.bundle import load_bundle
+from core.duck import register_columns
+from core.errors import BundleError
+from core.reconcile import reconcile
+from core.usage import SLOTS_MAX, register_cuts, register_month_slots, register_periods
+from tests.bundles import FEB, JAN, Scenario
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -87,3 +96,67 @@ def test_period_and_day_totals_match_a_per_event_reference(layout: list, events:
         key = (a.account_id, a.product_key, a.period_start, a.period_end)
         assert {d["day"]: D(d["actual"]) for d in a.evidence["daily"]} == {
             day: combine(units, a.product_key) for day, units in days[key].items()}
+
+
+def test_the_general_month_path_matches_the_reference_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DENSE_KEYS_MAX keys (or SLOTS_MAX boundaries in a month) events join `month_cuts` on
+    account, product and month instead of the dense slots; the reference above only meets the slots."""
+    monkeypatch.setattr(core.usage, "DENSE_KEYS_MAX", 0)
+    test_period_and_day_totals_match_a_per_event_reference()
+
+
+def month_slots_of(bounds: list[datetime]) -> core.usage.MonthSlots | None:
+    """What register_month_slots makes of consecutive periods of one account and product."""
+    s = Scenario()
+    for start, end in itertools.pairwise(bounds):
+        s.sub("acme", "api", "p_api", iso(start), iso(end))
+    with tempfile.TemporaryDirectory() as folder:
+        bundle = load_bundle(s.write(Path(folder)))
+    con = duckdb.connect()
+    try:
+        register_columns(con, "known_accounts", {"account_id": ("VARCHAR", list(bundle.accounts))})
+        register_columns(con, "known_products", {"product_key": ("VARCHAR", list(bundle.products))})
+        register_periods(con, bundle.subscriptions)
+        assert register_cuts(con, "month")
+        return register_month_slots(con)
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(("boundaries_in_january", "slots"), [(1, 1), (3, 3), (SLOTS_MAX, SLOTS_MAX),
+                                                               (SLOTS_MAX + 1, None)])
+def test_a_month_holds_up_to_slots_max_boundaries_in_slots(boundaries_in_january: int, slots: int | None) -> None:
+    inside = [START + timedelta(days=3 * i + 1, seconds=37) for i in range(boundaries_in_january)]
+    found = month_slots_of([START, *inside, START + 59 * DAY])  # to March 1st
+    assert (found.slots if found else None) == slots
+
+
+def test_too_many_keys_for_a_dense_table_take_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    bounds = [START, START + timedelta(days=14, seconds=37), START + 40 * DAY]
+    keys = 2 * 2 * 2  # accounts x products x months from the first boundary inside one to the last
+    monkeypatch.setattr(core.usage, "DENSE_KEYS_MAX", keys)
+    assert month_slots_of(bounds) == core.usage.MonthSlots(products=2, first_month=2026 * 12, months=2, slots=1)
+    monkeypatch.setattr(core.usage, "DENSE_KEYS_MAX", keys - 1)
+    assert month_slots_of(bounds) is None
+
+
+@pytest.mark.parametrize("general", [False, True])
+@pytest.mark.parametrize(("column", "value"), [
+    ("account_id", "ghost"), ("product_key", "ghost"), ("ts", "yesterday"),
+    ("ts", "-0100-03-15T00:00:00Z"), ("ts", "0000-12-31T23:59:59Z"), ("ts", "9999-12-31T23:59:59Z"),
+    ("ts", "10000-01-01T00:00:00Z"),
+])
+def test_bad_usage_rows_are_named_when_a_boundary_cuts_their_month(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   general: bool, column: str, value: str) -> None:
+    """The month buckets cut at boundaries find unknown accounts and products and unreadable or
+    out-of-range timestamps like calendar buckets do."""
+    if general:
+        monkeypatch.setattr(core.usage, "DENSE_KEYS_MAX", 0)
+    mid = "2026-01-15T08:30:07.250000Z"
+    s = Scenario().sub("acme", "api", "p_api", JAN, mid).sub("acme", "api", "p_api", mid, FEB)
+    s.use("acme", "api", "2026-01-05T10:00:00Z", "100").use("acme", "api", "2026-01-20T10:00:00Z", "5")
+    s.actual[1][["account_id", "product_key", "ts"].index(column)] = value
+    with pytest.raises(BundleError) as caught:
+        reconcile(load_bundle(s.write(tmp_path)))
+    assert [(p.file, p.row, p.column, p.value) for p in caught.value.problems] == [
+        ("actual_usage.csv", 3, column, value)]
