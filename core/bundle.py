@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 from core.errors import BundleError, Problem
 from core.gcpause import paused_gc
 from core.model import (
+    ID_EXPECTED,
+    MAX_ID_LENGTH,
     Account,
     Bundle,
     Contract,
@@ -34,6 +36,7 @@ from core.model import (
     Product,
     SubscriptionPeriod,
     UsageSource,
+    shortened,
 )
 from core.pricing import PRICING_MODELS, Price, Tier
 
@@ -93,7 +96,17 @@ class _Collector:
             return None
         return raw
 
+    def identifier(self, file: str, row: int, column: str, raw: str) -> bool:
+        """False (with a problem) when `raw` is longer than the app database stores an identifier."""
+        if len(raw) > MAX_ID_LENGTH:
+            self.add(Problem(file, ID_EXPECTED, row, column, shortened(raw)))
+            return False
+        return True
+
     def reference(self, file: str, row: int, column: str, raw: str, known: dict[str, Any], what: str) -> bool:
+        """A too-long reference is named as such: it could never be defined, so "not defined" would mislead."""
+        if not self.identifier(file, row, column, raw):
+            return False
         if raw not in known:
             self.add(Problem(file, f"a {what} defined in the bundle", row, column, raw))
             return False
@@ -173,11 +186,14 @@ def _parse_tiers(collector: _Collector, row: int, raw: str) -> tuple[Tier, ...] 
 def _load_accounts(folder: Path, c: _Collector) -> dict[str, Account]:
     accounts: dict[str, Account] = {}
     for line, (account_id, name, stripe_customer_id, crm_id) in _rows(folder, "accounts.csv", c):
+        # a bad Stripe or CRM id does not undefine the account: its references are fine and stay quiet
+        c.identifier("accounts.csv", line, "stripe_customer_id", stripe_customer_id)
+        c.identifier("accounts.csv", line, "crm_id", crm_id)
         if not account_id:
             c.add(Problem("accounts.csv", "a non-empty account_id", line, "account_id", ""))
         elif account_id in accounts:
             c.add(Problem("accounts.csv", "a unique account_id", line, "account_id", account_id))
-        else:
+        elif c.identifier("accounts.csv", line, "account_id", account_id):
             accounts[account_id] = Account(account_id, name, stripe_customer_id or None, crm_id or None)
     return accounts
 
@@ -187,9 +203,11 @@ def _load_products(folder: Path, c: _Collector) -> dict[str, Product]:
     rows = _rows(folder, "products.csv", c, extra_columns=("default_price_id",))
     for line, (product_key, name, raw_aggregation, unit, default_price_id) in rows:
         aggregation = c.choice("products.csv", line, "aggregation", raw_aggregation, ("sum", "max"))
+        if not c.identifier("products.csv", line, "default_price_id", default_price_id):
+            default_price_id = ""  # reported; not looked up in prices.csv as well
         if product_key in products or not product_key:
             c.add(Problem("products.csv", "a unique, non-empty product_key", line, "product_key", product_key))
-        elif aggregation:
+        elif c.identifier("products.csv", line, "product_key", product_key) and aggregation:
             products[product_key] = Product(product_key, name, aggregation, unit or "unit",  # type: ignore[arg-type]
                                             default_price_id or None)
     return products
@@ -200,7 +218,8 @@ def _load_prices(folder: Path, c: _Collector, products: dict[str, Product]) -> d
     name = "prices.csv"
     for line, (price_id, product_key, raw_currency, raw_model, raw_unit_amount, raw_package_size,
                raw_tiers) in _rows(folder, name, c):
-        ok = c.reference(name, line, "product_key", product_key, products, "product_key")
+        ok = c.identifier(name, line, "price_id", price_id)
+        ok &= c.reference(name, line, "product_key", product_key, products, "product_key")
         model = c.choice(name, line, "model", raw_model, PRICING_MODELS)
         currency = raw_currency.lower()
         if len(currency) != 3 or not currency.isalpha():
@@ -230,10 +249,12 @@ def _load_prices(folder: Path, c: _Collector, products: dict[str, Product]) -> d
 
 
 def _check_price_product(c: _Collector, file: str, line: int, price_id: str, product_key: str,
-                         prices: dict[str, Price]) -> bool:
+                         prices: dict[str, Price], products: dict[str, Product]) -> bool:
+    """The row's price must exist and be one of the row's product; the product is compared only when it is
+    defined (an unknown one is already reported, and no price could be of it)."""
     if not c.reference(file, line, "price_id", price_id, prices, "price_id"):
         return False
-    if prices[price_id].product_key != product_key:
+    if product_key in products and prices[price_id].product_key != product_key:
         c.add(Problem(file, f"a price of product {product_key!r} (price {price_id} belongs to "
                             f"{prices[price_id].product_key!r})", line, "price_id", price_id))
         return False
@@ -246,9 +267,10 @@ def _load_subscriptions(folder: Path, c: _Collector, accounts: dict[str, Account
     name = "subscriptions.csv"
     for line, (subscription_id, account_id, product_key, price_id, status, raw_start,
                raw_end) in _rows(folder, name, c):
-        ok = c.reference(name, line, "account_id", account_id, accounts, "account_id")
+        ok = c.identifier(name, line, "subscription_id", subscription_id)
+        ok &= c.reference(name, line, "account_id", account_id, accounts, "account_id")
         ok &= c.reference(name, line, "product_key", product_key, products, "product_key")
-        ok &= _check_price_product(c, name, line, price_id, product_key, prices)
+        ok &= _check_price_product(c, name, line, price_id, product_key, prices, products)
         start = c.instant(name, line, "period_start", raw_start)
         end = c.instant(name, line, "period_end", raw_end)
         if start and end and end <= start:
@@ -280,7 +302,7 @@ def _load_contracts(folder: Path, c: _Collector, accounts: dict[str, Account],
     for line, (account_id, product_key, raw_effective, price_id) in _rows(folder, name, c, optional=True):
         ok = c.reference(name, line, "account_id", account_id, accounts, "account_id")
         ok &= c.reference(name, line, "product_key", product_key, products, "product_key")
-        ok &= _check_price_product(c, name, line, price_id, product_key, prices)
+        ok &= _check_price_product(c, name, line, price_id, product_key, prices, products)
         effective = c.instant(name, line, "effective_from", raw_effective)
         if ok and effective:
             contracts.append(Contract(account_id, product_key, effective, price_id))

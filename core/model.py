@@ -20,6 +20,19 @@ from core.pricing import Price
 
 Aggregation = Literal["sum", "max"]
 
+# The longest identifier the app takes (account_id, product_key, price_id, subscription_id, a Stripe customer or
+# CRM id, an ingested event_id): the app database's id columns hold this many characters (db/models.py), so a
+# longer one is refused where it enters (the bundle, a sync, the ingest API), never cut. Stripe's own ids are far
+# shorter; a customer-chosen id this long is an input error. Display names have no limit.
+MAX_ID_LENGTH = 200
+ID_EXPECTED = f"an identifier of at most {MAX_ID_LENGTH} characters"
+SHOWN_ID_START = 40  # characters of a too-long identifier quoted back
+
+
+def shortened(value: str) -> str:
+    """A too-long identifier as an error quotes it: its start and its length, not hundreds of characters."""
+    return f"{value[:SHOWN_ID_START]}… ({len(value)} characters)"
+
 
 @dataclass(frozen=True)
 class Account:

@@ -39,11 +39,15 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from core.model import MAX_ID_LENGTH
 from core.reconcile import ANOMALY_TYPES
 from core.scoring import SEVERITIES
 
 MONEY = Numeric(20, 6)
 UNITS = Numeric(38, 9)
+# An identifier from the org's data (account_id, product_key, price_id, ...). Longer ones are refused where they enter
+# (core/model.py MAX_ID_LENGTH): SQLite would store them, PostgreSQL refuse them. Display names are Text, unbounded.
+IDENTIFIER = String(MAX_ID_LENGTH)
 TENANT_TABLES = (
     "users", "integrations", "org_settings", "accounts", "recon_runs", "anomalies", "actions",
     "audit_log", "api_keys", "usage_events", "audit_heads",
@@ -99,18 +103,14 @@ class AtLeastZero:
     def sql(self) -> str:
         return " AND ".join(f"{_quoted(self.column)} {bound}" for bound in self._bounds)
 
-    def problem(self, value: Any) -> str | None:
-        """None when `value` is a finite number in bounds (or NULL), else what was expected instead.
+    def problem(self, value: int | float | Decimal | None) -> str | None:
+        """None when `value` is in bounds (or NULL), else what was expected instead.
 
-        Stricter than the database only in refusing NaN and infinities, which no column should hold.
+        `value` is what the column's type holds, a finite number: whether a value is one (not text, a
+        boolean or NaN) is the type's business, as NOT NULL is the column's (import-org checks both first).
         """
-        if value is None:
+        if value is None or (value >= 0 and (self.upper is None or value <= self.upper)):
             return None
-        if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-            number = Decimal(value)
-            # NaN must not reach a comparison: it raises
-            if number.is_finite() and number >= 0 and (self.upper is None or number <= self.upper):
-                return None
         return f"is not a number {' and '.join(self._bounds)}"
 
 
@@ -244,10 +244,10 @@ class Account(OrgScoped, Base):
     __tablename__ = "accounts"
     __table_args__ = (UniqueConstraint("org_id", "account_id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    account_id: Mapped[str] = mapped_column(String(200))
-    name: Mapped[str] = mapped_column(String(300))
-    stripe_customer_id: Mapped[str | None] = mapped_column(String(200))
-    crm_id: Mapped[str | None] = mapped_column(String(200))
+    account_id: Mapped[str] = mapped_column(IDENTIFIER)
+    name: Mapped[str] = mapped_column(Text)  # a display name, from Stripe or a bundle (migration 0011)
+    stripe_customer_id: Mapped[str | None] = mapped_column(IDENTIFIER)
+    crm_id: Mapped[str | None] = mapped_column(IDENTIFIER)
 
 
 class ReconRun(OrgScoped, Base):
@@ -298,8 +298,8 @@ class Anomaly(OrgScoped, Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     first_run_id: Mapped[int | None] = mapped_column(ForeignKey("recon_runs.id", ondelete="SET NULL"))
     last_run_id: Mapped[int | None] = mapped_column(ForeignKey("recon_runs.id", ondelete="SET NULL"))
-    account_id: Mapped[str] = mapped_column(String(200))
-    product_key: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[str] = mapped_column(IDENTIFIER)
+    product_key: Mapped[str] = mapped_column(IDENTIFIER)
     period_start: Mapped[datetime]
     period_end: Mapped[datetime]
     type: Mapped[str] = mapped_column(String(32))
@@ -315,9 +315,9 @@ class Anomaly(OrgScoped, Base):
     confidence: Mapped[Decimal] = mapped_column(Numeric(4, 3))
     confidence_factors: Mapped[dict[str, Any]]
     evidence: Mapped[dict[str, Any]]
-    price_id: Mapped[str] = mapped_column(String(200))
+    price_id: Mapped[str] = mapped_column(IDENTIFIER)
     price_source: Mapped[str] = mapped_column(String(64))
-    subscription_id: Mapped[str | None] = mapped_column(String(200))
+    subscription_id: Mapped[str | None] = mapped_column(IDENTIFIER)
     explanation: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="open")
     status_reason: Mapped[str | None] = mapped_column(Text)
@@ -399,9 +399,9 @@ class UsageEvent(OrgScoped, Base):
         *checks(AtLeastZero("units")),
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    event_id: Mapped[str] = mapped_column(String(200))
-    account_id: Mapped[str] = mapped_column(String(200))
-    product_key: Mapped[str] = mapped_column(String(200))
+    event_id: Mapped[str] = mapped_column(IDENTIFIER)
+    account_id: Mapped[str] = mapped_column(IDENTIFIER)
+    product_key: Mapped[str] = mapped_column(IDENTIFIER)
     ts: Mapped[datetime]
     units: Mapped[Decimal] = mapped_column(UNITS)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -37,6 +37,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
 from core.logging import get_logger
+from core.model import MAX_ID_LENGTH
 from db.models import UsageEvent
 from db.session import org_session
 from services import audit
@@ -57,7 +58,7 @@ BUCKET_SCHEMA = pa.schema([
 TEMP_TABLE = "rrc_ingest_batch"
 log = get_logger(__name__)
 
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class UsageEventIn(BaseModel):

@@ -8,17 +8,25 @@ must run with the same RRC_SECRET_KEYS to use them), accounts, runs, anomalies, 
 audit log, API keys (hashes only: the keys keep working, nobody learns them) and ingested usage
 events. Files on disk (synced bundles under the data dir) are not in it: the next sync rebuilds them.
 
+Export reads every table in one snapshot of the database (REPEATABLE READ on PostgreSQL, one read
+transaction on SQLite), so a run that starts and stores findings meanwhile is wholly in the archive
+or wholly out of it. The entry `organization.exported` is committed just before, in its own
+transaction, so the snapshot holds it (an export that fails after that leaves the entry: the log
+records the attempt); a REPEATABLE READ transaction cannot append to the audit log itself, since the
+appender it waits for commits entries its snapshot does not see.
+
 Import is one transaction: all or nothing. Row ids are kept when they are free in the target
-(always the case in an empty database); otherwise every id of a table is shifted past the
-target's ids and the references follow. The audit log's hash chain is verified from the archive
-first, and it must end at the archive's audit head (`audit_heads.jsonl`), so an archive whose
-newest audit entries were cut off is refused too. With unchanged ids the chain is inserted byte
-for byte (same hashes, `verify` passes). When the org id or referenced ids had to change, the
-hashes (which cover the org id, target id and actor) no longer match, so the chain is re-sealed
-over the new ids, and the entry `organization.imported` records the original chain's head hash
-and the archive's checksum, which ties the new chain to the verified old one. Either way the head
-is sealed anew with this installation's key (`audit.set_head`); the archive's own seal is checked
-with this installation's keys, and a note says so when none of them made it.
+(always the case in an empty database); otherwise every id of a table is shifted past the target's
+ids and the references follow (an id shifted beyond what its column holds is refused). The audit
+log's hash chain is verified from the archive first, and it must end at the archive's audit head
+(`audit_heads.jsonl`), so an archive whose newest audit entries were cut off is refused too. With
+unchanged ids the chain is inserted byte for byte (same hashes, `verify` passes). When the org id
+or referenced ids had to change, the hashes (which cover the org id, target id and actor) no longer
+match, so the chain is re-sealed over the new ids, and the entry `organization.imported` records
+the original chain's head hash and the archive's checksum, which ties the new chain to the verified
+old one. Either way the head is sealed anew with this installation's key (`audit.set_head`); the
+archive's own seal is checked with this installation's keys, and a note says so when none of them
+made it.
 
 The manifest's checksums only show damage: whoever edits an archive can rewrite them. So every
 value is also checked as it is read, against what the database would refuse or silently change,
@@ -26,11 +34,15 @@ derived from the models (`CHECKS`, `UNIQUE_KEYS`): its column's type (null only 
 allows it, text within its length, whole numbers that are not booleans or 1.5, booleans, decimals
 that fit their precision and scale without rounding, timestamps with a UTC offset, JSON without
 NaN), the rules of the database's CHECK constraints (`db.models.column_rules`: roles, statuses,
-kinds, amounts never negative, confidence in [0, 1]), the unique constraints and indexes among the
-file's rows (ids, emails, one running and one queued run per organization...) and the references
-between files; a refusal names file, line (both lines for a duplicate), column, value and what was
-expected. Every table but org_settings is read (and so checked) before the import's transaction
-opens; a bad org_settings row stops it inside, and the transaction writes nothing.
+kinds, amounts never negative, confidence in [0, 1]), the organization's id (every row's, and the
+manifest's), the unique constraints and indexes among the file's rows (ids, emails, one running and
+one queued run per organization...) and the references between files; a refusal names file, line
+(both lines for a duplicate), column, value and what was expected. All of it is checked before the
+import's transaction opens, in one pass over each file (`_check_file`), which also gathers what the
+import needs later (id spans, referenced ids, globally unique values), so a file is read three
+times at most: its checksum, this pass, its insert. Unique keys are held as one 64-bit number per
+row and key (the id itself, or a digest of the values) and compared once sorted: a repeated number
+has the file read again to name both lines, and a mere digest collision passes.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import json
 import math
 import re
 import zipfile
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +60,7 @@ from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -154,6 +168,15 @@ class _ColumnCheck:
     convert: Callable[[Any], Any]  # the value to insert; raises when the database would refuse or change it
     nullable: bool
 
+    def value(self, value: Any) -> Any:
+        """The value to insert; TypeError, ValueError or ArithmeticError when the database would refuse or change
+        it (`_checked` turns them into a refusal that says where)."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise TypeError(value)
+        return self.convert(value)
+
 
 def _text(length: int | None) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
@@ -169,6 +192,11 @@ def _text(length: int | None) -> Callable[[Any], str]:
             raise _Unfit("it holds an unpaired surrogate") from None
         return value
     return convert
+
+
+def _bits(kind: Any) -> int:
+    """The size of an integer column's values: PostgreSQL's (SQLite takes 64 bits either way)."""
+    return 64 if isinstance(kind, BigInteger) else 32
 
 
 def _whole(bits: int) -> Callable[[Any], int]:
@@ -246,7 +274,7 @@ def _column_check(column: Column[Any]) -> _ColumnCheck:
             f" of at most {whole} digit{'s' * (whole != 1)} before the point and {scale} after"
         check = ("a decimal number" + shape, _decimal(kind.precision, scale))
     elif isinstance(kind, Integer):
-        bits = 64 if isinstance(kind, BigInteger) else 32  # PostgreSQL's sizes; SQLite takes 64 bits either way
+        bits = _bits(kind)
         check = (f"a whole number from {-2 ** (bits - 1)} to {2 ** (bits - 1) - 1}", _whole(bits))
     elif isinstance(kind, String):
         check = ("text" if kind.length is None else f"text of at most {kind.length} characters", _text(kind.length))
@@ -265,6 +293,7 @@ class _UniqueKey:
     columns: tuple[str, ...]  # without the organization's id, which the import gives every row
     where: tuple[tuple[str, str], ...]  # a partial index: only rows with these values count
     per_org: bool
+    exact: bool  # one integer column: its values are their own 64-bit key (`_compact`), no digest
 
 
 PARTIAL = re.compile(r"(\w+) = '([^']*)'")
@@ -286,8 +315,12 @@ def _unique_keys(table: str) -> tuple[_UniqueKey, ...]:
                          key=lambda c: (not isinstance(c, PrimaryKeyConstraint), c.columns.keys()))  # a stable order
     keys = [(c.name, c.columns.keys(), ()) for c in constraints]
     keys += [(index.name, index.columns.keys(), _partial(index)) for index in model_table.indexes if index.unique]
-    return tuple(_UniqueKey(name if isinstance(name, str) else None, tuple(c for c in columns if c != org_column),
-                            where, org_column in columns) for name, columns, where in keys)
+    unique: list[_UniqueKey] = []
+    for name, columns, where in keys:
+        own = tuple(c for c in columns if c != org_column)
+        exact = len(own) == 1 and isinstance(model_table.c[own[0]].type, Integer)  # at most 64 bits: `_whole`
+        unique.append(_UniqueKey(name if isinstance(name, str) else None, own, where, org_column in columns, exact))
+    return tuple(unique)
 
 
 CHECKS = {table: {column.name: _column_check(column) for column in model.__table__.columns} for table, model in TABLES}
@@ -311,24 +344,20 @@ def _to_json(value: Any) -> Any:
 
 
 def _from_json(table: str, line: int, column: str, value: Any) -> Any:
-    return _checked(f"{table}.jsonl line {line}: column {column}", CHECKS[table][column], value)
+    check = CHECKS[table][column]
+    try:
+        return check.value(value)
+    except (TypeError, ValueError, ArithmeticError):  # the place is spelled out only for a refusal: not per value
+        return _checked(f"{table}.jsonl line {line}: column {column}", check, value)
 
 
 def _checked(where: str, check: _ColumnCheck, value: Any) -> Any:
     """The value to insert; InvalidInput naming `where` when the database would refuse or change it."""
     try:
-        if value is None:
-            if check.nullable:
-                return None
-            raise TypeError(value)
-        return check.convert(value)
+        return check.value(value)
     except (TypeError, ValueError, ArithmeticError) as exc:
         why = f" ({exc})" if isinstance(exc, _Unfit) else ""
         raise InvalidInput(f"{where}: {_shown(value)} is not {check.expected}{why}") from None
-
-
-def _columns(table: str) -> list[str]:
-    return [column.name for column in MODELS[table].__table__.columns]
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -343,6 +372,18 @@ def _rows_of(session: Session, table: str, org_id: int) -> Iterator[dict[str, An
         yield {name: _to_json(value) for name, value in row._mapping.items()}
 
 
+def _one_snapshot(session: Session) -> None:
+    """Make every read of the session's transaction see the database as it was at the first one (call before it).
+
+    PostgreSQL's default, READ COMMITTED, gives each statement a snapshot of its own: a run stored between two
+    of them would leave anomalies pointing at a run the archive lacks. SQLite in WAL mode keeps one snapshot per
+    transaction, but the sqlite3 driver opens a transaction only before a write: without BEGIN each read is one."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    else:
+        session.connection().exec_driver_sql("BEGIN")
+
+
 def export_org(actor: Actor, out: Path | str) -> ExportResult:
     """Write the organization's archive to `out` (.zip), atomically; admins only; audited."""
     require_role(actor, "admin")
@@ -351,13 +392,16 @@ def export_org(actor: Actor, out: Path | str) -> ExportResult:
         raise InvalidInput(f"output {out}: expected a .zip file name")
     if not out.parent.is_dir():
         raise InvalidInput(f"output {out}: folder {out.parent} does not exist")
+    with org_session(actor.org_id) as session:  # committed first: the snapshot below holds the entry
+        if session.get(Organization, actor.org_id) is None:
+            raise InvalidInput(f"organization {actor.org_id} not found")
+        audit.append(session, actor, "organization.exported", "organization", actor.org_id, {"file": out.name})
     counts: dict[str, int] = {}
     files: dict[str, dict[str, Any]] = {}
-    # The archive replaces `out` only once the audit entry is committed (replacing exits after the session).
     with replacing(out) as tmp, org_session(actor.org_id) as session:
-        audit.append(session, actor, "organization.exported", "organization", actor.org_id, {"file": out.name})
+        _one_snapshot(session)
         org = session.get(Organization, actor.org_id)
-        if org is None:
+        if org is None:  # deleted since the entry was written
             raise InvalidInput(f"organization {actor.org_id} not found")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for table, _model in TABLES:
@@ -376,8 +420,13 @@ def export_org(actor: Actor, out: Path | str) -> ExportResult:
                 "files": files,
             }
             archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-    sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    return ExportResult(out, org.id, org.slug, counts, sha)
+    return ExportResult(out, org.id, org.slug, counts, _sha256(out))
+
+
+def _sha256(path: Path) -> str:
+    """The file's SHA-256, read in blocks: an archive of millions of events need not fit in memory."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # --- reading an archive --------------------------------------------------------------------------
@@ -392,24 +441,26 @@ class _Archive:
             self.zip = zipfile.ZipFile(path)
         except zipfile.BadZipFile:
             raise InvalidInput(f"archive {path}: not a zip file") from None
-        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.sha256 = _sha256(path)
         try:
             self.manifest = json.loads(self.zip.read(MANIFEST))
         except KeyError:
             raise InvalidInput(f"archive {path}: {MANIFEST} is missing (not an organization export)") from None
         except ValueError as exc:
             raise InvalidInput(f"archive {path}: {MANIFEST} is not valid JSON ({exc})") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT \
+                or self.manifest.get("version") != VERSION:
+            found = self.manifest if isinstance(self.manifest, dict) else {}
             raise InvalidInput(f"archive {path}: {MANIFEST}: expected format {FORMAT!r} version {VERSION}, got "
-                               f"{self.manifest.get('format')!r} version {self.manifest.get('version')!r}")
+                               f"{found.get('format')!r} version {found.get('version')!r}")
         revision, head = self.manifest.get("schema_revision"), head_revision()
         if revision != head:
             raise InvalidInput(f"archive {path}: exported at schema revision {revision}, this installation is at "
                                f"{head}; import it with the version of the app that exported it")
-        files = self.manifest.get("files") or {}
+        files = self.manifest.get("files")
         expected = {f"{table}.jsonl" for table, _ in TABLES}
-        if set(files) != expected:
-            raise InvalidInput(f"archive {path}: {MANIFEST}: files {sorted(files)} do not match {sorted(expected)}")
+        if not isinstance(files, dict) or set(files) != expected:
+            raise InvalidInput(f"archive {path}: {MANIFEST}: files {_shown(files)} do not match {sorted(expected)}")
         for name, meta in files.items():
             digest, count = hashlib.sha256(), 0
             try:
@@ -419,40 +470,137 @@ class _Archive:
                         count += 1
             except KeyError:
                 raise InvalidInput(f"archive {path}: {name} is listed in the manifest but missing") from None
-            if digest.hexdigest() != meta.get("sha256") or count != meta.get("rows"):
+            if not isinstance(meta, dict) or digest.hexdigest() != meta.get("sha256") or count != meta.get("rows"):
                 raise InvalidInput(f"archive {path}: {name} does not match its checksum in {MANIFEST} "
                                    "(damaged or edited)")
-        self.source_org_id = int(self.manifest["source"]["org_id"])
+        source = self.manifest.get("source")
+        org_id, slug = (source.get("org_id"), source.get("slug")) if isinstance(source, dict) else (None, None)
+        # the id a row of organizations.jsonl holds, and one an org_session takes
+        if isinstance(org_id, bool) or not isinstance(org_id, int) or not 0 < org_id < 2 ** 31:
+            raise InvalidInput(f"archive {path}: {MANIFEST}: source.org_id: {_shown(org_id)} is not an organization "
+                               f"id (a whole number from 1 to {2 ** 31 - 1})")
+        if not isinstance(slug, str):
+            raise InvalidInput(f"archive {path}: {MANIFEST}: source.slug: {_shown(slug)} is not text")
+        self.source_org_id, self.source_slug = org_id, slug
 
-    def rows(self, table: str) -> Iterator[dict[str, Any]]:
-        """The table's rows as column values, each checked as the database would check it: the column's type,
-        its CHECK rule, and the unique constraints and indexes among the file's rows."""
-        columns = set(_columns(table))
+    def lines(self, table: str) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """(line number, the row as the archive spells it, its values) for each row, the values checked as the
+        database would check them (the column's type and CHECK rule) and the row's organization checked to be the
+        manifest's. What holds among rows (unique keys, references) is `_check_file`'s business."""
+        columns = CHECKS[table].keys()
         rules = column_rules(MODELS[table].__table__)
-        keys = UNIQUE_KEYS[table]
-        seen: list[dict[tuple[Any, ...], int]] = [{} for _ in keys]  # per key: its values -> the first line
+        org_column = "id" if table == "organizations" else "org_id"
         with self.zip.open(f"{table}.jsonl") as handle:
             for number, line in enumerate(handle, start=1):
                 try:
                     raw = json.loads(line)
                 except ValueError as exc:
                     raise InvalidInput(f"{table}.jsonl line {number}: not JSON ({exc})") from None
-                if not isinstance(raw, dict) or set(raw) != columns:
+                if not isinstance(raw, dict) or raw.keys() != columns:
                     raise InvalidInput(f"{table}.jsonl line {number}: expected the columns {sorted(columns)}")
                 row = {name: _from_json(table, number, name, value) for name, value in raw.items()}
                 for name, rule in rules.items():
                     problem = rule.problem(row[name])
                     if problem:
                         raise InvalidInput(f"{table}.jsonl line {number}: column {name}: {_shown(raw[name])} {problem}")
-                for key, lines in zip(keys, seen, strict=True):
-                    values = tuple(row[name] for name in key.columns)
-                    # NULLs never collide in a unique constraint; a partial index counts only its rows
-                    if None in values or any(row[name] != value for name, value in key.where):
-                        continue
-                    first = lines.setdefault(values, number)
-                    if first != number:
-                        raise InvalidInput(f"{table}.jsonl lines {first} and {number}: {_duplicate(key, raw)}")
-                yield row
+                if row[org_column] != self.source_org_id:
+                    raise InvalidInput(f"{table}.jsonl line {number}: column {org_column}: {_shown(raw[org_column])} "
+                                       f"is not {self.source_org_id}, the exported organization's id ({MANIFEST} "
+                                       "source.org_id)")
+                yield number, raw, row
+
+    def rows(self, table: str) -> Iterator[dict[str, Any]]:
+        """The table's rows as column values, checked as `lines` checks them."""
+        return (row for _number, _raw, row in self.lines(table))
+
+
+# --- checking the rows together ------------------------------------------------------------------
+
+KEPT = ("organizations", "audit_log", "audit_heads")  # held whole: one row each, or the chain to verify and re-seal
+REFERENCED = {target for columns in REFERENCES.values() for target in columns.values()}
+
+
+@dataclass
+class _Facts:
+    """What the checking pass over one file gathered for the import, so that nothing reads the file again
+    before its insert."""
+
+    span: tuple[int, int] | None = None  # the lowest and the highest id
+    ids: np.ndarray | None = None  # sorted; kept for the files that refer to this one
+    taken: list[str] = field(default_factory=list)  # the column of GLOBAL_UNIQUE: to look up in this database
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the values of the rows, for the tables in KEPT
+
+
+def _compact(key: _UniqueKey, row: dict[str, Any]) -> int | None:
+    """The row's values of `key` as one signed 64-bit number: the id itself for an integer column, else the first
+    8 bytes of their BLAKE2b digest (a collision costs a second reading, never a wrong refusal); None when the key
+    does not count the row: a NULL among them (NULLs never collide) or, for a partial index, not one of its rows."""
+    values = tuple(row[name] for name in key.columns)
+    if None in values or any(row[name] != value for name, value in key.where):
+        return None
+    if key.exact:
+        return values[0]
+    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(), signed=True)
+
+
+def _repeated(values: array[int]) -> tuple[np.ndarray, set[int]]:
+    """`values` sorted (in place: no copy), and those that occur more than once."""
+    ordered = np.frombuffer(values, dtype=np.int64)
+    ordered.sort()
+    return ordered, set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+
+
+def _contains(ordered: np.ndarray, value: int) -> bool:
+    at = int(np.searchsorted(ordered, value))
+    return at < len(ordered) and ordered[at] == value
+
+
+def _check_file(archive: _Archive, table: str, facts: dict[str, _Facts]) -> _Facts:
+    """Read one file, checking each row (`lines`), its references to the files read before it (TABLES lists
+    parents first) and the file's unique keys; returns what the import needs of it later."""
+    keys = UNIQUE_KEYS[table]
+    compact: list[array[int]] = [array("q") for _ in keys]
+    references = REFERENCES.get(table, {})
+    global_column = GLOBAL_UNIQUE[table][0] if table in GLOBAL_UNIQUE else None
+    found = _Facts()
+    for number, _raw, row in archive.lines(table):
+        for key, values in zip(keys, compact, strict=True):
+            value = _compact(key, row)
+            if value is not None:
+                values.append(value)
+        for column, target in references.items():
+            ids = facts[target].ids
+            if row[column] is not None and (ids is None or not _contains(ids, row[column])):
+                raise InvalidInput(f"{table}.jsonl line {number}: column {column}: {row[column]} is not the id "
+                                   f"of a row in {target}.jsonl")
+        if global_column is not None:
+            found.taken.append(row[global_column])
+        if table in KEPT:
+            found.rows.append(row)
+    repeated: list[set[int]] = []
+    for key, values in zip(keys, compact, strict=True):
+        ordered, twice = _repeated(values)
+        repeated.append(twice)
+        if key.columns == ("id",) and len(ordered):
+            found.span = (int(ordered[0]), int(ordered[-1]))
+            found.ids = ordered if table in REFERENCED else None
+    if any(repeated):
+        _refuse_duplicate(archive, table, repeated)
+    return found
+
+
+def _refuse_duplicate(archive: _Archive, table: str, repeated: list[set[int]]) -> None:
+    """Read the file again for the rows whose `_compact` number repeats, and refuse the first row that shares a
+    key's values with an earlier one (the refusal a reading that kept every value would give); returns when the
+    numbers were only digests that collided."""
+    keys = UNIQUE_KEYS[table]
+    first: list[dict[tuple[Any, ...], int]] = [{} for _ in keys]  # per key: its values -> the first line
+    for number, raw, row in archive.lines(table):
+        for key, twice, lines in zip(keys, repeated, first, strict=True):
+            if _compact(key, row) in twice:
+                earlier = lines.setdefault(tuple(row[name] for name in key.columns), number)
+                if earlier != number:
+                    raise InvalidInput(f"{table}.jsonl lines {earlier} and {number}: {_duplicate(key, raw)}")
 
 
 def _duplicate(key: _UniqueKey, raw: dict[str, Any]) -> str:
@@ -482,15 +630,13 @@ def _verify_chain(org_id: int, entries: list[dict[str, Any]]) -> str:
     return previous
 
 
-def _check_head(org_id: int, entries: list[dict[str, Any]], heads: list[dict[str, Any]]) -> list[str]:
-    """The archive's chain must end where its audit head says; returns notes (an unconfirmed seal)."""
-    if len(heads) > 1 or any(head["org_id"] != org_id for head in heads):
-        raise InvalidInput("audit_heads.jsonl: expected at most one audit head, of the exported organization")
-    if not heads:
+def _check_head(org_id: int, entries: list[dict[str, Any]], head: dict[str, Any] | None) -> list[str]:
+    """The archive's chain must end where its audit head says; returns notes (an unconfirmed seal). The file holds
+    one head at most, of the exported organization: `_check_file` saw to both."""
+    if head is None:
         if entries:
             raise InvalidInput("audit_heads.jsonl: the audit log has no head, so its completeness cannot be checked")
         return []
-    head = heads[0]
     last_seq, last_hash = (entries[-1]["seq"], entries[-1]["hash"]) if entries else (0, "")
     gap = audit.chain_gap(head["seq"], head["hash"], last_seq, last_hash, head="the archive's audit head")
     if gap is not None:
@@ -502,24 +648,6 @@ def _check_head(org_id: int, entries: list[dict[str, Any]], heads: list[dict[str
 
 
 # --- import --------------------------------------------------------------------------------------
-
-def _id_span(archive: _Archive, table: str) -> tuple[int, int] | None:
-    ids = [row["id"] for row in archive.rows(table)]
-    return (min(ids), max(ids)) if ids else None
-
-
-def _check_references(archive: _Archive) -> None:
-    """A reference must be null or the id of a row in the archive: the database refuses one to a missing row, and
-    once ids are shifted, one to an id outside the archive could land on another organization's row."""
-    targets = {target for columns in REFERENCES.values() for target in columns.values()}
-    ids = {target: {row["id"] for row in archive.rows(target)} for target in targets}
-    for table, columns in REFERENCES.items():
-        for number, row in enumerate(archive.rows(table), start=1):
-            for column, target in columns.items():
-                if row[column] is not None and row[column] not in ids[target]:
-                    raise InvalidInput(f"{table}.jsonl line {number}: column {column}: {row[column]} is not the id "
-                                       f"of a row in {target}.jsonl")
-
 
 def _offset(session: Session, table: str, span: tuple[int, int] | None) -> int:
     """0 when the archive's ids are free here, else the shift that puts them after every existing id."""
@@ -542,11 +670,21 @@ def _lock_tables(session: Session) -> None:
         session.execute(text("UPDATE organizations SET id = id WHERE 0 = 1"))
 
 
-def _check_conflicts(session: Session, archive: _Archive, slug: str) -> None:
+def _check_id_range(spans: dict[str, tuple[int, int] | None], offsets: dict[str, int]) -> None:
+    """Shifted ids must still fit their column: past 2**31 - 1 PostgreSQL refuses an integer (SQLite keeps it)."""
+    for table, span in spans.items():
+        limit = 2 ** (_bits(MODELS[table].__table__.c.id.type) - 1) - 1
+        if span is not None and span[1] + offsets[table] > limit:
+            raise InvalidInput(f"{table}.jsonl: ids up to {span[1]} would move by {offsets[table]} to come after this "
+                               f"database's ids, past {limit}, the highest id the column holds (an empty database "
+                               "keeps them)")
+
+
+def _check_conflicts(session: Session, facts: dict[str, _Facts], slug: str) -> None:
     if session.execute(select(Organization.id).where(Organization.slug == slug)).first():
         raise Conflict(f"slug: an organization {slug!r} already exists here; import with a new slug")
     for table, (column, label) in GLOBAL_UNIQUE.items():
-        values = [row[column] for row in archive.rows(table)]
+        values = facts[table].taken
         db_column = MODELS[table].__table__.c[column]
         clashes: list[str] = []
         for start in range(0, len(values), 500):
@@ -626,29 +764,42 @@ def _bump_sequences(session: Session) -> None:
                                  f"(SELECT last_value FROM {sequence}), 1))"), {"s": sequence})
 
 
+def _org_name(name: str, where: str) -> str:
+    """The name as `users.create_organization` takes one (stripped, and refused when blank), within its column."""
+    name = name.strip()
+    if not name:
+        raise InvalidInput(f"{where}: required")
+    return _checked(where, CHECKS["organizations"]["name"], name)
+
+
 def import_org(path: Path | str, *, new_slug: str | None = None, new_name: str | None = None) -> ImportResult:
     """Create the archive's organization in this database (one transaction; nothing is written on error)."""
     archive = _Archive(Path(path))
-    source = archive.manifest["source"]
-    slug = (new_slug or source["slug"]).strip()
+    slug = (new_slug or archive.source_slug).strip()
     if not SLUG.match(slug):
         raise InvalidInput("slug: lower-case letters, digits and dashes, 2 to 63 characters")
-    if new_name:
-        _checked("new name", CHECKS["organizations"]["name"], new_name.strip())
-    entries = list(archive.rows("audit_log"))
-    head = _verify_chain(archive.source_org_id, entries)
-    notes = _check_head(archive.source_org_id, entries, list(archive.rows("audit_heads")))
-    spans = {table: _id_span(archive, table) for table, _ in TABLES if table not in ORG_KEYED}
-    if spans["organizations"] is None:  # more than one is refused as rows are read
+    if new_name is not None:
+        new_name = _org_name(new_name, "name")
+    facts: dict[str, _Facts] = {}
+    for table, _model in TABLES:
+        facts[table] = _check_file(archive, table, facts)
+    if not facts["organizations"].rows:  # a second one is refused as a duplicate
         raise InvalidInput("organizations.jsonl: expected the organization's row, found none")
-    _check_references(archive)
+    organization = {**facts["organizations"].rows[0], "slug": slug}
+    organization["name"] = new_name if new_name is not None else \
+        _org_name(organization["name"], "organizations.jsonl line 1: column name")
+    entries = facts["audit_log"].rows
+    head = _verify_chain(archive.source_org_id, entries)
+    notes = _check_head(archive.source_org_id, entries, next(iter(facts["audit_heads"].rows), None))
+    spans = {table: facts[table].span for table, _ in TABLES if table not in ORG_KEYED}
+    spans["organizations"] = (archive.source_org_id, archive.source_org_id)  # its row's id: `lines` checked it
     rows: dict[str, int] = {}
     with system_session() as session:
         _lock_tables(session)
-        _check_conflicts(session, archive, slug)
+        _check_conflicts(session, facts, slug)
         offsets = {table: _offset(session, table, span) for table, span in spans.items()}
-        org_id = archive.source_org_id + offsets.pop("organizations")
-        offsets["organizations"] = org_id - archive.source_org_id
+        _check_id_range(spans, offsets)
+        org_id = archive.source_org_id + offsets["organizations"]
         ids_kept = not any(offsets.values())
         sealed: list[dict[str, Any]] = []
         for table, _model in TABLES:
@@ -661,13 +812,11 @@ def import_org(path: Path | str, *, new_slug: str | None = None, new_name: str |
                     audit.set_head(session, org_id, sealed[-1]["seq"], sealed[-1]["hash"])
                 rows[table] = 1 if sealed else 0
                 continue
-            source_rows: Iterable[dict[str, Any]] = archive.rows(table)
-            if table == "organizations":
-                source_rows = ({**row, "slug": slug, "name": (new_name or row["name"]).strip()} for row in source_rows)
+            source_rows = [organization] if table == "organizations" else archive.rows(table)
             rows[table] = _insert(session, table, (_remap(table, row, org_id, offsets) for row in source_rows))
         _bump_sequences(session)
         audit.append(session, Actor.system(org_id, "import"), "organization.imported", "organization", org_id, {
-            "source_org_id": archive.source_org_id, "source_slug": source["slug"], "source_audit_head": head,
+            "source_org_id": archive.source_org_id, "source_slug": archive.source_slug, "source_audit_head": head,
             "archive_sha256": archive.sha256, "exported_at": archive.manifest.get("exported_at"),
             "ids_kept": ids_kept, "id_offsets": {t: o for t, o in offsets.items() if o},
         })

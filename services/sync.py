@@ -56,7 +56,18 @@ import pyarrow.parquet as pq
 
 from core.bundle import load_bundle
 from core.errors import BundleError
-from core.model import Account, Bundle, Contract, InvoiceLine, Product, SubscriptionPeriod, UsageSource
+from core.model import (
+    ID_EXPECTED,
+    MAX_ID_LENGTH,
+    Account,
+    Bundle,
+    Contract,
+    InvoiceLine,
+    Product,
+    SubscriptionPeriod,
+    UsageSource,
+    shortened,
+)
 from core.money import plain_decimal
 from core.pricing import Price
 from core.usage import bucketed_events_sql, register_cuts, register_periods
@@ -346,6 +357,13 @@ def _check_usage(label: str, table: pa.Table, billing: _Billing, warnings: list[
         if empty:
             raise SyncFailed(f"{label}: {empty} daily bucket(s) with {what}: check the column mapped as "
                              f"columns.{column}")
+    # refused here, naming the source: an unknown account would otherwise be reported as a row of the accounts.csv
+    # the sync writes
+    for column in ("account_id", "product_key"):
+        too_long = table.filter(pc.greater(pc.utf8_length(table.column(column)), MAX_ID_LENGTH)).column(column)
+        if len(too_long):
+            raise SyncFailed(f"{label}: {len(too_long)} daily bucket(s) whose {column} is not {ID_EXPECTED} "
+                             f"(e.g. {shortened(too_long[0].as_py())!r}): check the column mapped as columns.{column}")
     negative = table.filter(pc.less(table.column("units"), pa.scalar(Decimal(0), table.schema.field("units").type)))
     if negative.num_rows:
         row = negative.slice(0, 1).to_pylist()[0]

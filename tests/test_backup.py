@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 import uuid
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -17,12 +19,13 @@ from typer.testing import CliRunner
 
 import cli
 from core.demo import generate_demo_bundle
-from db.models import TENANT_TABLES, Action, Anomaly, AuditEntry, Organization, ReconRun
+from db.models import TENANT_TABLES, Account, Action, Anomaly, AuditEntry, Organization, ReconRun
 from db.session import get_engine, org_session, system_session, upgrade
 from services import api_keys, audit, ingest, integrations, orgs_backup, reconciliation, settings, users
 from services.anomalies import set_status
 from services.context import Actor
 from services.errors import Conflict, InvalidInput, PermissionDenied
+from tests.bundles import Scenario
 
 STRIPE = {"api_key": "sk_test_abcdefghijklmnop1234"}
 
@@ -97,19 +100,21 @@ def jsonl(path: Path, table: str) -> list[dict]:
 
 def edited(archive: Path, out: Path, item: str, edit: Callable[[bytes], bytes], fix_checksum: bool = True) -> Path:
     """A copy of `archive` with file `item` edited; with `fix_checksum` its manifest is rewritten to match, as
-    whoever edits an archive on purpose would do."""
+    whoever edits an archive on purpose would do (`item` may be the manifest itself)."""
     with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
         manifest = json.loads(src.read("manifest.json"))
         for name in src.namelist():
+            if name == "manifest.json":
+                continue
             data = src.read(name)
             if name == item:
                 data = edit(data)
                 if fix_checksum:
                     manifest["files"][name]["sha256"] = hashlib.sha256(data).hexdigest()
                     manifest["files"][name]["rows"] = len(data.splitlines())
-            if name != "manifest.json":
-                dst.writestr(name, data)
-        dst.writestr("manifest.json", json.dumps(manifest))
+            dst.writestr(name, data)
+        data = json.dumps(manifest).encode()
+        dst.writestr("manifest.json", edit(data) if item == "manifest.json" else data)
     return out
 
 
@@ -127,6 +132,23 @@ def line_added(**changes: object) -> Callable[[bytes], bytes]:
     def edit(data: bytes) -> bytes:
         last = json.loads(data.splitlines()[-1])
         return data + (json.dumps({**last, **changes}) + "\n").encode()
+    return edit
+
+
+def source_edited(**changes: object) -> Callable[[bytes], bytes]:
+    """An edit of manifest.json: its `source` gets `changes`."""
+    def edit(data: bytes) -> bytes:
+        manifest = json.loads(data)
+        return json.dumps({**manifest, "source": {**manifest["source"], **changes}}).encode()
+    return edit
+
+
+def many_events(count: int) -> Callable[[bytes], bytes]:
+    """An edit of usage_events.jsonl: `count` events, copies of its first with ids and event ids of their own."""
+    def edit(data: bytes) -> bytes:
+        first = json.loads(data.splitlines()[0])
+        return b"".join((json.dumps({**first, "id": first["id"] + i, "event_id": f"evt-{i:09d}"}) + "\n").encode()
+                        for i in range(count))
     return edit
 
 
@@ -188,6 +210,10 @@ def test_import_next_to_other_organizations_shifts_ids_and_reseals_the_chain(
     archive = orgs_backup.export_org(source.admin, tmp_path / "acme.zip").path
     monkeypatch.setenv("DATABASE_URL", other_db)
     other = populate("other", demo_bundle)  # takes the same ids the archive uses
+    near_limit = edited(archive, tmp_path / "near.zip", "api_keys.jsonl", line_added(id=2 ** 31 - 1, key_hash="f" * 64))
+    with pytest.raises(InvalidInput, match=r"^api_keys\.jsonl: ids up to 2147483647 would move by \d+ to come after "
+                       r"this database's ids, past 2147483647, the highest id the column holds"):
+        orgs_backup.import_org(near_limit, new_slug="acme-restored")  # PostgreSQL: "integer out of range"
     result = orgs_backup.import_org(archive, new_slug="acme-restored", new_name="Acme (restored)")
     assert not result.ids_kept and result.org_id != source.admin.org_id and result.notes
     assert chain_ok(result.org_id).ok and chain_ok(other.admin.org_id).ok
@@ -255,7 +281,7 @@ def test_an_edited_row_is_refused_naming_line_column_and_value_even_with_rewritt
     source = populate("acme", demo_bundle)
     archive = orgs_backup.export_org(source.admin, tmp_path / "acme.zip").path
     assert [user["role"] for user in jsonl(archive, "users")] == ["admin", "analyst"]
-    user_id = jsonl(archive, "users")[0]["id"]
+    user_id, org_id = jsonl(archive, "users")[0]["id"], source.admin.org_id
     (run,) = jsonl(archive, "recon_runs")
     event = jsonl(archive, "usage_events")[0]["event_id"]
     whole = "a whole number from -2147483648 to 2147483647"
@@ -289,8 +315,8 @@ def test_an_edited_row_is_refused_naming_line_column_and_value_even_with_rewritt
                         "anomalies.jsonl line 2: column evidence: null is not a JSON value other than null"),
         "NaN": ("anomalies", line_edited(1, evidence={"units": float("nan")}),
                 'anomalies.jsonl line 1: column evidence: {"units": NaN} is not a JSON value other than null'),
-        "NUL": ("accounts", line_edited(1, name="Acme\x00"), 'accounts.jsonl line 1: column name: "Acme\\u0000" is '
-                "not text of at most 300 characters (PostgreSQL stores no NUL character)"),
+        "NUL": ("users", line_edited(1, name="Ann\x00"), 'users.jsonl line 1: column name: "Ann\\u0000" is '
+                "not text of at most 200 characters (PostgreSQL stores no NUL character)"),
         "fraction": ("users", line_edited(1, failed_logins=1.5),
                      f"users.jsonl line 1: column failed_logins: 1.5 is not {whole}"),
         "true count": ("users", line_edited(1, failed_logins=True),
@@ -328,24 +354,136 @@ def test_an_edited_row_is_refused_naming_line_column_and_value_even_with_rewritt
         "dangling": ("recon_runs", line_edited(1, created_by=user_id + 1000),
                      f"recon_runs.jsonl line 1: column created_by: {user_id + 1000} is not the id of a row in "
                      "users.jsonl"),
-        # read only inside the import's transaction, after the organization row: that one is rolled back too
+        "two heads": ("audit_heads", line_added(),
+                      "audit_heads.jsonl lines 1 and 2: expected at most one row per organization"),
         "org settings": ("org_settings", line_edited(1, schedule_kind="hourly"), 'org_settings.jsonl line 1: column '
                          'schedule_kind: "hourly" is not one of off, cron, interval'),
+        # a type the rule's column refuses is the column's refusal: the rule compares numbers only
+        "true confidence": ("anomalies", line_edited(1, confidence=True), "anomalies.jsonl line 1: column confidence: "
+                            "true is not a decimal number of at most 1 digit before the point and 3 after"),
+        # the organization: every row's, the manifest's (else ids kept or shifted by it would collide), its name
+        "org id": ("organizations", line_edited(1, id=org_id + 1000), f"organizations.jsonl line 1: column id: "
+                   f"{org_id + 1000} is not {org_id}, the exported organization's id (manifest.json source.org_id)"),
+        "manifest org id": ("manifest", source_edited(org_id=org_id + 1000), f"organizations.jsonl line 1: column id: "
+                            f"{org_id} is not {org_id + 1000}, the exported organization's id (manifest.json "
+                            "source.org_id)"),
+        "row of another org": ("users", line_edited(2, org_id=org_id + 1000), f"users.jsonl line 2: column org_id: "
+                               f"{org_id + 1000} is not {org_id}, the exported organization's id (manifest.json "
+                               "source.org_id)"),
+        "text org id": ("manifest", source_edited(org_id="1"), f"archive {tmp_path / 'text org id.zip'}: manifest"
+                        '.json: source.org_id: "1" is not an organization id (a whole number from 1 to 2147483647)'),
+        "blank org name": ("organizations", line_edited(1, name="   "),
+                           "organizations.jsonl line 1: column name: required"),
     }
     monkeypatch.setenv("DATABASE_URL", other_db)
     for name, (table, edit, message) in refusals.items():
-        forged = edited(archive, tmp_path / f"{name}.zip", f"{table}.jsonl", edit)
+        item = "manifest.json" if table == "manifest" else f"{table}.jsonl"
+        forged = edited(archive, tmp_path / f"{name}.zip", item, edit)
         with pytest.raises(InvalidInput) as refused:
             orgs_backup.import_org(forged)
         assert str(refused.value) == message, name
     with pytest.raises(InvalidInput) as refused:
         orgs_backup.import_org(archive, new_name="N" * 201)
-    assert str(refused.value) == 'new name: "' + "N" * 49 + "… is not text of at most 200 characters (it has 201)"
+    assert str(refused.value) == 'name: "' + "N" * 49 + "… is not text of at most 200 characters (it has 201)"
+    for blank in ("", "   "):  # as users.create_organization refuses it
+        with pytest.raises(InvalidInput, match=r"^name: required$"):
+            orgs_backup.import_org(archive, new_name=blank)
     result = CliRunner().invoke(cli.app, ["import-org", str(tmp_path / "long name.zip")])
     assert result.exit_code == 2 and refusals["long name"][2] in " ".join(result.output.split())
     with get_engine(other_db).connect() as conn:
         assert {table: conn.execute(sa.select(sa.func.count()).select_from(model.__table__)).scalar_one()
                 for table, model in orgs_backup.TABLES} == {table: 0 for table, _ in orgs_backup.TABLES}
+
+
+def test_export_reads_one_snapshot_while_a_run_is_stored(app_db: str, other_db: str, demo_bundle: Path,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduled run that starts and stores its findings while an export reads (as reconciliation does: no audit
+    entry, so nothing the export locks keeps it out) is wholly out of the archive, not half in it."""
+    source = populate("acme", demo_bundle)
+    read_rows = orgs_backup._rows_of
+    stored: list[int] = []
+
+    def rows_of(session: sa.orm.Session, table: str, org_id: int) -> Iterator[dict]:
+        yield from read_rows(session, table, org_id)
+        if table == "recon_runs":  # committed between the reads of the runs and of the anomalies that point at them
+            with system_session() as other:
+                run = ReconRun(org_id=org_id, trigger="schedule", status="running")
+                other.add(run)
+                other.flush()
+                other.execute(sa.update(Anomaly).where(Anomaly.org_id == org_id).values(last_run_id=run.id))
+                stored.append(run.id)
+
+    monkeypatch.setattr(orgs_backup, "_rows_of", rows_of)
+    exported = orgs_backup.export_org(source.admin, tmp_path / "acme.zip")
+    with system_session() as session:
+        assert set(session.scalars(sa.select(Anomaly.last_run_id))) == set(stored) != set(), "the write happened"
+    runs = {run["id"] for run in jsonl(exported.path, "recon_runs")}
+    assert stored[0] not in runs and {a["last_run_id"] for a in jsonl(exported.path, "anomalies")} <= runs
+    assert jsonl(exported.path, "audit_log")[-1]["action"] == "organization.exported", "the entry is in the snapshot"
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    assert orgs_backup.import_org(exported.path).rows == exported.rows
+
+
+def test_an_import_reads_each_file_in_one_checking_pass_with_little_memory_per_row(
+        app_db: str, other_db: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids, spans, references and unique keys come from one pass before the insert's (the checksum's is the
+    third); unique keys cost 8 bytes per row and key, not a dict entry of the values (was ~400 bytes per event)."""
+    archive = orgs_backup.export_org(populate("acme", demo_bundle).admin, tmp_path / "acme.zip").path
+    opened: Counter[str] = Counter()
+    open_member = zipfile.ZipFile.open
+
+    def counting(self: zipfile.ZipFile, name: str, *args: object, **kwargs: object) -> object:
+        opened[name] += 1
+        return open_member(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", counting)
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    orgs_backup.import_org(archive)
+    assert {name: count for name, count in opened.items() if name != "manifest.json"} == {
+        f"{table}.jsonl": 2 if table in orgs_backup.KEPT else 3 for table, _ in orgs_backup.TABLES}
+
+    def peak(events: int) -> int:
+        """Peak bytes allocated by the checking pass over `events` usage events."""
+        forged = orgs_backup._Archive(edited(archive, tmp_path / f"{events}.zip", "usage_events.jsonl",
+                                             many_events(events)))
+        tracemalloc.start()
+        try:
+            facts = orgs_backup._check_file(forged, "usage_events", {})
+            assert facts.span is not None and facts.span[1] - facts.span[0] == events - 1
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    per_event = (peak(40_000) - peak(20_000)) / 20_000
+    assert per_event < 40, f"{per_event:.0f} bytes per event"
+
+
+def test_a_digest_collision_costs_a_second_reading_never_a_wrong_refusal(
+        app_db: str, other_db: str, demo_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = orgs_backup.export_org(populate("acme", demo_bundle).admin, tmp_path / "acme.zip").path
+    event = jsonl(archive, "usage_events")[0]["event_id"]
+    compact, second_readings = orgs_backup._compact, Counter[str]()
+
+    def colliding(key: orgs_backup._UniqueKey, row: dict) -> int | None:
+        value = compact(key, row)
+        return value if value is None or key.exact else 7  # every text key's digest is the same
+
+    reread = orgs_backup._refuse_duplicate
+
+    def counting(archive: orgs_backup._Archive, table: str, repeated: list[set[int]]) -> None:
+        second_readings[table] += 1
+        reread(archive, table, repeated)
+
+    monkeypatch.setattr(orgs_backup, "_compact", colliding)
+    monkeypatch.setattr(orgs_backup, "_refuse_duplicate", counting)
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    forged = edited(archive, tmp_path / "same.zip", "usage_events.jsonl", line_edited(3, event_id=event))
+    with pytest.raises(InvalidInput) as refused:
+        orgs_backup.import_org(forged)
+    assert str(refused.value) == (f'usage_events.jsonl lines 1 and 3: both have event_id "{event}": expected each '
+                                  "event_id once per organization")
+    result = orgs_backup.import_org(archive)
+    assert result.rows["usage_events"] == 3 and second_readings["users"] == 2 and second_readings["usage_events"] == 2
 
 
 def test_values_the_database_stores_unchanged_pass_the_checks_up_to_their_bounds() -> None:
@@ -420,3 +558,25 @@ def test_a_log_that_recorded_a_head_mismatch_is_restored_as_it_is(app_db: str, o
     assert any("records at entry 3 that its head did not match" in note for note in result.notes), result.notes
     verdict = chain_ok(result.org_id)
     assert (verdict.ok, verdict.first_broken_seq) == (False, 3) and "the chain head was altered" in verdict.reason
+
+
+def test_a_long_account_name_is_reconciled_exported_and_imported_whole(app_db: str, other_db: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A display name longer than the 300 characters `accounts.name` held until migration 0011: PostgreSQL
+    refused it mid-run, SQLite kept it and then `import-org` refused the installation's own archive."""
+    name = "Acme" + " Worldwide Holdings" * 16  # 308 characters
+    scenario = Scenario().sub("acme", "api", "p_api").use("acme", "api", "2026-01-05T10:00:00Z", "100", reported="40")
+    scenario.accounts[0][1] = name
+    org, admin_user = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
+    admin = Actor.user(org.id, admin_user.id, "admin")
+    run = reconciliation.run_reconciliation(admin, bundle_dir=scenario.write(tmp_path / "bundle"))
+    assert run.status == "succeeded", run.error
+    archive = orgs_backup.export_org(admin, tmp_path / "acme.zip").path
+    assert {row["account_id"]: row["name"] for row in jsonl(archive, "accounts")} == {"acme": name, "beta": "Beta"}
+
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    result = orgs_backup.import_org(archive)
+    with org_session(result.org_id) as session:
+        stored = dict(session.execute(sa.select(Account.account_id, Account.name)).tuples().all())
+        assert stored == {"acme": name, "beta": "Beta"}
+        assert session.scalars(sa.select(Anomaly.account_id)).all() == ["acme"]

@@ -11,9 +11,17 @@ import pytest
 
 from core.bundle import load_bundle
 from core.errors import BundleError, Problem
+from core.model import MAX_ID_LENGTH
 from core.reconcile import reconcile
-from tests.bundles import Scenario, only, write_csv
+from db.models import Account, Anomaly
+from db.session import org_session
+from services import reconciliation
+from services.context import Actor
+from tests.bundles import JAN, Scenario, only, write_csv
 from tests.run_cli import run_cli
+
+LONG_ID = "x" * (MAX_ID_LENGTH + 1)
+LONG_ID_SHOWN = "x" * 40 + "… (201 characters)"
 
 
 def base() -> Scenario:
@@ -86,6 +94,82 @@ def test_bad_usage_rows_are_named(tmp_path: Path, column: str, value: str, expec
     p = one_problem(s.write(tmp_path))
     assert (p.file, p.row, p.column, p.value) == ("actual_usage.csv", 3, column, value)
     assert expected in p.expected
+
+
+def with_unused_rows() -> Scenario:
+    """base() with a product, a price and a contract nothing else refers to: a long id in them is their only problem."""
+    s = base().price("p_other", "api", "per_unit", "0.20")
+    s.products.append(["unused", "Unused", "sum", "unit", ""])
+    s.contracts.append(["acme", "api", JAN, "p_api"])
+    return s
+
+
+@pytest.mark.parametrize(("table", "index", "position", "column"), [
+    ("accounts", 1, 0, "account_id"),  # beta: not referred to
+    ("accounts", 0, 2, "stripe_customer_id"),
+    ("accounts", 0, 3, "crm_id"),
+    ("products", 2, 0, "product_key"),
+    ("products", 0, 4, "default_price_id"),
+    ("prices", 2, 0, "price_id"),
+    ("prices", 1, 1, "product_key"),
+    ("subscriptions", 0, 0, "subscription_id"),
+    ("subscriptions", 0, 1, "account_id"),
+    ("subscriptions", 0, 2, "product_key"),
+    ("subscriptions", 0, 3, "price_id"),
+    ("contracts", 0, 0, "account_id"),
+    ("contracts", 0, 1, "product_key"),
+    ("contracts", 0, 3, "price_id"),
+    ("invoice_lines", 0, 1, "account_id"),
+    ("invoice_lines", 0, 2, "product_key"),
+])
+def test_an_identifier_longer_than_the_database_holds_is_named_shortened(tmp_path: Path, table: str, index: int,
+                                                                        position: int, column: str) -> None:
+    s = with_unused_rows()
+    getattr(s, table)[index][position] = LONG_ID
+    p = one_problem(s.write(tmp_path))
+    assert p == Problem(f"{table}.csv", "an identifier of at most 200 characters", index + 2, column, LONG_ID_SHOWN)
+    assert str(p) == (f"{table}.csv, row {index + 2}, column {column!r}: got {LONG_ID_SHOWN!r}; "
+                      "expected an identifier of at most 200 characters")
+
+
+def test_an_identifier_of_200_characters_is_accepted(tmp_path: Path) -> None:
+    longest = "x" * MAX_ID_LENGTH
+    s = Scenario(accounts=[[longest, "Longest", longest, longest]])
+    s.prices[0][0] = longest
+    s.sub(longest, "api", longest).use(longest, "api", "2026-01-05T10:00:00Z", "100", reported="40")
+    s.subscriptions[0][0] = longest
+    found = only(s.run(tmp_path))
+    assert (found.account_id, found.price_id, found.subscription_id) == (longest, longest, longest)
+
+
+@pytest.mark.parametrize("usage_format", ["csv", "parquet"])
+@pytest.mark.parametrize("column", ["account_id", "product_key"])
+def test_a_too_long_identifier_in_a_usage_table_is_named_with_its_row(tmp_path: Path, usage_format: str,
+                                                                     column: str) -> None:
+    s = base().use("acme", "api", "2026-01-06T10:00:00Z", "5")
+    s.actual[1][["account_id", "product_key"].index(column)] = LONG_ID
+    p = one_problem(s.write(tmp_path, usage_format))
+    name, row = ("actual_usage.csv", 3) if usage_format == "csv" else ("actual_usage.parquet", 2)
+    assert p == Problem(name, "an identifier of at most 200 characters", row, column, LONG_ID_SHOWN)
+
+
+@pytest.mark.parametrize("where", ["accounts.csv", "actual_usage.csv"])
+def test_a_run_on_a_too_long_identifier_fails_naming_it_and_stores_nothing(org: tuple[Actor, Actor], tmp_path: Path,
+                                                                          where: str) -> None:
+    """Refused while loading (accounts.csv) or while aggregating usage: either way before anything is written,
+    on PostgreSQL (which would refuse the value) as on SQLite (which would keep it)."""
+    s = base()
+    if where == "accounts.csv":
+        s.accounts.append([LONG_ID, "Long", "", ""])
+    else:
+        s.actual[0][0] = LONG_ID
+    run = reconciliation.run_reconciliation(org[1], bundle_dir=s.write(tmp_path / "bundle"))
+    row = 4 if where == "accounts.csv" else 2
+    assert run.status == "failed"
+    assert f"{where}, row {row}, column 'account_id': got {LONG_ID_SHOWN!r}; expected an identifier of at most " \
+           "200 characters" in (run.error or "")
+    with org_session(org[1].org_id) as session:
+        assert session.query(Account).count() == 0 and session.query(Anomaly).count() == 0
 
 
 def test_overlapping_subscription_periods(tmp_path: Path) -> None:

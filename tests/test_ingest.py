@@ -8,6 +8,7 @@ from decimal import Decimal as D
 import pyarrow as pa
 import pytest
 
+from core.model import MAX_ID_LENGTH
 from db.models import AuditEntry
 from db.session import org_session
 from services import api_keys, audit, ingest, users
@@ -102,6 +103,22 @@ def test_parse_events_names_every_bad_event_and_field() -> None:
         ingest.parse_events([raw[0]] * (ingest.MAX_BATCH + 1))
     with pytest.raises(InvalidBatch, match="list"):
         ingest.parse_events({"events": []})
+
+
+def test_ids_are_stored_up_to_the_database_column_and_longer_ones_are_refused_naming_the_field(
+        orgs: tuple[Actor, Actor, Actor]) -> None:
+    admin, analyst, _ = orgs
+    longest = "x" * MAX_ID_LENGTH
+    raw = {"event_id": longest, "account_id": longest, "product_key": longest, "ts": "2026-10-01T00:00:00Z",
+           "units": "1"}
+    assert ingest.ingest(admin, ingest.parse_events([raw])) == ingest.IngestResult(1, 0)
+    table = ingest.export_usage_table(analyst, T0, T0 + timedelta(days=1))
+    assert table.column("account_id").to_pylist() == [longest] and table.column("product_key").to_pylist() == [longest]
+    for field in ("event_id", "account_id", "product_key"):
+        with pytest.raises(InvalidBatch) as caught:
+            ingest.parse_events([{**raw, "event_id": "e2", field: "y" * (MAX_ID_LENGTH + 1)}])
+        assert caught.value.errors == [ingest.EventError(0, field, "String should have at most 200 characters")]
+    assert ingest.count_events(analyst) == 1
 
 
 def test_units_keep_their_precision_and_buckets_are_utc_days(orgs: tuple[Actor, Actor, Actor], app_db: str) -> None:

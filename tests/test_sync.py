@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal as D
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 
 from core.bundle import load_bundle
 from core.reconcile import ReconcileParams, reconcile
-from db.models import Anomaly, AuditEntry
+from db.models import Account, Anomaly, AuditEntry
 from db.session import org_session
 from services import anomalies, audit, integrations, reconciliation, recovery, settings, sync
 from services.actions_common import ActionFailed
@@ -188,6 +189,44 @@ def test_unknown_product_is_refused_with_the_product_named(connected: dict[str, 
     with pytest.raises(sync.SyncFailed, match="product_key 'storage_gb' that Stripe does not know"):
         sync.sync(admin, as_of=AS_OF)
     assert not sync.bundle_dir(admin.org_id).exists()
+
+
+@pytest.mark.parametrize("column", ["account_id", "product_key"])
+def test_a_usage_id_longer_than_the_database_holds_is_refused_naming_the_source(connected: dict[str, Any],
+                                                                                column: str) -> None:
+    admin: Actor = connected["admin"]
+    event = {"account_id": "acme", "product_key": "api", column: "x" * 201}
+    _product_db(Path(sa.make_url(connected["db_url"]).database or ""),
+                [("e9", event["account_id"], event["product_key"], datetime(2026, 2, 11, 9), D("4"))])
+    shown = "x" * 40 + "… (201 characters)"
+    with pytest.raises(sync.SyncFailed) as refused:
+        sync.sync(admin, as_of=AS_OF)
+    assert str(refused.value) == (f"SQL usage source: 1 daily bucket(s) whose {column} is not an identifier of at "
+                                  f"most 200 characters (e.g. {shown!r}): check the column mapped as columns.{column}")
+    assert not sync.bundle_dir(admin.org_id).exists()
+
+
+def test_a_long_stripe_customer_name_is_kept_whole_and_a_long_metadata_id_is_refused(
+        org: tuple[Actor, Actor], fake_stripe: tuple[FakeStripe, str, Path]) -> None:
+    admin, _ = org
+    fake, url, _ = fake_stripe
+    integrations.connect(admin, "stripe", {"api_key": DEFAULT_KEY, "api_base": url})
+    name = "Delta" + " Worldwide Holdings" * 16  # 309 characters: more than accounts.name held before 0011
+    fake.add_customer("cus_delta", name=name, metadata={"account_id": "delta"})
+    first = sync.sync(admin, as_of=AS_OF)
+    assert load_bundle(first.bundle_path).accounts["delta"].name == name
+    run = reconciliation.run_reconciliation(admin)
+    assert run.status == "succeeded", run.error
+    with org_session(admin.org_id) as session:
+        assert session.scalars(sa.select(Account.name).where(Account.account_id == "delta")).one() == name
+
+    before = _fingerprint(Path(first.bundle_path))
+    fake.add_customer("cus_long", name="Long", metadata={"account_id": "x" * 201}, created=fake.now() + 60)
+    shown = "x" * 40 + "… (201 characters)"
+    with pytest.raises(sync.SyncFailed, match=re.escape(f"column 'account_id': got {shown!r}; expected an identifier "
+                                                        "of at most 200 characters")):
+        sync.sync(admin, as_of=AS_OF)
+    assert _fingerprint(Path(first.bundle_path)) == before
 
 
 def test_second_sync_is_incremental_and_keeps_earlier_data(connected: dict[str, Any]) -> None:
