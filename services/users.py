@@ -9,7 +9,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import bcrypt
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Column, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -38,8 +38,16 @@ def hash_password(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(load_settings().bcrypt_rounds)).decode()
 
 
+def _fitting(field: str, value: str, column: Column[str]) -> str:
+    """`value` when its column holds it: PostgreSQL refuses longer text with a raw error, SQLite would keep it
+    and the org's backup would then not import (services/orgs_backup.py checks lengths)."""
+    if len(value) > column.type.length:
+        raise InvalidInput(f"{field}: at most {column.type.length} characters")
+    return value
+
+
 def _check_new_user(email: str, role: str, password: str) -> str:
-    email = _normalised(email)
+    email = _fitting("email", _normalised(email), User.__table__.c.email)
     if not EMAIL.match(email):
         raise InvalidInput(f"email: {email!r} is not an email address")
     if role not in ROLES:
@@ -62,15 +70,17 @@ def create_organization(name: str, slug: str, admin_email: str, admin_name: str,
         raise InvalidInput("slug: lower-case letters, digits and dashes, 2 to 63 characters")
     if not name.strip():
         raise InvalidInput("name: required")
+    name = _fitting("name", name.strip(), Organization.__table__.c.name)
+    admin_name = _fitting("your name", admin_name.strip(), User.__table__.c.name)
     email = _check_new_user(admin_email, "admin", admin_password)
     with system_session() as session:
         if session.execute(select(Organization.id).where(Organization.slug == slug)).first():
             raise Conflict(f"slug: an organization {slug!r} already exists")
-        org = Organization(name=name.strip(), slug=slug, is_demo=is_demo)
+        org = Organization(name=name, slug=slug, is_demo=is_demo)
         session.add(org)
         _flush_unique(session, f"slug: an organization {slug!r} already exists")
         session.add(OrgSettings(org_id=org.id))
-        user = User(org_id=org.id, email=email, name=admin_name.strip() or email, role="admin",
+        user = User(org_id=org.id, email=email, name=admin_name or email, role="admin",
                     password_hash=hash_password(admin_password))
         session.add(user)
         _flush_unique(session, f"email: {email} already has an account")
@@ -101,8 +111,9 @@ def _is_unique_violation(exc: IntegrityError) -> bool:
 def create_user(actor: Actor, email: str, name: str, role: str, password: str) -> User:
     require_role(actor, "admin")
     email = _check_new_user(email, role, password)
+    name = _fitting("name", name.strip(), User.__table__.c.name)
     with org_session(actor.org_id) as session:
-        user = User(org_id=actor.org_id, email=email, name=name.strip() or email, role=role,
+        user = User(org_id=actor.org_id, email=email, name=name or email, role=role,
                     password_hash=hash_password(password))
         session.add(user)
         _flush_unique(session, f"email: {email} already has an account")

@@ -323,3 +323,21 @@ def test_a_queued_run_is_stored_only_with_its_audit_entry(org: tuple[Actor, Acto
         reconciliation.queue_run(admin)
     with org_session(admin.org_id) as session:
         assert session.scalars(sa.select(ReconRun.status)).all() == []
+
+
+def test_names_and_emails_longer_than_their_columns_are_refused_by_name(org: tuple[Actor, Actor]) -> None:
+    """PostgreSQL would refuse them with a raw error; SQLite would keep them, and the org's backup would then not
+    import. Nothing is stored."""
+    admin, _ = org
+    long_email = "a" * 243 + "@acme.example"  # 256 characters
+    with pytest.raises(InvalidInput, match=r"^name: at most 200 characters$"):
+        users.create_user(admin, "ok@acme.example", "n" * 201, "analyst", "password-9")
+    with pytest.raises(InvalidInput, match=r"^email: at most 254 characters$"):
+        users.create_user(admin, long_email, "Ok", "analyst", "password-9")
+    with pytest.raises(InvalidInput, match=r"^name: at most 200 characters$"):
+        users.create_organization("o" * 201, "other", "other@acme.example", "Oli", "password-9")
+    with pytest.raises(InvalidInput, match=r"^your name: at most 200 characters$"):
+        users.create_organization("Other", "other", "other@acme.example", "n" * 201, "password-9")
+    assert users.find_organization("other") is None
+    assert {u.email for u in users.list_users(admin)} == {"admin@acme.example", "analyst@acme.example"}
+    assert users.create_user(admin, "ok@acme.example", "n" * 200, "analyst", "password-9").name == "n" * 200
