@@ -46,6 +46,13 @@ def _fitting(field: str, value: str, column: Column[str]) -> str:
     return value
 
 
+def _display_name(field: str, name: str, email: str) -> str:
+    """The name typed (refused when longer than its column), else the email cut to the column: only a default
+    to show, the email itself is stored whole."""
+    typed = name.strip()
+    return _fitting(field, typed, User.__table__.c.name) if typed else email[:User.__table__.c.name.type.length]
+
+
 def _check_new_user(email: str, role: str, password: str) -> str:
     email = _fitting("email", _normalised(email), User.__table__.c.email)
     if not EMAIL.match(email):
@@ -71,8 +78,8 @@ def create_organization(name: str, slug: str, admin_email: str, admin_name: str,
     if not name.strip():
         raise InvalidInput("name: required")
     name = _fitting("name", name.strip(), Organization.__table__.c.name)
-    admin_name = _fitting("your name", admin_name.strip(), User.__table__.c.name)
     email = _check_new_user(admin_email, "admin", admin_password)
+    admin_name = _display_name("your name", admin_name, email)
     with system_session() as session:
         if session.execute(select(Organization.id).where(Organization.slug == slug)).first():
             raise Conflict(f"slug: an organization {slug!r} already exists")
@@ -80,7 +87,7 @@ def create_organization(name: str, slug: str, admin_email: str, admin_name: str,
         session.add(org)
         _flush_unique(session, f"slug: an organization {slug!r} already exists")
         session.add(OrgSettings(org_id=org.id))
-        user = User(org_id=org.id, email=email, name=admin_name or email, role="admin",
+        user = User(org_id=org.id, email=email, name=admin_name, role="admin",
                     password_hash=hash_password(admin_password))
         session.add(user)
         _flush_unique(session, f"email: {email} already has an account")
@@ -111,9 +118,9 @@ def _is_unique_violation(exc: IntegrityError) -> bool:
 def create_user(actor: Actor, email: str, name: str, role: str, password: str) -> User:
     require_role(actor, "admin")
     email = _check_new_user(email, role, password)
-    name = _fitting("name", name.strip(), User.__table__.c.name)
+    name = _display_name("name", name, email)
     with org_session(actor.org_id) as session:
-        user = User(org_id=actor.org_id, email=email, name=name or email, role=role,
+        user = User(org_id=actor.org_id, email=email, name=name, role=role,
                     password_hash=hash_password(password))
         session.add(user)
         _flush_unique(session, f"email: {email} already has an account")

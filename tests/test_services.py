@@ -341,3 +341,7 @@ def test_names_and_emails_longer_than_their_columns_are_refused_by_name(org: tup
     assert users.find_organization("other") is None
     assert {u.email for u in users.list_users(admin)} == {"admin@acme.example", "analyst@acme.example"}
     assert users.create_user(admin, "ok@acme.example", "n" * 200, "analyst", "password-9").name == "n" * 200
+    unnamed = "b" * 230 + "@acme.example"  # no name typed: the email stands in, cut to the name's column
+    assert users.create_user(admin, unnamed, "  ", "analyst", "password-9").name == unnamed[:200]
+    _, first_admin = users.create_organization("Other", "other", unnamed.replace("b", "c"), " ", "password-9")
+    assert first_admin.name == unnamed.replace("b", "c")[:200] and first_admin.email == unnamed.replace("b", "c")
