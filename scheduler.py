@@ -30,6 +30,9 @@ What it guarantees, and how:
   RRC_SCHEDULER_SHUTDOWN_GRACE_SECONDS, else it is marked interrupted (and retried by the next
   scheduler); the process exits 0.
 
+What the process does to runs, schedules and syncs is services/run_queue.py; the per-org locks
+are db/locks.py. This module is the process: APScheduler jobs, the worker loop, signals.
+
 Configuration: `config.Settings` (RRC_SCHEDULER_*, RRC_SYNC_CRON, DATABASE_URL). The database must
 be migrated first (`python cli.py db upgrade`); the scheduler waits until it is.
 """
@@ -37,7 +40,6 @@ be migrated first (`python cli.py db upgrade`); the scheduler waits until it is.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import socket
@@ -46,12 +48,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from importlib import import_module, util
-from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -59,15 +57,12 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import text
 
 from config import Settings, settings_or_exit
 from core.logging import correlation, ensure_logging, get_logger
-from db.repositories import runs as runs_repo
-from db.repositories.schedules import OrgSchedule, orgs_with_integrations, schedules_all_orgs
-from db.session import get_engine, is_current, org_session, system_session
-from services import reconciliation
-from services.context import Actor
+from db.session import get_engine, is_current
+from services import run_queue
+from services.run_queue import OrgSchedule
 from services.settings import crontab_trigger, validate_schedule
 
 log = get_logger("scheduler")
@@ -77,72 +72,9 @@ JOB_PREFIX = "reconcile-org-"
 SYNC_JOB = "sync-daily"
 ENQUEUE_FUNC = "scheduler:enqueue_scheduled_run"  # textual references: stored jobs outlive this process
 SYNC_FUNC = "scheduler:sync_all_orgs"
-RUN_LOCK = 0x52520001  # advisory lock namespaces (int4): one reconciliation or sync per org
-ENQUEUE_LOCK = 0x52520002  # queuing scheduled runs and retries per org
 DEDUP_SECONDS = 30.0
-ACTOR_NAME = "scheduler"
 
 _WAKE = threading.Event()  # set when there may be work now (a job queued a run, a signal arrived)
-_LOCAL_LOCKS: dict[tuple[int, int], threading.Lock] = {}
-
-
-# --- per-org locks ------------------------------------------------------------------------------
-
-def _lock_dir() -> Path | None:
-    database = get_engine().url.database
-    if not database or database == ":memory:":
-        return None
-    folder = Path(database).resolve().parent / ".rrc-locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@contextlib.contextmanager
-def org_lock(namespace: int, org_id: int, *, wait: bool) -> Iterator[bool]:
-    """Hold an exclusive per-org lock shared by every process on this database; yields False if busy.
-
-    PostgreSQL: a session-level advisory lock on a connection kept for the whole block, so the
-    server drops it when the process dies. SQLite (one machine by nature): flock on a file beside
-    the database, which the kernel drops when the process dies.
-    """
-    engine = get_engine()
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            args = {"ns": namespace, "org": org_id}
-            if wait:
-                conn.execute(text("SELECT pg_advisory_lock(:ns, :org)"), args)
-                got = True
-            else:
-                got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:ns, :org)"), args).scalar())
-            conn.commit()
-            try:
-                yield got
-            finally:
-                if got:
-                    with contextlib.suppress(Exception):  # a broken connection has released it already
-                        conn.execute(text("SELECT pg_advisory_unlock(:ns, :org)"), args)
-                        conn.commit()
-        return
-    folder = _lock_dir()
-    if folder is None:  # in-memory SQLite: only this process can see the database anyway
-        lock = _LOCAL_LOCKS.setdefault((namespace, org_id), threading.Lock())
-        got = lock.acquire(blocking=wait)
-        try:
-            yield got
-        finally:
-            if got:
-                lock.release()
-        return
-    fd = os.open(folder / f"{namespace:x}-{org_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            got = True
-        except BlockingIOError:
-            got = False
-        yield got
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 # --- jobs (module-level so the job store can reference them by name) ------------------------------
@@ -151,39 +83,28 @@ def enqueue_scheduled_run(org_id: int, signature: str = "", dedup_seconds: float
     """The schedule fired: queue one run for the worker loop, unless one is waiting or was just queued."""
     with correlation(f"schedule-{org_id}-{uuid.uuid4().hex[:8]}", org_id=org_id, job=f"{JOB_PREFIX}{org_id}"):
         try:
-            with org_lock(ENQUEUE_LOCK, org_id, wait=True):
-                since = datetime.now(UTC) - timedelta(seconds=dedup_seconds)
-                with org_session(org_id) as session:
-                    if runs_repo.recent_schedule_run_exists(session, org_id, since):
-                        log.info("schedule.coalesced", schedule=signature)
-                        return None
-                run = reconciliation.queue_run(Actor.system(org_id, ACTOR_NAME), trigger="schedule")
+            run_id = run_queue.enqueue_scheduled(org_id, dedup_seconds)
         except Exception as exc:  # a job must not take the scheduler down (e.g. the org was just deleted)
             log.error("schedule.enqueue_failed", error=f"{type(exc).__name__}: {exc}")
             return None
-        log.info("schedule.queued", run_id=run.id, schedule=signature)
+        if run_id is None:
+            log.info("schedule.coalesced", schedule=signature)
+            return None
+        log.info("schedule.queued", run_id=run_id, schedule=signature)
         _WAKE.set()
-        return run.id
+        return run_id
 
 
 def sync_all_orgs(signature: str = "") -> dict[int, str]:
-    """Daily sync of every org with connected systems (services/sync.py, when installed).
+    """Daily sync of every org with connected systems; one org's failure is logged and the others go on.
 
     `signature` is the crontab the job was created with, so a changed RRC_SYNC_CRON replaces it.
     """
-    if util.find_spec("services.sync") is None:
-        log.info("sync.unavailable", reason="services.sync is not part of this installation")
-        return {}
-    sync_module = import_module("services.sync")
-    with system_session() as session:
-        org_ids = orgs_with_integrations(session)
     outcome: dict[int, str] = {}
-    for org_id in org_ids:
-        # the run lock: a sync rewrites the bundle a reconciliation of the same org would be reading
-        with correlation(f"sync-{org_id}-{uuid.uuid4().hex[:8]}", org_id=org_id, job=SYNC_JOB), \
-                org_lock(RUN_LOCK, org_id, wait=True):
+    for org_id in run_queue.orgs_to_sync():
+        with correlation(f"sync-{org_id}-{uuid.uuid4().hex[:8]}", org_id=org_id, job=SYNC_JOB):
             try:
-                result = sync_module.sync(Actor.system(org_id, ACTOR_NAME))
+                result = run_queue.sync_org(org_id)
                 outcome[org_id] = "ok"
                 log.info("sync.done", result=str(result)[:500])
             except Exception as exc:
@@ -225,8 +146,7 @@ def sync_schedules(scheduler: BackgroundScheduler, settings: Settings) -> Counte
     tightened, or edited in the database) is logged and its job removed, and an unexpected error on
     one org keeps that org's current job; neither stops the other orgs' schedules.
     """
-    with system_session() as session:
-        wanted = schedules_all_orgs(session)
+    wanted = run_queue.schedules()
     jobs = {job.id: job for job in scheduler.get_jobs()}
     changes: Counter[str] = Counter()
     keep: set[str] = set()
@@ -326,59 +246,37 @@ class Worker:
 
     def recover_stale(self) -> list[tuple[int, int]]:
         """Mark runs whose worker went silent as interrupted, and queue them again."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.scheduler_stale_after_seconds)
-        with system_session() as session:
-            stale = runs_repo.interrupt_stale_runs_all_orgs(session, cutoff)
+        stale = run_queue.interrupt_stale(
+            datetime.now(UTC) - timedelta(seconds=self.settings.scheduler_stale_after_seconds))
         for org_id, run_id in stale:
             log.warning("run.interrupted", org_id=org_id, run_id=run_id, reason="no heartbeat")
-            self._retry(org_id, run_id)
+            retry = run_queue.retry(org_id, run_id, self.settings.scheduler_max_retries)
+            if retry.run_id is None:
+                log.info("run.not_retried", org_id=org_id, run_id=run_id,
+                         interrupted_in_a_row=retry.interrupted_in_a_row, other_run_waiting=retry.other_run_waiting)
+            else:
+                log.info("run.retry_queued", org_id=org_id, run_id=run_id, retry_run_id=retry.run_id)
         return stale
-
-    def _retry(self, org_id: int, run_id: int) -> int | None:
-        with org_lock(ENQUEUE_LOCK, org_id, wait=True):
-            with org_session(org_id) as session:
-                streak = runs_repo.interrupted_streak(session, org_id)
-                waiting = runs_repo.has_waiting_run(session, org_id)
-                run = runs_repo.get_run(session, org_id, run_id)
-            if run is None or waiting or streak > self.settings.scheduler_max_retries:
-                log.info("run.not_retried", org_id=org_id, run_id=run_id, interrupted_in_a_row=streak,
-                         other_run_waiting=waiting)
-                return None
-            retry = reconciliation.queue_run(Actor.system(org_id, ACTOR_NAME), trigger=run.trigger)
-        log.info("run.retry_queued", org_id=org_id, run_id=run_id, retry_run_id=retry.id)
-        return retry.id
 
     def run_pending(self) -> bool:
         """Claim and run one queued run (oldest first, skipping orgs busy elsewhere); False when none could be."""
-        with system_session() as session:
-            queued = runs_repo.queued_runs_all_orgs(session)
-        for org_id, run_id in queued:
+        for org_id, run_id in run_queue.queued():
             if self.stop.is_set():
                 return False
-            with org_lock(RUN_LOCK, org_id, wait=False) as got:
-                if not got:
-                    continue
-                with org_session(org_id) as session:
-                    claimed = runs_repo.claim_run_exclusive(session, org_id, run_id, self.worker_id)
-                if not claimed:
-                    continue
-                self._execute(org_id, run_id)
-                return True
+            with run_queue.claimed(org_id, run_id, self.worker_id) as claimed:
+                if claimed:
+                    self._execute(org_id, run_id)
+                    return True
         return False
 
     def _execute(self, org_id: int, run_id: int) -> None:
-        outcome: dict[str, Any] = {}
-
         def target() -> None:
             with correlation(f"run-{run_id}", org_id=org_id, run_id=run_id):
                 log.info("run.started", worker=self.worker_id)
                 try:
-                    run = reconciliation.run_reconciliation(Actor.system(org_id, ACTOR_NAME), run_id=run_id,
-                                                            trigger="schedule")
-                    outcome["status"] = run.status
+                    run = run_queue.execute(org_id, run_id)
                     log.info("run.finished", status=run.status, error=run.error)
                 except Exception as exc:  # run_reconciliation marked it failed already
-                    outcome["status"] = "failed"
                     log.error("run.crashed", error=f"{type(exc).__name__}: {exc}"[:1000])
 
         thread = threading.Thread(target=target, name=f"run-{run_id}", daemon=True)
@@ -392,8 +290,7 @@ class Worker:
             if now >= next_beat and thread.is_alive():
                 next_beat = now + beat
                 try:
-                    with org_session(org_id) as session:
-                        runs_repo.worker_heartbeat(session, org_id, run_id, self.worker_id)
+                    run_queue.heartbeat(org_id, run_id, self.worker_id)
                 except Exception as exc:  # the next beat will try again; the stale timeout is the backstop
                     log.warning("run.heartbeat_failed", run_id=run_id, error=type(exc).__name__)
             if self.stop.is_set() and thread.is_alive():
@@ -408,8 +305,7 @@ class Worker:
     def _abandon(self, org_id: int, run_id: int) -> None:
         reason = "the scheduler was stopped (SIGTERM) before the run finished; it will be retried"
         try:
-            with org_session(org_id) as session:
-                runs_repo.mark_interrupted(session, org_id, run_id, self.worker_id, reason)
+            run_queue.interrupt(org_id, run_id, self.worker_id, reason)
             log.warning("run.interrupted", org_id=org_id, run_id=run_id, reason="shutdown")
         except Exception as exc:  # the stale timeout will catch it instead
             log.error("run.interrupt_failed", run_id=run_id, error=type(exc).__name__)

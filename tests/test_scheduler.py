@@ -28,10 +28,11 @@ from structlog.testing import capture_logs
 import config
 import scheduler
 from core.demo import generate_demo_bundle
+from db.locks import org_lock
 from db.models import AuditEntry, OrgSettings, ReconRun
 from db.repositories import runs as runs_repo
 from db.session import get_engine, org_session, system_session
-from services import integrations, reconciliation, settings, users
+from services import integrations, reconciliation, run_queue, settings, users
 from services.context import Actor
 from services.errors import InvalidInput
 
@@ -172,13 +173,13 @@ def test_claim_is_exclusive_per_org(app_db: str, demo_bundle: Path, tmp_path: Pa
 
 
 def test_org_lock_excludes_a_second_holder(app_db: str) -> None:
-    with scheduler.org_lock(scheduler.RUN_LOCK, 1, wait=False) as got:
+    with org_lock(run_queue.RUN_LOCK, 1, wait=False) as got:
         assert got
-        with scheduler.org_lock(scheduler.RUN_LOCK, 1, wait=False) as again:
+        with org_lock(run_queue.RUN_LOCK, 1, wait=False) as again:
             assert not again
-        with scheduler.org_lock(scheduler.RUN_LOCK, 2, wait=False) as other_org:
+        with org_lock(run_queue.RUN_LOCK, 2, wait=False) as other_org:
             assert other_org
-    with scheduler.org_lock(scheduler.RUN_LOCK, 1, wait=False) as after:
+    with org_lock(run_queue.RUN_LOCK, 1, wait=False) as after:
         assert after
 
 
@@ -320,7 +321,7 @@ def test_a_bad_stored_schedule_is_skipped_and_never_stops_other_orgs(
         assert job_ids() == {f"{scheduler.JOB_PREFIX}{good.org_id}"}
         assert [(r.id == dead, r.status) for r in runs_of(good.org_id)] == [(True, "interrupted"), (False, "succeeded")]
         # even when reading the schedules fails altogether, stale runs are still recovered
-        monkeypatch.setattr(scheduler, "schedules_all_orgs", lambda session: 1 / 0)
+        monkeypatch.setattr(run_queue, "schedules", lambda: 1 / 0)
         dead = _dead_run(good.org_id)
         with capture_logs() as logs:
             worker.tick(refresh_schedules=True)
