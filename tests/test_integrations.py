@@ -178,7 +178,7 @@ def test_a_source_saved_before_the_policy_fails_its_check(app_db: str, actors: t
         before_the_policy.setattr(integrations.source_policy, "check_usage_source", lambda kind, config: None)
         integrations.connect(admin, "sql_source", {"url": app_db, "table": "users", "columns": users_as_usage})
     result = integrations.test_connection(admin, "sql_source")
-    assert not result.ok and result.message.startswith("url: ") and "usage source" in result.message
+    assert not result.ok and result.message.startswith("SQL usage source: url: ") and "usage source" in result.message
     (view,) = integrations.list_integrations(admin)
     assert (view.status, view.status_message) == ("error", result.message)
 
@@ -268,7 +268,7 @@ def test_a_keyless_s3_source_saved_before_the_rule_fails_its_check(app_db: str, 
     calls: list[object] = []
     monkeypatch.setattr(s3_parquet, "check", lambda config, **options: calls.append(options) or CheckResult(True, ""))
     result = integrations.test_connection(admin, "s3_parquet")
-    assert not result.ok and result.message.startswith("access_key_id: required") and calls == []
+    assert not result.ok and result.message.startswith("S3 Parquet usage source: access_key_id: required") and calls == []
     (view,) = integrations.list_integrations(admin)
     assert (view.status, view.status_message) == ("error", result.message)
 
@@ -288,7 +288,7 @@ def test_the_operator_may_let_keyless_s3_sources_use_the_server_credentials(
     assert calls == [{"server_credentials": True}]
     monkeypatch.setenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", "0")  # withdrawn: the stored source is refused again
     result = integrations.test_connection(admin, "s3_parquet")
-    assert not result.ok and result.message.startswith("access_key_id: required") and len(calls) == 1
+    assert not result.ok and result.message.startswith("S3 Parquet usage source: access_key_id: required") and len(calls) == 1
 
 
 def test_s3_source_with_its_own_keys_is_checked_with_them_only(app_db: str, actors: tuple[Actor, Actor],
