@@ -8,7 +8,6 @@ reconciliation (`core.bundle.with_list_prices`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from core.bundle import load_bundle, with_list_prices
 from core.errors import BundleError
@@ -17,6 +16,7 @@ from db.session import org_session
 from services import audit
 from services.context import Actor, require_role
 from services.errors import InvalidInput
+from services.org_files import own_bundle
 from services.settings import get_settings, settings_row
 
 
@@ -40,7 +40,7 @@ def _source_bundle(actor: Actor) -> Bundle | None:
     if source.get("kind") != "bundle":
         return None
     try:
-        return load_bundle(Path(source["path"]))
+        return load_bundle(own_bundle(actor.org_id, source["path"], "data source path"))
     except BundleError as exc:
         raise InvalidInput(f"the data source cannot be read: {exc}") from None
 

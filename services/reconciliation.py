@@ -34,6 +34,7 @@ from db.session import org_session, serialize_per_org
 from services import audit
 from services.context import Actor, require_role
 from services.errors import Conflict, InvalidInput, NotFound
+from services.org_files import own_bundle
 from services.settings import get_settings, reconcile_params
 
 RESOLVABLE = ("open", "actioned")
@@ -118,7 +119,8 @@ def _bundle_for(actor: Actor, bundle_dir: Path | None) -> Bundle:
         if source.get("kind") != "bundle":
             raise InvalidInput("no data source yet: connect Stripe and a usage source in Settings, or load the demo")
         bundle_dir = Path(source["path"])
-    return with_list_prices(load_bundle(bundle_dir), org_settings.price_map or {})
+    bundle = load_bundle(own_bundle(actor.org_id, bundle_dir, "data source path"))
+    return with_list_prices(bundle, org_settings.price_map or {})
 
 
 def _columns(finding: Finding) -> dict[str, Any]:

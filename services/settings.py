@@ -19,6 +19,7 @@ from db.session import org_session
 from services import audit
 from services.context import Actor, require_role
 from services.errors import InvalidInput
+from services.org_files import own_bundle
 
 # A minimum amount of a billion major units already disables detection; and up to 15 significant digits
 # (9 + 6 decimals) a value survives SQLite, which stores Numeric as a binary float, unchanged.
@@ -202,6 +203,7 @@ def set_data_source(actor: Actor, source: dict[str, Any]) -> OrgSettings:
     require_role(actor, "admin")
     if source.get("kind") != "bundle" or not source.get("path"):
         raise InvalidInput('data source: expected {"kind": "bundle", "path": "<folder>"}')
+    own_bundle(actor.org_id, source["path"], "data source path")
     with org_session(actor.org_id) as session:
         settings = settings_row(session, actor.org_id)
         settings.data_source = dict(source)

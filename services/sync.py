@@ -71,10 +71,10 @@ from core.model import (
 from core.money import plain_decimal
 from core.pricing import Price
 from core.usage import bucketed_events_sql, register_cuts, register_periods
-from db.session import data_dir
 from services import audit, integrations
 from services.context import Actor, require_role
 from services.errors import Conflict, InvalidInput, ServiceError
+from services.org_files import org_folder, own_bundle
 
 try:
     import fcntl
@@ -132,7 +132,7 @@ class _Billing:
 
 
 def bundle_dir(org_id: int) -> Path:
-    return data_dir() / "orgs" / str(org_id) / "bundle"
+    return org_folder(org_id) / "bundle"
 
 
 # ---- the window -------------------------------------------------------------------------------------------------
@@ -474,7 +474,7 @@ def sync(actor: Actor, *, months: int = 3, as_of: datetime | None = None, base_b
         raise InvalidInput(f"months: expected a whole number from 1 to {MAX_MONTHS}, got {months!r}")
     if as_of is not None and (not isinstance(as_of, datetime) or as_of.tzinfo is None):
         raise InvalidInput(f"as_of: expected a timezone-aware datetime, got {as_of!r}")
-    if base_bundle is not None and not Path(base_bundle).is_dir():
+    if base_bundle is not None and not own_bundle(actor.org_id, base_bundle, "base_bundle").is_dir():
         raise InvalidInput(f"base_bundle: {base_bundle} is not a folder")
     started = time.monotonic()
     with _sync_lock(actor.org_id):

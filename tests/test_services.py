@@ -15,9 +15,10 @@ import sqlalchemy as sa
 from config import ConfigError
 from db.models import Anomaly, AuditEntry, OrgSettings, ReconRun
 from db.session import get_engine, org_session
-from services import audit, reconciliation, settings, users
+from services import audit, catalog, reconciliation, settings, sync, users
 from services.context import Actor
 from services.errors import Conflict, InvalidInput, PermissionDenied, TooManySignIns
+from services.org_files import org_folder
 from tests.bundles import APR, FEB, JAN, MAR, Scenario
 
 
@@ -345,3 +346,30 @@ def test_names_and_emails_longer_than_their_columns_are_refused_by_name(org: tup
     assert users.create_user(admin, unnamed, "  ", "analyst", "password-9").name == unnamed[:200]
     _, first_admin = users.create_organization("Other", "other", unnamed.replace("b", "c"), " ", "password-9")
     assert first_admin.name == unnamed.replace("b", "c")[:200] and first_admin.email == unnamed.replace("b", "c")
+
+
+def test_an_org_reads_no_bundle_from_another_orgs_folder(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    admin, analyst = org
+    other, _ = users.create_organization("Beta", "beta", "admin@beta.example", "Bea", "password-9")
+    theirs = under_reported().write(org_folder(other.id) / "bundle")
+    ours = under_reported(leak=False).write(org_folder(admin.org_id) / "bundle")
+    (tmp_path / "link").symlink_to(theirs)
+    for path in (theirs, org_folder(admin.org_id) / ".." / str(other.id) / "bundle", tmp_path / "link",
+                 org_folder(admin.org_id).parent):
+        with pytest.raises(InvalidInput, match=r"^data source path: .* is not this organization's"):
+            settings.set_data_source(admin, {"kind": "bundle", "path": str(path)})
+        run = reconciliation.run_reconciliation(analyst, bundle_dir=path)
+        assert run.status == "failed" and run.error.startswith("data source path: ")
+        with pytest.raises(InvalidInput, match=r"^base_bundle: "):
+            sync.sync(analyst, base_bundle=path)
+    assert anomalies(admin.org_id) == {}
+    # a data source stored before the rule is refused where it is read
+    with org_session(admin.org_id) as session:
+        session.execute(sa.update(OrgSettings).where(OrgSettings.org_id == admin.org_id)
+                        .values(data_source={"kind": "bundle", "path": str(theirs)}))
+    assert reconciliation.run_reconciliation(analyst).error.startswith("data source path: ")
+    with pytest.raises(InvalidInput, match=r"^data source path: "):
+        catalog.price_catalog(analyst)
+    settings.set_data_source(admin, {"kind": "bundle", "path": str(ours)})  # its own folder is its own
+    assert reconciliation.run_reconciliation(analyst).status == "succeeded"
+    assert set(anomalies(admin.org_id)) == {"beta"}  # ours: only beta under-reported
