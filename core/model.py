@@ -9,7 +9,7 @@ Every connector produces a `Bundle`; the engine consumes one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -27,6 +27,20 @@ Aggregation = Literal["sum", "max"]
 MAX_ID_LENGTH = 200
 ID_EXPECTED = f"an identifier of at most {MAX_ID_LENGTH} characters"
 SHOWN_ID_START = 40  # characters of a too-long identifier quoted back
+
+
+# The largest values the app takes where they enter (a bundle, a sync, the ingest API). Far beyond any real price,
+# invoice line or meter reading (a value near them is a unit mix-up), and small enough that every amount the engine
+# computes from them is exact (core.money.EXACT) and every count fits the app database's columns.
+MAX_AMOUNT = Decimal(10) ** 12  # a price, a tier's amounts, an invoice line's amount, in major units
+MAX_QUANTITY = Decimal(10) ** 15  # units of an event, an invoice line's quantity, a tier's up_to, a package size
+AMOUNT_PLACES = 12  # decimals of a price (Stripe's unit_amount_decimal takes 12)
+BILLED_PLACES = 6  # decimals of an invoice line's amount (the app database keeps 6)
+QUANTITY_PLACES = 9  # decimals of a quantity (the app database keeps 9)
+# Times the app takes, in UTC: a calendar month and the month after it must exist as Python datetimes.
+EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 1, tzinfo=UTC)
+TIME_RANGE_EXPECTED = "a time from year 1 to November 9999 (UTC)"
 
 
 def shortened(value: str) -> str:

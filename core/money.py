@@ -8,7 +8,7 @@ compares is rounded with these rules, once per line, half up.
 from __future__ import annotations
 
 import functools
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
 
 # Stripe's zero-decimal currencies (https://docs.stripe.com/currencies#zero-decimal).
 ZERO_DECIMAL_CURRENCIES = frozenset(
@@ -21,6 +21,9 @@ ZERO_DECIMAL_CURRENCIES = frozenset(
 THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 
 ZERO = Decimal(0)
+# Arithmetic on money that never rounds by itself: with the input bounds of core.model, a quantity times a price
+# has at most 24 + 24 significant digits, so `round_money` is the one rounding step, as Stripe rounds.
+EXACT = Context(prec=64, traps=[InvalidOperation, DivisionByZero, Overflow])
 
 
 def currency_exponent(currency: str) -> int:
@@ -40,7 +43,7 @@ def _minor_unit(currency: str) -> Decimal:
 
 def round_money(amount: Decimal, currency: str) -> Decimal:
     """Round to the currency's minor unit, half up (the one rounding step of a line)."""
-    return amount.quantize(_minor_unit(currency), ROUND_HALF_UP)
+    return amount.quantize(_minor_unit(currency), ROUND_HALF_UP, context=EXACT)
 
 
 def to_minor_units(amount: Decimal, currency: str) -> int:

@@ -16,12 +16,11 @@ zero usage). The total is rounded once, to the currency's minor unit, half up.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from core.money import ZERO, round_money
+from core.money import EXACT, ZERO, round_money
 
 PricingModel = Literal["per_unit", "graduated", "volume", "package"]
 PRICING_MODELS: tuple[str, ...] = ("per_unit", "graduated", "volume", "package")
@@ -72,7 +71,7 @@ class PriceLine:
 
     @property
     def subtotal(self) -> Decimal:
-        return self.units * self.unit_amount + self.flat_amount
+        return EXACT.add(EXACT.multiply(self.units, self.unit_amount), self.flat_amount)
 
 
 def _tier_label(lower: Decimal, up_to: Decimal | None) -> str:
@@ -87,7 +86,8 @@ def price_lines(price: Price, quantity: Decimal) -> list[PriceLine]:
         return [PriceLine("per unit", quantity, price.unit_amount or ZERO, ZERO)]
     if price.model == "package":
         size = price.package_size or 1
-        packages = Decimal(math.ceil(quantity / size))
+        whole, rest = divmod(quantity, size)  # exact: no rounded quotient to take the ceiling of
+        packages = whole + (1 if rest else 0)
         return [PriceLine(f"packages of {size}", packages, price.unit_amount or ZERO, ZERO)]
     if price.model == "volume":
         lower = ZERO
@@ -109,4 +109,7 @@ def price_lines(price: Price, quantity: Decimal) -> list[PriceLine]:
 
 def price_amount(price: Price, quantity: Decimal) -> Decimal:
     """The amount Stripe would bill for `quantity` under `price`, in major units."""
-    return round_money(sum((line.subtotal for line in price_lines(price, quantity)), ZERO), price.currency)
+    total = ZERO
+    for line in price_lines(price, quantity):
+        total = EXACT.add(total, line.subtotal)
+    return round_money(total, price.currency)

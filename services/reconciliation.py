@@ -29,7 +29,7 @@ from core.errors import BundleError
 from core.model import Bundle
 from core.reconcile import Anomaly as Finding
 from core.reconcile import Coverage, ReconcileParams, reconcile
-from db.models import Account, Anomaly, ReconRun
+from db.models import MONEY, Account, Anomaly, ReconRun
 from db.session import org_session, serialize_per_org
 from services import audit
 from services.context import Actor, require_role
@@ -38,6 +38,7 @@ from services.org_files import own_bundle
 from services.settings import get_settings, reconcile_params
 
 RESOLVABLE = ("open", "actioned")
+MAX_STORED_AMOUNT = 10 ** (MONEY.precision - MONEY.scale)
 FINDING_FIELDS = (
     "account_id", "product_key", "period_start", "period_end", "type", "severity", "actual_units",
     "reported_units", "leak_units", "expected_amount", "billed_amount", "leak_amount", "overbilled_amount",
@@ -123,6 +124,21 @@ def _bundle_for(actor: Actor, bundle_dir: Path | None) -> Bundle:
     return with_list_prices(bundle, org_settings.price_map or {})
 
 
+def _storable(findings: list[Finding]) -> None:
+    """Refuse, by name, an amount the app database cannot hold (Numeric(20, 6)): PostgreSQL would fail the run
+    with a raw error and SQLite keep a value the org's backup refuses. Only a unit mix-up gets there (e.g.
+    bytes metered under a price per GB), which is worth saying so."""
+    for finding in findings:
+        for name in ("expected_amount", "billed_amount", "leak_amount", "overbilled_amount"):
+            amount = getattr(finding, name)
+            if abs(amount) >= MAX_STORED_AMOUNT:
+                raise InvalidInput(
+                    f"account {finding.account_id}, product {finding.product_key}, period from "
+                    f"{finding.period_start:%Y-%m-%d %H:%M} UTC: {name.replace('_', ' ')} {amount:,f} "
+                    f"{finding.currency.upper()} is beyond what the app stores (below {MAX_STORED_AMOUNT:,}): check "
+                    f"the units of the usage ({finding.actual_units.normalize():,f} units) and the price {finding.price_id}")
+
+
 def _columns(finding: Finding) -> dict[str, Any]:
     values = {name: getattr(finding, name) for name in FINDING_FIELDS}
     values["confidence"] = Decimal(str(finding.confidence))
@@ -196,6 +212,7 @@ def run_reconciliation(actor: Actor, *, trigger: str = "manual", bundle_dir: Pat
     try:
         bundle = _bundle_for(actor, bundle_dir)
         result = reconcile(bundle, params, progress=_progress_writer(actor.org_id, run_id, progress))
+        _storable(result.anomalies)
         counts: dict[str, Any] = _store(actor, run_id, bundle, result.anomalies, result.coverage)
     except (BundleError, InvalidInput) as exc:
         return _finish(actor, run_id, "failed", None, str(exc))

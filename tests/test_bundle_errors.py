@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ from db.models import Account, Anomaly
 from db.session import org_session
 from services import reconciliation
 from services.context import Actor
-from tests.bundles import JAN, Scenario, only, write_csv
+from tests.bundles import APR, FEB, JAN, MAR, Scenario, only, write_csv
 from tests.run_cli import run_cli
 
 LONG_ID = "x" * (MAX_ID_LENGTH + 1)
@@ -275,3 +276,156 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
         assert "actual_usage.csv, row 2, column 'ts'" in done.stderr
     assert not fresh.exists() and kept.read_text() == "previous results"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(("table", "index", "value", "expected"), [
+    ("invoice_lines", 6, "1_000.00", "a decimal number"),  # Decimal() alone takes it
+    ("invoice_lines", 6, "١٠٠", "a decimal number"),  # Arabic-Indic digits: Decimal() takes them too
+    ("invoice_lines", 6, "NaN", "a decimal number"),
+    ("invoice_lines", 6, "1e26", "a number below 1,000,000,000,000 with at most 6 decimals"),
+    ("invoice_lines", 6, "12.1234567", "at most 6 decimals"),
+    ("invoice_lines", 5, "1e16", "a number below 1,000,000,000,000,000 with at most 9 decimals"),
+    ("invoice_lines", 7, "üsd", "a 3-letter ISO currency code"),
+    ("invoice_lines", 4, "9999-12-31T00:00:00Z", "a time from year 1 to November 9999"),
+    ("subscriptions", 5, "0001-01-01T00:00:00+05:00", "a time from year 1 to November 9999"),
+    ("prices", 4, "1e30", "a number below 1,000,000,000,000 with at most 12 decimals"),
+    ("prices", 4, "0.0000000000001", "at most 12 decimals"),
+    ("prices", 2, "ＵＳＤ", "a 3-letter ISO currency code"),
+])
+def test_values_beyond_what_the_app_holds_exactly_are_named(tmp_path: Path, table: str, index: int, value: str,
+                                                            expected: str) -> None:
+    """Before, these crashed (InvalidOperation, year 10000) or were read as something else."""
+    s = base()
+    getattr(s, table)[0][index] = value
+    p = problems(s.write(tmp_path))[0]
+    assert (p.file, p.row, p.value) == (f"{table}.csv", 2, value) and expected in p.expected, str(p)
+
+
+@pytest.mark.parametrize(("tiers", "why"), [
+    ([{"up_to": -5, "unit_amount": "0.1"}, {"up_to": None, "unit_amount": "0.05"}], "negative bound"),
+    ([{"up_to": "500.5", "unit_amount": "0.1"}, {"up_to": None, "unit_amount": "0.05"}], "fractional bound"),
+    ([{"up_to": 100, "unit_amount": "-0.1"}, {"up_to": None, "unit_amount": "0.05"}], "negative unit amount"),
+    ([{"up_to": 100, "flat_amount": "-5"}, {"up_to": None, "unit_amount": "0.05"}], "negative flat amount"),
+    ([{"up_to": 100, "unit_amount": "1e400"}, {"up_to": None, "unit_amount": "0.05"}], "huge amount"),
+    ([{"up_to": 100, "unit_amount": "NaN"}, {"up_to": None, "unit_amount": "0.05"}], "not a number"),
+])
+def test_tiers_stripe_would_refuse_are_named(tmp_path: Path, tiers: list[dict], why: str) -> None:
+    s = base().price("p_tiered", "api", "graduated", tiers=tiers)
+    p = one_problem(s.write(tmp_path))
+    assert (p.file, p.row, p.column) == ("prices.csv", 4, "tiers") and "whole number >= 1" in p.expected, why
+
+
+def test_tier_amounts_written_as_json_numbers_are_read_exactly(tmp_path: Path) -> None:
+    s = base()
+    s.prices.append(["p_tiered", "api", "usd", "volume", "", "", '[{"up_to": 1000, "unit_amount": 0.001}, '
+                                                               '{"up_to": null, "unit_amount": 0.0005}]'])
+    assert load_bundle(s.write(tmp_path)).prices["p_tiered"].tiers[0].unit_amount == Decimal("0.001")
+
+
+def test_a_package_price_without_its_size_names_the_size(tmp_path: Path) -> None:
+    p = one_problem(base().price("p_pack", "api", "package", "5.00").write(tmp_path))
+    assert (p.row, p.column, p.value) == (4, "package_size", "") and "package size" in p.expected
+
+
+@pytest.mark.parametrize("size", ["²", "0", "1.5", "1e16"])
+def test_a_package_size_is_a_plain_whole_number(tmp_path: Path, size: str) -> None:
+    p = one_problem(base().price("p_pack", "api", "package", "5.00", size).write(tmp_path))
+    assert (p.row, p.column, p.value) == (4, "package_size", size) and "whole number" in p.expected
+
+
+def test_a_price_id_twice_is_refused_not_replaced(tmp_path: Path) -> None:
+    s = base().price("p_api", "api", "per_unit", "0.50")
+    p = one_problem(s.write(tmp_path))
+    assert (p.file, p.row, p.column, p.value) == ("prices.csv", 4, "price_id", "p_api") and "unique" in p.expected
+
+
+def test_a_default_price_of_another_product_is_refused(tmp_path: Path) -> None:
+    s = base()
+    s.products[0][4] = "p_seats"
+    p = one_problem(s.write(tmp_path))
+    assert (p.file, p.row, p.column, p.value) == ("products.csv", 2, "default_price_id", "p_seats")
+    assert "a price of product 'api' (price p_seats belongs to 'seats')" in p.expected
+
+
+def test_two_contract_prices_from_one_instant_are_refused(tmp_path: Path) -> None:
+    """Which one is in force would depend on the row order."""
+    s = base().price("p_api_2027", "api", "per_unit", "0.20")
+    s.contracts += [["acme", "api", JAN, "p_api"], ["acme", "api", "2026-01-01", "p_api_2027"]]
+    p = one_problem(s.write(tmp_path))
+    assert (p.file, p.row, p.column) == ("contracts.csv", 3, "effective_from") and "row 2" in p.expected
+
+
+def test_an_invoice_line_ending_before_it_starts_is_refused(tmp_path: Path) -> None:
+    s = base()
+    s.invoice_lines[0][3:5] = [FEB, JAN]
+    p = one_problem(s.write(tmp_path))
+    assert (p.file, p.row, p.column, p.value) == ("invoice_lines.csv", 2, "period_end", JAN)
+
+
+def test_a_period_overlapping_a_long_earlier_one_is_found_past_its_neighbour(tmp_path: Path) -> None:
+    s = base()
+    s.subscriptions[0][5:7] = [JAN, "2026-04-01T00:00:00Z"]  # January to March
+    s.sub("acme", "api", "p_api", FEB, "2026-02-10T00:00:00Z").sub("acme", "api", "p_api", MAR, APR)
+    found = problems(s.write(tmp_path))
+    assert [(p.row, "no overlap with row 2" in p.expected) for p in found] == [(3, True), (4, True)]
+
+
+def test_line_numbers_count_blank_lines_and_quoted_line_breaks(tmp_path: Path) -> None:
+    folder = base().write(tmp_path)
+    text = (folder / "accounts.csv").read_text()
+    header, row = text.splitlines()[:2]
+    (folder / "accounts.csv").write_text(f'{header}\n\n"beta","Beta\nInc.",,\n{row}\n\nghost,Ghost,,\n'
+                                         f'{"x" * 201},Long,,\n')
+    p = one_problem(folder)
+    assert (p.file, p.row, p.column) == ("accounts.csv", 8, "account_id")
+
+
+@pytest.mark.parametrize(("content", "row", "expected"), [
+    (b"\xef\xbb\xbfaccount_id,name,stripe_customer_id,crm_id\nacme,Acme,,\n", None, None),  # Excel's CSV UTF-8
+    (b"account_id,name,stripe_customer_id,crm_id\racme,Acme,,\r", None, None),  # old Mac line ends
+    (b"account_id,name,stripe_customer_id,crm_id\nacme,Acme,,\nbeta,B\xe9ta,,\n", 3, "UTF-8 text"),
+    (b"account_id,name,stripe_customer_id,crm_id\nacme,Acme,,\nbeta,Beta,,,,\n", 3, "4 fields, as in the header"),
+    (b"account_id,name,stripe_customer_id,crm_id\nacme,Ac\0me,,\n", 2, "without NUL"),
+    (b"account_id,name,name,stripe_customer_id,crm_id\nacme,Acme,Acme,,\n", 1, "each column once"),
+])
+def test_how_a_small_table_is_written(tmp_path: Path, content: bytes, row: int | None, expected: str | None) -> None:
+    folder = base().write(tmp_path)
+    (folder / "accounts.csv").write_bytes(content)
+    if expected is None:
+        assert list(load_bundle(folder).accounts) == ["acme"]
+        return
+    p = problems(folder)[0]  # then the references to the accounts of an unread file
+    assert (p.file, p.row) == ("accounts.csv", row) and expected in p.expected, str(p)
+
+
+def test_a_header_only_file_without_a_final_line_break_is_an_empty_table(tmp_path: Path) -> None:
+    folder = base().write(tmp_path)
+    (folder / "contracts.csv").write_text("account_id,product_key,effective_from,price_id")
+    assert load_bundle(folder).contracts == []
+
+
+def test_a_usage_table_as_csv_and_as_parquet_is_ambiguous(tmp_path: Path) -> None:
+    folder = base().write(tmp_path)
+    base().write(tmp_path / "pq", "parquet")
+    (tmp_path / "pq" / "actual_usage.parquet").rename(folder / "actual_usage.parquet")
+    p = one_problem(folder)
+    assert p.file == "actual_usage.parquet" and "not both" in p.expected
+
+
+def test_a_folder_where_a_table_should_be_is_named(tmp_path: Path) -> None:
+    folder = base().write(tmp_path)
+    (folder / "accounts.csv").unlink()
+    (folder / "accounts.csv").mkdir()
+    assert problems(folder)[0] == Problem("accounts.csv", "a file (this is a folder)")
+
+
+def test_a_run_whose_amount_the_database_cannot_hold_fails_naming_it(org: tuple[Actor, Actor], tmp_path: Path) -> None:
+    """Bytes metered under a price per GB: 10^14 units at 10.00 is 10^15 USD, beyond Numeric(20, 6)."""
+    s = Scenario().sub("acme", "seats", "p_seats").use("acme", "seats", "2026-01-05T10:00:00Z", "100000000000000")
+    run = reconciliation.run_reconciliation(org[1], bundle_dir=s.write(tmp_path / "bundle"))
+    assert run.status == "failed"
+    assert run.error == ("account acme, product seats, period from 2026-01-01 00:00 UTC: expected amount "
+                         "1,000,000,000,000,000.00 USD is beyond what the app stores (below 100,000,000,000,000): "
+                         "check the units of the usage (100,000,000,000,000 units) and the price p_seats")
+    with org_session(org[1].org_id) as session:
+        assert session.query(Anomaly).count() == 0
