@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -40,6 +41,26 @@ def _decimal(value: str, option: str) -> Decimal:
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
+def _output_problem(output: Path, bundle: Path) -> str | None:
+    """Why the anomalies cannot be written to `output`, known before the run (which can take minutes): the
+    folder is missing, the name is a folder, or the file is in the bundle folder being read (it could
+    replace an input, and would be read as part of the bundle by the next run)."""
+    if output.suffix.lower() not in (".csv", ".json"):
+        return "expected a .csv or .json file name"
+    if not output.parent.is_dir():
+        missing = "is not a folder" if output.parent.exists() else "does not exist"
+        return f"expected a file in an existing folder ({output.parent} {missing})"
+    target = output.parent.resolve() / output.name  # what is replaced: a symbolic link itself, not its target
+    if target.is_dir():
+        return "expected a file name (this is a folder)"
+    if not os.access(target.parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return "expected a file this user may write"
+    folder = bundle.resolve()
+    if folder == target or folder in target.parents:
+        return f"expected a file outside the bundle folder {bundle} (the run reads that folder)"
+    return None
+
+
 @app.command("reconcile")
 def reconcile_command(
     bundle: Path = typer.Argument(..., help="Bundle folder (CSV, usage also Parquet)"),
@@ -49,8 +70,9 @@ def reconcile_command(
     as_of: datetime | None = typer.Option(None, help="Treat this UTC instant as now (period closed or open)"),
 ) -> None:
     """Reconcile a bundle folder and write its anomalies. Exit 0 ok, 2 bad input, 1 otherwise."""
-    if output.suffix.lower() not in (".csv", ".json"):
-        console.print(f"[red]--output {output}: expected a .csv or .json file name[/red]")
+    problem = _output_problem(output, bundle)
+    if problem is not None:
+        console.print(f"--output {output}: {problem}", style="red", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     params = ReconcileParams(rel_tolerance=_decimal(rel_tolerance, "--rel-tolerance"),
                              min_leak_amount=_decimal(min_amount, "--min-amount"),
@@ -62,10 +84,15 @@ def reconcile_command(
             data = load_bundle(bundle)
             result = reconcile(data, params,
                                progress=lambda done, message: bar.update(task, completed=done, description=message))
-        write_anomalies(result.anomalies, output)
     except BundleError as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        write_anomalies(result.anomalies, output)
+    except OSError as exc:  # checked before the run, so unexpected (a full disk, a folder removed meanwhile)
+        console.print(f"--output {output}: not written ({exc.strerror or exc})", style="red", markup=False,
+                      highlight=False)
+        raise typer.Exit(1) from None
     for line in [*result.notes, *result.warnings]:
         console.print(f"note: {line}", markup=False, highlight=False)
     table = Table(title=f"{len(result.anomalies)} anomalies in {result.periods_checked} periods "

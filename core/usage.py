@@ -21,9 +21,12 @@ times more buckets that is not.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Literal
 
 import duckdb
@@ -32,15 +35,38 @@ import pyarrow as pa
 
 from core.duck import epoch_micros, floor_div_sql, register_columns
 from core.errors import BundleError, Problem
-from core.model import ID_EXPECTED, MAX_ID_LENGTH, SubscriptionPeriod, UsageSource, shortened
+from core.model import (
+    EARLIEST,
+    ID_EXPECTED,
+    LATEST,
+    MAX_ID_LENGTH,
+    MAX_QUANTITY,
+    TIME_RANGE_EXPECTED,
+    SubscriptionPeriod,
+    UsageSource,
+    shortened,
+)
 
 UNITS_SQL_TYPE = "DECIMAL(38, 9)"
-OFFSET_PATTERN = r"([Zz]|[+-]\d{2}(:?\d{2})?)$"
+UNITS_SCALE = 9  # units are counted to 9 decimal places; a Parquet decimal with more is converted to UNITS_SQL_TYPE
+# Units of one event are >= 0 and below MAX_UNITS (core.model.MAX_QUANTITY, 10^15: no meter reports that many in
+# one event). The bound
+# keeps every sum exact: units are summed as DECIMAL(38, 9) (< 10^29), HUGEINT (integer Parquet) or
+# DECIMAL(38, s <= 9) (decimal Parquet), and a sum of N events stays below N * 10^15: 10^23 for 100M
+# events, and within DECIMAL(38, 9) up to 10^14 events. Checked before anything is summed.
+MAX_UNITS = int(MAX_QUANTITY)
+# The one definition of readable, allowed units: the check of a table and the naming of its bad rows
+# (_units_problem says which rule a row breaks) both use it.
+BAD_UNITS_SQL = f"units IS NULL OR units < 0 OR units >= {MAX_UNITS}"
+UNITS_BOUND_EXPECTED = f"units below {MAX_UNITS:,} (10^15) in one event"
+# A CSV timestamp is read only with an offset or Z (hours 00-23, minutes 00-59, as Python reads them
+# in the other tables; DuckDB would take +25:00 or +99:99), or as a date (midnight UTC).
+OFFSET_PATTERN = r"([Zz]|[+-]([01]\d|2[0-3])(:?[0-5]\d)?|^\d{4}-\d{2}-\d{2})$"
 MAX_ROWS_NAMED = 20
 DAY_US = 86_400_000_000
 # Usage must fall where a calendar month and the month after it exist as Python datetimes
-# (years 1 to 9999): [0001-01-01, 9999-12-01) in epoch µs.
-FIRST_US, END_US = -62_135_596_800_000_000, 253_399_622_400_000_000
+# (core.model.EARLIEST, LATEST: [0001-01-01, 9999-12-01)), in epoch µs.
+FIRST_US, END_US = epoch_micros(EARLIEST), epoch_micros(LATEST)
 Unit = Literal["day", "month"]
 # Anniversary billing: every event looks up the period boundaries inside its month of its account
 # and product. Up to this many (account, product, month) keys and SLOTS_MAX boundaries in a month,
@@ -188,15 +214,30 @@ class UsageStats:
     duplicates: int
 
 
-def _units_expression(source: UsageSource) -> str:
-    """Keep integer and decimal Parquet columns native (exact, fast sums); text and floats -> DECIMAL."""
-    if source.table is None and source.units_type in ("integer", "decimal"):
+def _units_expression(source: UsageSource, column_type: str = "") -> str:
+    """Keep integer and decimal Parquet columns native (exact, fast sums); text, floats and decimals
+    of more than UNITS_SCALE places -> DECIMAL(38, 9) (a sum of DECIMAL(38, 18) would overflow at
+    10^20 units). `column_type`: DuckDB's type of the Parquet column."""
+    if source.table is not None:
+        return f"TRY_CAST(units AS {UNITS_SQL_TYPE})"
+    scale = re.fullmatch(r"DECIMAL\(\d+,\s*(\d+)\)", column_type)
+    if source.units_type == "integer" or (source.units_type == "decimal" and scale and int(scale[1]) <= UNITS_SCALE):
         return "units"
     return f"TRY_CAST(units AS {UNITS_SQL_TYPE})"
 
 
+def _epoch_us_sql(ts_type: str) -> str:
+    """SQL: epoch µs of a Parquet `ts` column of DuckDB type `ts_type`, naive ones read as UTC.
+    Seconds, milliseconds and microseconds arrive as TIMESTAMP(TZ); nanoseconds (TIMESTAMP_NS,
+    TIMESTAMPTZ_NS, which epoch_us does not take or would round) are floored to the microsecond,
+    which never moves an event across a period or day: every boundary is a whole microsecond."""
+    if ts_type.endswith("_NS"):
+        return floor_div_sql("epoch_ns(ts)", 1000)
+    return "epoch_us(ts)"
+
+
 def _register_source(con: duckdb.DuckDBPyConnection, source: UsageSource, view: str, *, locate: bool = False) -> None:
-    """Create view `view`: account_id, product_key, ts (TIMESTAMPTZ), ts_us (epoch µs), units.
+    """Create view `view`: account_id, product_key, ts (TIMESTAMPTZ or TIMESTAMPTZ_NS), ts_us (epoch µs), units.
 
     `locate` adds the raw values and a row locator `__row` (Parquet: 1-based row in the file) for
     naming bad rows; the fast path leaves it out so the scan reads only the needed columns.
@@ -213,13 +254,15 @@ def _register_source(con: duckdb.DuckDBPyConnection, source: UsageSource, view: 
                          ts AS ts_raw, units AS units_raw, __row{event_id} FROM {view}_raw)""")
         return
     path = str(source.path).replace("'", "''")
+    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT ts, units "
+                             f"FROM read_parquet('{path}'))").fetchall())
     ts = "timezone('UTC', ts)" if source.ts_naive else "ts"
-    ts_us = "epoch_us(ts)"  # µs since the epoch, read as UTC for naive columns
     extra = ", CAST(ts AS VARCHAR) AS ts_raw, CAST(units AS VARCHAR) AS units_raw, file_row_number + 1 AS __row"
     con.execute(f"""
         CREATE OR REPLACE TEMP VIEW {view} AS SELECT
           CAST(account_id AS VARCHAR) AS account_id, CAST(product_key AS VARCHAR) AS product_key,
-          {ts} AS ts, {ts_us} AS ts_us, {_units_expression(source)} AS units{extra if locate else ""}{event_id}
+          {ts} AS ts, {_epoch_us_sql(types["ts"])} AS ts_us,
+          {_units_expression(source, types["units"])} AS units{extra if locate else ""}{event_id}
         FROM read_parquet('{path}'{", file_row_number = true" if locate else ""})""")
 
 
@@ -261,16 +304,16 @@ def _name_bad_rows(con: duckdb.DuckDBPyConnection, source: UsageSource, view: st
     _register_source(con, source, view, locate=True)
     rows = con.execute(f"""
         SELECT __row, account_id, product_key, ts IS NOT NULL, ts_us >= {FIRST_US} AND ts_us < {END_US}, ts_raw,
-               units, units_raw,
+               units, units_raw, {BAD_UNITS_SQL} AS units_bad,
                account_id IN (SELECT account_id FROM known_accounts) AS account_ok,
                product_key IN (SELECT product_key FROM known_products) AS product_ok
         FROM {view}
-        WHERE ts IS NULL OR ts_us < {FIRST_US} OR ts_us >= {END_US} OR units IS NULL OR units < 0
+        WHERE ts IS NULL OR ts_us < {FIRST_US} OR ts_us >= {END_US} OR {BAD_UNITS_SQL}
            OR account_id IS NULL OR account_id NOT IN (SELECT account_id FROM known_accounts)
            OR product_key IS NULL OR product_key NOT IN (SELECT product_key FROM known_products)
         ORDER BY __row LIMIT {MAX_ROWS_NAMED}""").fetchall()
     problems = []
-    for row, account, product, ts_ok, ts_in_range, ts_raw, units, units_raw, account_ok, product_ok in rows:
+    for row, account, product, ts_ok, ts_in_range, ts_raw, units, units_raw, units_bad, account_ok, product_ok in rows:
         if not account_ok:
             problems.append(_unknown(source, row, "account_id", account, "an account_id from accounts.csv"))
         if not product_ok:
@@ -278,12 +321,24 @@ def _name_bad_rows(con: duckdb.DuckDBPyConnection, source: UsageSource, view: st
         if not ts_ok:
             problems.append(Problem(source.name, "an ISO 8601 timestamp with an offset or Z", row, "ts", ts_raw))
         elif not ts_in_range:
-            problems.append(Problem(source.name, "a timestamp from year 1 to November 9999", row, "ts", ts_raw))
-        if units is None:
-            problems.append(Problem(source.name, "a decimal number of units", row, "units", units_raw))
-        elif units < 0:
-            problems.append(Problem(source.name, "units >= 0", row, "units", units_raw))
+            problems.append(Problem(source.name, TIME_RANGE_EXPECTED, row, "ts", ts_raw))
+        if units_bad:
+            problems.append(Problem(source.name, _units_problem(units, units_raw), row, "units", units_raw))
     return problems
+
+
+def _units_problem(units: Decimal | int | None, raw: str | None) -> str:
+    """The rule of BAD_UNITS_SQL that a row's units break, as expected text. `units` as counted (None:
+    unreadable, or beyond DECIMAL(38, 9)), `raw` as written."""
+    if units is None and raw is not None:
+        with contextlib.suppress(InvalidOperation):
+            if (number := Decimal(raw.strip())).is_finite() and abs(number) >= MAX_UNITS:
+                units = number  # a number too large for DECIMAL(38, 9): say what is wrong with it
+    if units is None:
+        return "a decimal number of units"
+    if units < 0:
+        return "units >= 0"
+    return UNITS_BOUND_EXPECTED
 
 
 def _unknown(source: UsageSource, row: int, column: str, value: str | None, expected: str) -> Problem:
@@ -343,18 +398,21 @@ def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: s
     view = f"usage_{side}"
     _register_source(con, source, view)
     scan, duplicates, examples = _duplicates(con, source, view)
+    # Bad units are counted first, by a filter of their own, which the row-group statistics of an
+    # integer or decimal Parquet column answer without reading the data when the file is clean (text
+    # and float units are converted, so there it is a second pass over units): units beyond
+    # MAX_UNITS could overflow the sums. Like the buckets, the checks see what is counted: a
+    # duplicate event_id that is dropped is not checked.
+    (bad_units,) = con.execute(f"SELECT count(*) FROM {scan} WHERE {BAD_UNITS_SQL}").fetchall()[0]
+    if bad_units:
+        raise BundleError(_name_bad_rows(con, source, view))
     con.execute(f"CREATE OR REPLACE TEMP VIEW events_{side} AS SELECT * FROM {scan}")
     if slots is None:
         _create_buckets(con, f"buckets_{side}", scan, "month", split, need_max)
     else:
         sql = slotted_month_buckets_sql(scan, slots, need_max)
         con.execute(f"CREATE OR REPLACE TEMP TABLE buckets_{side} AS {sql}")
-    # Bad units are counted by a filter of their own, which the row-group statistics of an integer
-    # or decimal Parquet column answer without reading the data when the file is clean (text and
-    # float units are converted, so there it is a second pass over units); a NULL bucket is an
-    # unreadable timestamp, one outside FIRST_US..END_US a timestamp out of range. Like the
-    # buckets, the checks see what is counted: a duplicate event_id that is dropped is not checked.
-    (bad_units,) = con.execute(f"SELECT count(*) FROM {scan} WHERE units IS NULL OR units < 0").fetchall()[0]
+    # A NULL bucket is an unreadable timestamp, one outside FIRST_US..END_US a timestamp out of range.
     (bad_ts, unknown) = con.execute(f"""
         SELECT count(*) FILTER (WHERE bucket_us IS NULL OR bucket_us < {FIRST_US} OR bucket_us >= {END_US}),
                count(*) FILTER (WHERE account_id IS NULL OR product_key IS NULL
@@ -364,7 +422,7 @@ def aggregate_usage(con: duckdb.DuckDBPyConnection, source: UsageSource, side: s
     # Counted on the raw table, which Parquet metadata answers without a scan (a count per bucket
     # would cost ~10% of the aggregation); the dropped duplicates are known.
     (events,) = con.execute(f"SELECT count(*) FROM {view}").fetchall()[0]
-    if bad_units or bad_ts or unknown:
+    if bad_ts or unknown:
         raise BundleError(_name_bad_rows(con, source, view))
     warnings = []
     if duplicates:

@@ -37,7 +37,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
 from core.logging import get_logger
-from core.model import MAX_ID_LENGTH
+from core.model import MAX_ID_LENGTH, MAX_QUANTITY
 from db.models import UsageEvent
 from db.session import org_session
 from services import audit
@@ -47,7 +47,6 @@ from services.errors import InvalidInput
 
 MAX_BATCH = 10_000
 MAX_ERRORS_REPORTED = 100
-MAX_UNITS = Decimal(10) ** 18  # per event; keeps daily sums inside decimal128(38, 12)
 EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC)
 BUCKET_SCHEMA = pa.schema([
     ("account_id", pa.string()),
@@ -70,7 +69,7 @@ class UsageEventIn(BaseModel):
     account_id: Identifier = Field(description="The customer, as in accounts.account_id")
     product_key: Identifier = Field(description="The metered product, as in products.product_key")
     ts: AwareDatetime = Field(description="When the usage happened, ISO 8601 with an offset or Z")
-    units: Decimal = Field(ge=0, lt=MAX_UNITS, max_digits=38, decimal_places=9, allow_inf_nan=False,
+    units: Decimal = Field(ge=0, lt=MAX_QUANTITY, max_digits=38, decimal_places=9, allow_inf_nan=False,
                            description="Units used (>= 0, at most 9 decimals); send as a string to keep it exact")
 
     @field_validator("ts")

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from tests.bundles import Scenario
 from tests.run_cli import run_cli as cli
 
 DESIGN_COLUMNS = {"account_id", "product_key", "period_start", "period_end", "type", "severity", "actual_units",
@@ -53,3 +54,36 @@ def test_bad_options_exit_2(tmp_path: Path) -> None:
     assert cli("reconcile", str(bundle), "--output", str(tmp_path / "out.xlsx")).returncode == 2
     assert cli("reconcile", str(bundle), "--output", str(tmp_path / "o.csv"), "--min-amount", "lots").returncode == 2
     assert cli("reconcile", str(tmp_path / "missing"), "--output", str(tmp_path / "o.csv")).returncode == 2
+
+
+def test_output_is_checked_before_the_run(tmp_path: Path) -> None:
+    """A missing folder, a folder, or a file in the bundle folder (an input, or a file the next run would read
+    as part of the bundle) is refused before anything is read: the bundle's own bad row is never reached."""
+    s = Scenario().sub("acme", "api", "p_api").use("acme", "api", "2026-01-05T10:00:00Z", "100")
+    s.actual[0][2] = "not a time"
+    bundle = s.write(tmp_path / "bundle")
+    inputs = {path.name: path.read_bytes() for path in bundle.iterdir()}
+    (tmp_path / "folder.csv").mkdir()
+    for output, expected in [
+        (tmp_path / "missing" / "out.csv", "expected a file in an existing folder"),
+        (bundle / "accounts.csv" / "out.csv", "expected a file in an existing folder"),
+        (tmp_path / "folder.csv", "expected a file name (this is a folder)"),
+        (bundle / "accounts.csv", "expected a file outside the bundle folder"),
+        (bundle / "anomalies.json", "expected a file outside the bundle folder"),
+        (bundle / ".." / "bundle" / "ACTUAL_USAGE.CSV", "expected a file outside the bundle folder"),
+    ]:
+        done = cli("reconcile", str(bundle), "--output", str(output))
+        err = "".join(done.stderr.split())
+        assert done.returncode == 2, done.stderr
+        assert f"--output{output}:".replace(" ", "") in err and expected.replace(" ", "") in err, done.stderr
+        assert "problem(s)" not in done.stderr
+    assert {path.name: path.read_bytes() for path in bundle.iterdir()} == inputs
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle", "folder.csv"]
+
+
+def test_output_beside_the_bundle_folder_is_written(tmp_path: Path) -> None:
+    bundle = Scenario().sub("acme", "api", "p_api").use("acme", "api", "2026-01-05T10:00:00Z", "100").write(
+        tmp_path / "bundle")
+    done = cli("reconcile", str(bundle), "--output", str(tmp_path / "bundle.csv"))  # a name that starts alike
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bundle.csv").read_text().startswith("account_id,")

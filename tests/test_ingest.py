@@ -85,7 +85,7 @@ def test_parse_events_names_every_bad_event_and_field() -> None:
          "colour": "red"},
         {"event_id": "e6", "account_id": "a", "product_key": "p", "ts": "9999-12-31T23:59:59-14:00", "units": "1"},
         {"event_id": "e7", "account_id": "a\x00", "product_key": "p", "ts": "1969-12-31T23:59:59Z",
-         "units": "1e18"},
+         "units": "1e15"},  # the bound of a usage table's units (core.model.MAX_QUANTITY)
         {"event_id": "e8", "account_id": "a", "product_key": "p", "ts": "2026-10-01T00:00:00Z",
          "units": "0.0000000001"},
     ]
