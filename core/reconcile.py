@@ -101,6 +101,7 @@ class _Period:
     start: datetime
     end: datetime
     subscription: SubscriptionPeriod | None
+    uncovered_from: datetime | None = None  # unsubscribed months: the first usage bucket or invoice line in them
     actual: Decimal = ZERO
     reported: Decimal = ZERO
     lines: list[InvoiceLine] = field(default_factory=list)
@@ -190,7 +191,8 @@ def _period_totals(con: duckdb.DuckDBPyConnection) -> list[tuple]:
     the subscription period containing them in one range join, else to their calendar month.
 
     Rows: pid, then account_id, product_key and month start (epoch µs) only when pid is None
-    (unsubscribed usage), then sum and max of actual, sum and max of reported, as text. Grouping
+    (unsubscribed usage), the first bucket's start (epoch µs), then sum and max of actual, sum and
+    max of reported, as text. Grouping
     by pid alone where there is one, and fetching text rather than HUGEINT or DECIMAL, halve the
     cost of this step. Sums of buckets equal sums of days, and maxima of buckets maxima of days,
     so no per-day table is needed for the totals.
@@ -200,6 +202,7 @@ def _period_totals(con: duckdb.DuckDBPyConnection) -> list[tuple]:
                CASE WHEN p.pid IS NULL THEN u.account_id END,
                CASE WHEN p.pid IS NULL THEN u.product_key END,
                CASE WHEN p.pid IS NULL THEN epoch_us(date_trunc('month', make_timestamp(u.bucket_us))) END,
+               min(u.bucket_us),
                CAST(sum(u.a_sum) AS VARCHAR), CAST(max(u.a_max) AS VARCHAR),
                CAST(sum(u.r_sum) AS VARCHAR), CAST(max(u.r_max) AS VARCHAR)
         FROM usage_buckets u LEFT JOIN periods p
@@ -216,19 +219,23 @@ def _collect_periods(con: duckdb.DuckDBPyConnection, bundle: Bundle, book: _Pric
     months: dict[tuple[str, str, datetime], _Period] = {}  # unsubscribed usage, by calendar month
 
     def month_period(account_id: str, product_key: str, instant: datetime) -> _Period:
+        """The calendar month of `instant`, uncovered from `instant` on at the latest."""
         start, end = _month_bounds(instant)
         period = months.get((account_id, product_key, start))
         if period is None:
-            period = months[(account_id, product_key, start)] = _Period(account_id, product_key, start, end, None)
+            period = months[(account_id, product_key, start)] = _Period(account_id, product_key, start, end, None,
+                                                                        instant)
             periods.append(period)
+        elif period.uncovered_from is None or instant < period.uncovered_from:
+            period.uncovered_from = instant
         return period
 
     is_max = {key: product.aggregation == "max" for key, product in bundle.products.items()}
-    for pid, account_id, product_key, month_us, a_sum, a_max, r_sum, r_max in _period_totals(con):
+    for pid, account_id, product_key, _month_us, first_us, a_sum, a_max, r_sum, r_max in _period_totals(con):
         if pid is not None:
             period = periods[pid]
-        else:
-            period = month_period(account_id, product_key, EPOCH + timedelta(microseconds=month_us))
+        else:  # buckets are cut at period boundaries, so the first one starts where the first uncovered usage is
+            period = month_period(account_id, product_key, EPOCH + timedelta(microseconds=first_us))
         actual, reported = (a_max, r_max) if is_max[period.product_key] else (a_sum, r_sum)
         period.actual = ZERO if actual is None else Decimal(actual)
         period.reported = ZERO if reported is None else Decimal(reported)
@@ -266,7 +273,7 @@ def _classify(period: _Period, book: _PriceBook, params: ReconcileParams) -> _Ve
     elif billing_price is not None:
         price, source = billing_price, "subscription"
     else:
-        listed, source = book.list_price(period.account_id, period.product_key, period.start)
+        listed, source = book.list_price(period.account_id, period.product_key, period.uncovered_from or period.start)
         if listed is None:
             return f"{period.account_id}/{period.product_key} {period.start:%Y-%m-%d}: no price for the product"
         price = listed
