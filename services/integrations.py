@@ -51,6 +51,9 @@ SECRETS: dict[str, tuple[str, ...]] = {
     "sql_source": ("url",),
     "s3_parquet": ("secret_access_key",),
 }
+# Secrets a person chose or may reuse elsewhere: not even their last characters are shown (an API key's are, to
+# tell keys apart).
+PASSWORDS = frozenset({"password", "security_token"})
 USAGE_COLUMNS = ("account_id", "product_key", "ts", "units")
 
 
@@ -71,8 +74,12 @@ class IntegrationView:
 def masked(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     shown = dict(config)
     for field in SECRETS.get(kind, ()):
-        if shown.get(field):
-            shown[field] = mask_url(str(shown[field])) if field == "url" else mask_secret(str(shown[field]))
+        if not shown.get(field):
+            continue
+        if field == "url":
+            shown[field] = mask_url(str(shown[field]))
+        else:
+            shown[field] = "…" if field in PASSWORDS else mask_secret(str(shown[field]))
     return shown
 
 

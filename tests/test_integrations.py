@@ -61,6 +61,20 @@ def test_salesforce_accepts_password_login_or_client_credentials(app_db: str, ac
     assert integrations.get_config(admin, "salesforce")["client_secret"] == "s3cret-value-123"
 
 
+def test_a_password_shows_none_of_its_characters(app_db: str, actors: tuple[Actor, Actor],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A person's password or security token may be reused elsewhere: unlike a key, not even its end is shown."""
+    admin, analyst = actors
+    monkeypatch.setenv("RRC_PRIVATE_ENDPOINTS", "any")
+    config = {"username": "ops@acme.example", "password": "pw-123456789", "security_token": "tok-abcdefgh"}
+    view = integrations.connect(admin, "salesforce", config)
+    assert (view.config["password"], view.config["security_token"]) == ("…", "…")
+    (listed,) = integrations.list_integrations(analyst)
+    assert (listed.config["password"], listed.config["security_token"]) == ("…", "…")
+    integrations.connect(admin, "salesforce", {**view.config, "username": "ops2@acme.example"})  # sent back as shown
+    assert integrations.get_config(admin, "salesforce") == {**config, "username": "ops2@acme.example"}
+
+
 PRIVATE_CRM = "crm.internal"  # a host of the operator's network: not loopback by name, listed by the operator
 
 
@@ -268,7 +282,8 @@ def test_a_keyless_s3_source_saved_before_the_rule_fails_its_check(app_db: str, 
     calls: list[object] = []
     monkeypatch.setattr(s3_parquet, "check", lambda config, **options: calls.append(options) or CheckResult(True, ""))
     result = integrations.test_connection(admin, "s3_parquet")
-    assert not result.ok and result.message.startswith("S3 Parquet usage source: access_key_id: required") and calls == []
+    assert not result.ok and calls == []
+    assert result.message.startswith("S3 Parquet usage source: access_key_id: required")
     (view,) = integrations.list_integrations(admin)
     assert (view.status, view.status_message) == ("error", result.message)
 
@@ -288,7 +303,8 @@ def test_the_operator_may_let_keyless_s3_sources_use_the_server_credentials(
     assert calls == [{"server_credentials": True}]
     monkeypatch.setenv("RRC_S3_ALLOW_SERVER_CREDENTIALS", "0")  # withdrawn: the stored source is refused again
     result = integrations.test_connection(admin, "s3_parquet")
-    assert not result.ok and result.message.startswith("S3 Parquet usage source: access_key_id: required") and len(calls) == 1
+    assert not result.ok and len(calls) == 1
+    assert result.message.startswith("S3 Parquet usage source: access_key_id: required")
 
 
 def test_s3_source_with_its_own_keys_is_checked_with_them_only(app_db: str, actors: tuple[Actor, Actor],
