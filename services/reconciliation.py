@@ -136,7 +136,8 @@ def _storable(findings: list[Finding]) -> None:
                     f"account {finding.account_id}, product {finding.product_key}, period from "
                     f"{finding.period_start:%Y-%m-%d %H:%M} UTC: {name.replace('_', ' ')} {amount:,f} "
                     f"{finding.currency.upper()} is beyond what the app stores (below {MAX_STORED_AMOUNT:,}): check "
-                    f"the units of the usage ({finding.actual_units.normalize():,f} units) and the price {finding.price_id}")
+                    f"the units of the usage ({finding.actual_units.normalize():,f} units) and the price "
+                    f"{finding.price_id}")
 
 
 def _columns(finding: Finding) -> dict[str, Any]:
