@@ -9,6 +9,7 @@ while they are aggregated, so a 100M-event file is never turned into Python obje
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -221,34 +222,32 @@ def _records(lines: Iterable[bytes]) -> Iterator[tuple[int, list[str]]]:
             yield start, fields
 
 
-def _header(path: Path, c: _Collector) -> list[str] | None:
+def _header(name: str, handle: BinaryIO, c: _Collector) -> list[str] | None:
     """The header row as written (names may have spaces around them), or None (with problems) when it cannot
-    be used."""
+    be used. Reads only as far as the header."""
     try:
-        with path.open("rb") as handle:
-            header = next((fields for _, fields in _records(_physical_lines(handle))), [])
+        header = next((fields for _, fields in _records(_physical_lines(handle))), [])
     except _Unreadable as exc:
-        c.add(Problem(path.name, exc.expected, exc.line, None, exc.value))
+        c.add(Problem(name, exc.expected, exc.line, None, exc.value))
         return None
     names = [column.strip() for column in header]
     twice = sorted({column for column in names if names.count(column) > 1 and column})
     for column in twice:
-        c.add(Problem(path.name, "each column once in the header row", 1, column))
+        c.add(Problem(name, "each column once in the header row", 1, column))
     return None if twice else header
 
 
-def _malformed(path: Path, width: int, arrow_error: Exception) -> Problem:
+def _malformed(name: str, handle: BinaryIO, width: int, arrow_error: Exception) -> Problem:
     """Arrow names no line when it refuses a CSV: find the first bad one (the error path only)."""
     try:
-        with path.open("rb") as handle:
-            for line, fields in _records(_physical_lines(handle)):
-                if len(fields) != width:
-                    raise _Unreadable(line, f"{width} fields, as in the header row", f"{len(fields)} fields")
+        for line, fields in _records(_physical_lines(handle)):
+            if len(fields) != width:
+                raise _Unreadable(line, f"{width} fields, as in the header row", f"{len(fields)} fields")
     except _Unreadable as exc:
-        return Problem(path.name, exc.expected, exc.line, None, exc.value)
+        return Problem(name, exc.expected, exc.line, None, exc.value)
     except csv.Error as exc:
-        return Problem(path.name, f"a well-formed CSV file ({exc})")
-    return Problem(path.name, f"a well-formed CSV file ({arrow_error})")
+        return Problem(name, f"a well-formed CSV file ({exc})")
+    return Problem(name, f"a well-formed CSV file ({arrow_error})")
 
 
 def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = False,
@@ -266,10 +265,11 @@ def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = Fa
         if not optional:
             collector.add(Problem(name, "the file to exist in the bundle folder"))
         return
-    if not path.is_file():
+    if path.is_dir():
         collector.add(Problem(name, "a file (this is a folder)"))
         return
-    header = _header(path, collector)
+    raw = path.read_bytes()  # once: the file may be a pipe
+    header = _header(name, io.BytesIO(raw), collector)
     if header is None:
         return
     missing = [c for c in REQUIRED_COLUMNS[name] if c not in {column.strip() for column in header}]
@@ -277,7 +277,6 @@ def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = Fa
         collector.add(Problem(name, "this column in the header row", 1, column))
     if missing:
         return
-    raw = path.read_bytes()
     if (nul := raw.find(b"\0")) >= 0:  # no database stores it in text; an export never writes it
         collector.add(Problem(name, "text without NUL characters", len(raw[:nul].splitlines()) or 1, None,
                               raw[raw.rfind(b"\n", 0, nul) + 1:nul + 1].decode("utf-8", "replace")))
@@ -288,7 +287,7 @@ def _rows(folder: Path, name: str, collector: _Collector, *, optional: bool = Fa
         table = pacsv.read_csv(pa.BufferReader(raw), convert_options=pacsv.ConvertOptions(
             column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
     except pa.ArrowInvalid as exc:
-        collector.add(_malformed(path, len(header), exc))
+        collector.add(_malformed(name, io.BytesIO(raw), len(header), exc))
         return
     index = {column.strip(): i for i, column in enumerate(table.column_names)}
     blank = [""] * table.num_rows
@@ -533,7 +532,7 @@ def _usage_source(folder: Path, stem: str, c: _Collector, notes: list[str]) -> U
         c.add(Problem(f"{stem}.csv", f"the file {stem}.csv or {stem}.parquet in the bundle folder"))
     elif len(present) == 2:
         c.add(Problem(f"{stem}.parquet", f"one of {stem}.csv and {stem}.parquet, not both: which holds the usage?"))
-    elif not present[0].is_file():
+    elif present[0].is_dir():
         c.add(Problem(present[0].name, "a file (this is a folder)"))
     elif present[0].suffix == ".parquet":
         return _parquet_source(present[0], c, notes)
@@ -572,7 +571,8 @@ def _parquet_source(path: Path, c: _Collector, notes: list[str]) -> UsageSource 
 def _csv_source(path: Path, c: _Collector) -> UsageSource | None:
     """Parse with Arrow's multithreaded reader, every column as text: DuckDB checks the values, and
     an error quotes the value as written (Arrow's type guessing would reformat a timestamp)."""
-    header = _header(path, c)
+    with path.open("rb") as handle:
+        header = _header(path.name, handle, c)
     if header is None:
         return None
     try:
@@ -584,7 +584,8 @@ def _csv_source(path: Path, c: _Collector) -> UsageSource | None:
                 auto_dict_encode=False),
         )
     except pa.ArrowInvalid as exc:
-        c.add(_malformed(path, len(header), exc))
+        with path.open("rb") as handle:
+            c.add(_malformed(path.name, handle, len(header), exc))
         return None
     missing = [col for col in USAGE_COLUMNS if col not in table.column_names]
     for col in missing:
