@@ -472,7 +472,7 @@ def test_a_stored_private_endpoint_fails_its_check(org: tuple[Actor, Actor], sto
     admin, _ = org
     for kind, field in ENDPOINT_FIELDS.items():
         result = integrations.test_connection(admin, kind)
-        assert not result.ok and result.message.startswith(f"{field}: 10.0.0.")
+        assert not result.ok and result.message.startswith(f"{integrations.LABELS[kind]}: {field}: 10.0.0.")
         assert "is not a public internet address" in result.message
     assert {view.kind: view.status for view in integrations.list_integrations(admin)} == dict.fromkeys(
         ENDPOINT_FIELDS, "error")
