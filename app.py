@@ -10,6 +10,8 @@ menu only keeps people from clicking into a refusal.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 
 import streamlit as st
@@ -39,6 +41,39 @@ def prepare_database(url: str) -> str:
     """Migrate once per process and database; seed the demo org on a first start unless RRC_DEMO=0."""
     demo.prepare_first_start(url)
     return url
+
+
+# What the pages import beyond app.py: pandas, plotly, the connectors behind the invoice and CRM dialogs.
+PAGE_MODULES = ("pandas", "pyarrow.parquet", "plotly.graph_objects", "ui.charts", "ui.filters",
+                "ui.format", "ui.links", "services.accounts", "services.activity", "services.anomalies",
+                "services.api_keys", "services.catalog", "services.crm_tasks", "services.dashboard", "services.exports",
+                "services.integrations", "services.reconciliation", "services.recovery", "services.settings")
+
+
+@st.cache_resource(show_spinner=False)
+def warm_up() -> bool:
+    """Once per process, in its first run (with the database's preparation): import what the pages need and take
+    those long-lived objects out of the garbage collector's sight.
+
+    The imports (about 1 s: pandas, plotly's subplots, the CRM and Stripe connectors) otherwise land on a user's
+    first Overview after signing in and first Anomalies visit. And Streamlit runs a full garbage collection
+    after every script run (`runner.postScriptGC`): with some 260,000 objects of loaded libraries that took
+    0.2-0.7 s per run, three runs in a row after a sign-in (the cookie component reruns the page twice).
+    `gc.freeze()` moves what exists now (modules, classes, functions: alive until the process ends anyway) to
+    the permanent generation, so each collection only walks what the runs allocate (about 12,000 objects,
+    a few milliseconds). Frozen objects are still freed by reference counting; only garbage cycles that exist
+    at this moment are never collected (once). Figures: docs/app.md, Performance.
+
+    Not in a background thread while the form is shown: two threads importing into the same packages can
+    meet Python's import-deadlock detection, and a click on a form whose run is still going can lose its
+    submit (docs/app.md, Known issues). The first run of a process, which migrates the database already,
+    takes that second instead.
+    """
+    for module in PAGE_MODULES:
+        importlib.import_module(module)
+    gc.collect()
+    gc.freeze()
+    return True
 
 
 def configuration_or_stop() -> None:
@@ -144,7 +179,16 @@ def pages_for(role: str) -> dict[str, list]:
     if role == "admin":
         menu["Admin"] = [st.Page("pages/settings.py", title="Settings", icon=":material/settings:",
                                  url_path="settings")]
+    else:  # the address answers (a bookmark, a shared link) without the page or a menu entry: not "Page not found"
+        menu["Operations"].append(st.Page(admins_only, title="Settings", icon=":material/settings:",
+                                          url_path="settings", visibility="hidden"))
     return menu
+
+
+def admins_only() -> None:
+    """What /settings shows to someone who is not an admin (pages/settings.py is never run for them)."""
+    st.title("Settings")
+    st.error("Settings are for admins. Ask an admin of your organization for changes.", icon=":material/lock:")
 
 
 def sign_in_pages() -> list[StreamlitPage]:
@@ -191,6 +235,7 @@ def restore_sign_in(authenticator: stauth.Authenticate) -> None:
 def main() -> None:
     configuration_or_stop()
     prepare_database(database_url())
+    warm_up()  # before any form is drawn: a click on a form while its run goes on can lose its submit
     # No built-in 0.7 s sleep per signed-out run: the lockout in the database (5 failures, 15 minutes)
     # is the brute-force guard, and a long run let a click arriving meanwhile lose its submit.
     authenticator = stauth.Authenticate(users.credentials_for_authenticator(), COOKIE_NAME, cookie_key(),

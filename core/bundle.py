@@ -86,7 +86,7 @@ class _Collector:
             self.add(Problem(file, "a decimal number such as 12.50", row, column, raw))
         elif non_negative and value < 0:
             self.add(Problem(file, "a number >= 0", row, column, raw))
-        elif abs(value) >= below or _places(raw, value) > places:
+        elif value.adjusted() >= below.adjusted() or _places(raw, value) > places:  # `below` is a power of ten
             self.add(Problem(file, f"a number below {below:,f} with at most {places} decimals", row, column, raw))
         else:
             return value

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from services import accounts
+from ui.charts import expected_vs_billed
 from ui.format import STATUS_LABELS, confidence, money, period, plural, type_label, units, when
 from ui.links import ACCOUNT_FOCUS, open_anomaly
 from ui.session import actor, attempt
@@ -56,20 +56,24 @@ info[1].metric("CRM id", view.account.crm_id or "not mapped")
 info[2].metric("Anomalies", f"{view.anomaly_total:,}")
 
 if view.periods:
-    st.subheader("Usage and billing by period")
-    frame = pd.DataFrame([{
-        "Period": f"{p['period_start']:%Y-%m} {p['product_key']}", "Product": p["product_key"],
-        "Actual units": float(p["actual_units"]), "Reported units": float(p["reported_units"]),
+    st.subheader("Expected and billed by period")
+    # money, not units: for unbilled usage or a missed overage every unit reached billing and a units chart
+    # shows no gap at all beside an anomaly of 160.00 USD
+    bars = [{"label": f"{p['period_start']:%Y-%m} {p['product_key']}", "currency": p["currency"],
+             "expected": p["expected_amount"], "billed": p["billed_amount"]} for p in view.periods]
+    st.plotly_chart(expected_vs_billed(bars, "Period and product"), width="stretch", key="account_money")
+    st.dataframe(pd.DataFrame([{
+        "Period": period(p["period_start"], p["period_end"]),
+        "Product": p["product_key"],
         "Expected": money(p["expected_amount"], p["currency"]), "Billed": money(p["billed_amount"], p["currency"]),
-    } for p in view.periods])
-    chart = px.bar(frame.melt(id_vars=["Period", "Product"], value_vars=["Actual units", "Reported units"],
-                              var_name="Series", value_name="Units"),
-                   x="Period", y="Units", color="Series", barmode="group")
-    st.plotly_chart(chart, width="stretch", key="account_usage")
-    st.dataframe(frame.drop(columns=["Actual units", "Reported units"]).assign(
-        **{"Actual units": [units(p["actual_units"]) for p in view.periods],
-           "Reported units": [units(p["reported_units"]) for p in view.periods]}), hide_index=True, width="stretch")
-    st.caption("Periods shown are those where reconciliation found a gap; clean periods are not stored.")
+        "Not billed": money(p["expected_amount"] - p["billed_amount"], p["currency"]),
+        "Actual units": units(p["actual_units"]), "Reported units": units(p["reported_units"]),
+        "Units not reported": units(max(p["actual_units"] - p["reported_units"], 0)),
+    } for p in view.periods]), hide_index=True, width="stretch", column_config={
+        name: st.column_config.TextColumn(alignment="right")
+        for name in ("Expected", "Billed", "Not billed", "Actual units", "Reported units", "Units not reported")})
+    st.caption("Periods shown are those where reconciliation found a gap; clean periods are not stored. "
+               "A negative “Not billed” is over-billing. Where no unit is missing, the gap is in what was billed.")
 else:
     st.success("No gaps found for this account: every period reconciles.")
 
@@ -78,7 +82,8 @@ if view.anomalies:
     st.dataframe(pd.DataFrame([{
         "Id": a.id, "Product": a.product_key, "Period": period(a.period_start, a.period_end),
         "Type": type_label(a.type), "Amount": money(a.amount, a.currency), "Confidence": confidence(a.confidence),
-        "Status": STATUS_LABELS.get(a.status, a.status)} for a in view.anomalies]), hide_index=True, width="stretch")
+        "Status": STATUS_LABELS.get(a.status, a.status)} for a in view.anomalies]), hide_index=True, width="stretch",
+        column_config={name: st.column_config.TextColumn(alignment="right") for name in ("Amount", "Confidence")})
     target = st.selectbox("Open in the queue", [a.id for a in view.anomalies], key="account_open_id",
                           format_func=lambda i: f"#{i}")
     if st.button("Open anomaly", key="account_open"):

@@ -11,19 +11,36 @@ from decimal import Decimal
 from typing import Any
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from services import anomalies, crm_tasks, dashboard, integrations, recovery
 from services.anomalies import LEAK_TYPES, AnomalyDetail
 from ui import filters
-from ui.format import STATUS_LABELS, confidence, explanation, money, period, plural, price, type_label, units, when
+from ui.charts import daily_units, expected_vs_billed
+from ui.format import (
+    STATUS_LABELS,
+    confidence,
+    confidence_lines,
+    event_text,
+    explanation,
+    money,
+    period,
+    person,
+    plain,
+    plural,
+    price,
+    type_label,
+    units,
+    when,
+)
 from ui.links import ANOMALY_FOCUS, open_account
-from ui.session import actor, attempt
+from ui.session import actor, attempt, attempt_labelled
 
 PAGE_SIZE = 25
-SORT_LABELS = {"amount": "Amount", "confidence": "Confidence", "period": "Period", "account": "Account",
-               "severity": "Severity", "type": "Type", "status": "Status", "updated": "Last change"}
+SORT_LABELS = {  # amounts of different currencies are never compared: "amount_in_currency" sorts by currency first
+    "amount_in_currency": "Amount (within each currency)", "confidence": "Confidence", "period": "Period",
+    "account": "Account", "severity": "Severity", "type": "Type", "status": "Status", "updated": "Last change"}
+RIGHT = st.column_config.TextColumn(alignment="right")  # amounts and shares line up on their last digit
 DIALOG = "anomaly_dialog"  # (kind, anomaly_id) of the dialog to show on this run
 CHANGES = "queue_changes"  # status changes made from this page: each one starts a fresh selection
 
@@ -57,7 +74,9 @@ def queue_page(number: int) -> anomalies.Page:
 page = queue_page(int(page_number))
 if not page.rows and page.total:  # past the last page (rows left the view meanwhile): show the last one
     page = queue_page(page.pages)
-controls[3].caption(f"{plural(page.total, 'anomaly', 'anomalies')} · page {page.page} of {page.pages}")
+controls[3].caption(f"{plural(page.total, 'anomaly', 'anomalies')} · page {page.page} of {page.pages}"
+                    + (f" · sorted by currency (A–Z), then amount {'high to low' if descending else 'low to high'}"
+                       if sort == "amount_in_currency" else ""))
 
 if not page.rows:
     st.info("No anomalies match these filters. Widen them, or run a reconciliation on the Runs page.")
@@ -72,7 +91,8 @@ table = pd.DataFrame([{
 shown = f"{st.session_state.get(CHANGES, 0)}|{[row.id for row in page.rows]}"
 event = st.dataframe(table, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row",
                      key=f"queue_table_{hashlib.sha1(shown.encode()).hexdigest()[:10]}",
-                     column_config={"Id": st.column_config.NumberColumn(format="%d", width="small")})
+                     column_config={"Id": st.column_config.NumberColumn(format="%d", width="small"),
+                                    "Amount": RIGHT, "Confidence": RIGHT})
 selected_ids = [page.rows[i].id for i in event.selection.rows] if event and event.selection else []
 
 
@@ -105,7 +125,7 @@ def invoice_dialog(anomaly_id: int) -> None:
              f"currency **{preview.currency.upper()}**")
     st.dataframe(pd.DataFrame([{"Description": line.description, "Quantity": units(line.quantity),
                                 "Amount": money(line.amount, preview.currency)} for line in preview.lines]),
-                 hide_index=True, width="stretch")
+                 hide_index=True, width="stretch", column_config={"Quantity": RIGHT, "Amount": RIGHT})
     st.markdown(f"**Total: {money(preview.total, preview.currency)}** — the invoice stays a draft in Stripe: "
                 "nothing is finalized or sent to the customer.")
     done = st.session_state.get("invoice_result")
@@ -147,7 +167,8 @@ def dismiss_dialog(anomaly_ids: tuple[int, ...]) -> None:
     reason = st.text_area("Reason (required)", key="dismiss_reason")
     left, right = st.columns(2)
     confirmed = left.button("Dismiss", type="primary", key="dismiss_confirm")
-    if confirmed and attempt(anomalies.bulk_set_status, me, list(anomaly_ids), "dismissed", reason) is not None:
+    if confirmed and attempt_labelled({"reason": "Reason"}, anomalies.bulk_set_status, me, list(anomaly_ids),
+                                      "dismissed", reason) is not None:
         changed(anomaly_ids)
         close_dialog()
         st.rerun()
@@ -177,26 +198,27 @@ if bulk[1].button("Mark recovered", disabled=not selected_ids, key="bulk_recover
 with bulk[2].popover("Export view"):
     for fmt in ("csv", "parquet"):
         if st.button(f"Prepare {fmt.upper()}", key=f"export_{fmt}"):
-            exported = attempt(anomalies.export_anomalies, me, filters.current(), fmt)
+            exported = attempt(anomalies.export_anomalies, me, filters.current(), fmt, for_people=True)
             if exported:
                 st.download_button(f"Download {exported[1]}", exported[0], file_name=exported[1],
                                    key=f"download_{fmt}")
+    st.caption("Money with its currency's decimals; each period as its first and last day, as on screen.")
 
 
-def evidence_chart(detail: AnomalyDetail) -> go.Figure:
-    daily = pd.DataFrame(detail.evidence.get("daily") or [])
-    figure = go.Figure()
-    if not daily.empty:
-        # Where both series agree the reported line lies on the actual one: drawn thinner, dashed and with
-        # hollow markers on top of a wide solid line, both stay visible.
-        figure.add_scatter(x=daily["day"], y=daily["actual"].map(float), mode="lines+markers", name="Actual usage",
-                           line={"width": 5, "color": "#1f77b4"}, marker={"size": 9, "symbol": "circle"})
-        figure.add_scatter(x=daily["day"], y=daily["reported"].map(float), mode="lines+markers",
-                           name="Reported to billing", line={"width": 2, "dash": "dash", "color": "#ff7f0e"},
-                           marker={"size": 7, "symbol": "diamond-open", "line": {"width": 2}})
-    figure.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h"},
-                         title="Daily units, UTC")
-    return figure
+def evidence_chart(detail: AnomalyDetail) -> None:
+    daily = detail.evidence.get("daily") or []
+    if not daily:
+        st.caption("No daily usage was kept for this period.")
+        return
+    st.markdown("**Daily units, UTC**")
+    st.plotly_chart(daily_units([day["day"] for day in daily], [float(day["actual"]) for day in daily],
+                                [float(day["reported"]) for day in daily]), width="stretch", key="evidence_chart")
+
+
+def units_gap(row: anomalies.AnomalyRow) -> bool:
+    """The gap is in units (usage that never reached billing): else every unit was reported and the gap is in
+    the money billed for them (unbilled usage billed to nobody, missed overage, renewal drift, over-billing)."""
+    return row.leak_units > 0
 
 
 def pricing_table(breakdown: dict[str, Any] | None, currency: str) -> None:
@@ -231,7 +253,13 @@ def detail_panel(anomaly_id: int) -> None:
     figures[0].metric("Amount", money(row.amount, row.currency))
     figures[1].metric("Expected", money(row.expected_amount, row.currency))
     figures[2].metric("Billed", money(row.billed_amount, row.currency))
-    figures[3].metric("Units not reported", units(row.leak_units))
+    if units_gap(row):
+        figures[3].metric("Units not reported", units(row.leak_units),
+                          help=f"{units(row.actual_units)} used, {units(row.reported_units)} reported to billing")
+    else:  # no unit gap to headline: the money is the gap
+        figures[3].metric("Units used", units(row.actual_units),
+                          help="All reported to billing: the gap is in what was billed for them (expected vs billed), "
+                               "not in the units.")
     figures[4].metric("Confidence", confidence(row.confidence))
 
     actions = st.columns(5)
@@ -253,7 +281,18 @@ def detail_panel(anomaly_id: int) -> None:
     tab_evidence, tab_pricing, tab_confidence, tab_history = st.tabs(
         ["Evidence", "Pricing", "Confidence", "History & notes"])
     with tab_evidence:
-        st.plotly_chart(evidence_chart(detail), width="stretch", key="evidence_chart")
+        if not units_gap(row):
+            gap = row.expected_amount - row.billed_amount
+            st.markdown(f"**Expected vs billed** — {money(row.expected_amount, row.currency)} expected, "
+                        f"{money(row.billed_amount, row.currency)} billed: "
+                        + (f"{money(gap, row.currency)} not billed" if gap >= 0
+                           else f"{money(-gap, row.currency)} billed too much"))
+            money_rows = [{"label": span, "currency": row.currency, "expected": row.expected_amount,
+                           "billed": row.billed_amount}]
+            st.plotly_chart(expected_vs_billed(money_rows, "Billing period"), width="stretch", key="evidence_money")
+            st.caption(f"No unit is missing from billing's usage records ({units(row.reported_units)} reported for "
+                       f"{units(row.actual_units)} used): the gap is in what was billed for them.")
+        evidence_chart(detail)
         lines = detail.evidence.get("invoice_lines") or []
         st.caption(f"Invoice lines for this period: {len(lines)}" if lines else "No invoice line for this period.")
         if lines:
@@ -272,22 +311,33 @@ def detail_panel(anomaly_id: int) -> None:
             st.markdown("**What reported usage costs** under the billing price")
             pricing_table(pricing.get("billing"), row.currency)
     with tab_confidence:
-        factors = pd.DataFrame([{"Factor": name.replace("_", " "), "Score": float(value)}
-                                for name, value in detail.confidence_factors.items()])
-        st.bar_chart(factors, x="Factor", y="Score", horizontal=True, height=220)
-        st.caption(f"Overall {confidence(row.confidence)}: the weighted factors (see docs/reconciliation.md).")
+        st.markdown(f"**Overall {confidence(row.confidence)}**: how sure we are that this gap is real, the weighted "
+                    "mean of five factors, each from 0% to 100%:")
+        st.markdown("\n".join(f"- {line}" for line in confidence_lines(detail.confidence_factors)))
     with tab_history:
-        for entry in detail.history:
-            st.write(f"{when(entry['ts'])} · {entry['actor']} · {entry['action']}")
-        for action in detail.actions:
-            st.write(f"{when(action['created_at'])} · {action['kind']} · {action['status']} · "
-                     f"{action['external_id'] or action['error'] or ''}")
-        for note in detail.notes:
-            st.info(f"{note['at']} · {note['by']}: {note['text']}")
+        history_tab(detail)
         with st.form("note_form", clear_on_submit=True):
             text = st.text_area("Add a note")
             if st.form_submit_button("Save note") and attempt(anomalies.add_note, me, row.id, text):
                 st.rerun()
+
+
+def history_tab(detail: AnomalyDetail) -> None:
+    """What happened to the anomaly, oldest first, from the audit log: who (by name and email), what in words
+    (with a dismissal's reason), and the notes."""
+    found = (f"Found {when(detail.found_at)}" + (f" by run #{detail.found_by_run}" if detail.found_by_run else "")
+             if detail.found_at else "Found by a reconciliation run")
+    if not detail.history:
+        st.caption(f"No history yet: {found[0].lower() + found[1:]}; nobody has acted on it or written a note.")
+    else:
+        st.caption(found + ".")
+        st.markdown("\n".join(f"- **{when(entry['ts'])}** · {plain(person(entry.get('who') or entry['actor']))} · "
+                               f"{plain(event_text(entry['action'], entry.get('details') or {}))}"
+                               for entry in detail.history))
+    for note in detail.notes:
+        by = person(note.get("who") or note.get("by") or "")
+        st.info(f"{plain(str(note.get('text', '')))}\n\n— {plain(by)}, {when(note.get('at'))}",
+                icon=":material/sticky_note_2:")
 
 
 focus = selected_ids[0] if selected_ids else st.session_state.get(ANOMALY_FOCUS)

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from services import activity, exports
-from ui.format import audit_details, plural, when
+from ui.format import audit_details, audit_parts, plain, plural, when
 from ui.session import actor, attempt
 
 PAGE_SIZE = 100
@@ -28,10 +28,23 @@ listed = attempt(activity.list_audit, me, limit=PAGE_SIZE, offset=(int(page) - 1
 if listed is None:
     st.stop()
 rows, total = listed
-st.caption(f"{plural(total, 'entry', 'entries')}, newest first")
-st.dataframe(pd.DataFrame([{
+st.caption(f"{plural(total, 'entry', 'entries')}, newest first · times in UTC · select an entry to read all "
+           "its details")
+picked = st.dataframe(pd.DataFrame([{
     "#": r.seq, "When": when(r.ts), "Who": r.who or r.actor, "What": r.action, "Target": r.target,
-    "Details": audit_details(r.details)} for r in rows]), hide_index=True, width="stretch")
+    "Details": audit_details(r.details)} for r in rows]), hide_index=True, width="stretch", on_select="rerun",
+    selection_mode="single-row", key=f"audit_table_{int(page)}_{rows[0].seq if rows else 0}",
+    column_config={"#": st.column_config.NumberColumn(format="%d", width="small"),
+                   "Details": st.column_config.TextColumn(width="large")})
+chosen = picked.selection.rows if picked and picked.selection else []
+if chosen and chosen[0] < len(rows):
+    entry = rows[chosen[0]]
+    with st.container(border=True, key="audit_entry"):
+        st.markdown(f"**Entry #{entry.seq}** · {when(entry.ts)} · {plain(entry.who or entry.actor)} · "
+                    f"`{entry.action}` · {plain(entry.target)}")
+        parts = audit_parts(entry.details)
+        st.markdown("\n".join(f"- **{plain(key)}**: {plain(value)}" for key, value in parts) if parts
+                    else "No details.")
 
 with st.expander("Export anomalies, actions and audit log of a period"):
     span = st.date_input("Period", value=(date.today().replace(day=1), date.today()), key="audit_export_span")

@@ -6,13 +6,12 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from services import dashboard
 from ui import filters
-from ui.format import money, money_by_currency, plural, type_label, when
+from ui.charts import count_bars, money_bars
+from ui.format import money, money_by_currency, plural, run_status, type_label, when
 from ui.links import open_account
 from ui.session import actor, attempt
 
@@ -29,7 +28,8 @@ def live_run_status() -> None:
     run = dashboard.active_run(me)
     if run is None:
         st.rerun()
-    st.info(f"Reconciliation run #{run.id} is {run.status}: {run.progress_message or 'waiting for a worker'} "
+    st.info(f"Reconciliation run #{run.id} is {run_status(run.status).lower()}: "
+            f"{run.progress_message or 'waiting for a worker'} "
             f"({(run.progress or 0):.0%}). This page refreshes itself.")
 
 
@@ -72,8 +72,11 @@ run_tiles = st.columns(TILES_PER_ROW)
 run_tiles[0].metric("Accounts affected", f"{summary.accounts_affected:,}", border=True,
                     help=f"Accounts behind Open leak: {plural(summary.open_count, 'anomaly', 'anomalies')}."
                          f"{EVERY_STATUS}")
-run_tiles[1].metric("Last run", last.status.title() if last else "Never", border=True,
-                    help=f"Finished {when(last.finished_at)}" if last else "No reconciliation has run yet")
+run_tiles[1].metric("Last run", run_status(last.status) if last else "Never",
+                    f"{'finished' if last.status == 'succeeded' else 'ended'} {when(last.finished_at)}"
+                    if last and last.finished_at else None, delta_color="off", delta_arrow="off", border=True,
+                    help=f"Run #{last.id}, queued {when(last.queued_at)}. Every run is on the Runs page." if last
+                    else "No reconciliation has run yet")
 
 
 def over_billing_note() -> str:
@@ -101,41 +104,29 @@ if st.button("Open these in the anomaly queue →", help="The queue keeps the fi
     st.switch_page("pages/anomalies.py")
 
 
-def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows for plotly: amounts become floats here only to be drawn; every total shown is a Decimal."""
-    data = pd.DataFrame(rows)
-    if "amount" in data:
-        data["amount"] = data["amount"].map(float)
-        data["currency"] = data["currency"].str.upper()
-    return data
-
-
-def count_step(largest: int) -> int:
-    """A whole-number tick step giving at most about six ticks (never 0.5 of an anomaly)."""
-    steps = (1, 2, 5)
-    scale = 1
-    while True:
-        for step in steps:
-            if largest <= 6 * step * scale:
-                return step * scale
-        scale *= 10
-
-
-def leak_chart(where: Any, title: str, rows: list[dict[str, Any]], x: str, x_label: str, key: str) -> None:
-    """Leak amounts per `x`, one bar per currency side by side (currencies are never stacked)."""
+def leak_chart(where: Any, title: str, rows: list[dict[str, Any]], x: str, x_label: str, key: str,
+               **options: Any) -> None:
+    """Leak amounts per `x`: one panel per currency, its axis titled with it (currencies never share a scale)."""
     where.subheader(title)
-    chart = px.bar(frame(rows), x=x, y="amount", color="currency", barmode="group",
-                   labels={"amount": "Leak", x: x_label, "currency": "Currency"})
-    where.plotly_chart(chart, width="stretch", key=key)
+    where.plotly_chart(money_bars(rows, x, x_label, **options), width="stretch", key=key)
+
+
+def percent_span(bucket: str) -> str:
+    """A confidence bucket as the rest of the app writes confidence: "0.9–1.0" -> "90–100%"."""
+    low, high = bucket.split("–")
+    return f"{float(low):.0%}".removesuffix("%") + f"–{float(high):.0%}"
 
 
 def confidence_chart(where: Any) -> None:
-    where.subheader("Confidence")
-    chart = px.bar(frame(summary.confidence), x="bucket", y="count",
-                   labels={"bucket": "Confidence", "count": "Anomalies"})
-    largest = max((row["count"] for row in summary.confidence), default=0)
-    chart.update_yaxes(tick0=0, dtick=count_step(largest), tickformat=",d", rangemode="tozero")
+    """How sure we are, over every anomaly in view: leaks and over-billing told apart (services.dashboard)."""
+    where.subheader("Confidence: leaks and over-billing")
+    buckets = [percent_span(row["bucket"]) for row in summary.confidence]
+    chart = count_bars(buckets, [("Leaks", [row["leak"] for row in summary.confidence]),
+                                 ("Over-billing", [row["over_billing"] for row in summary.confidence])],
+                       "Confidence", "Anomalies")
     where.plotly_chart(chart, width="stretch", key="confidence")
+    where.caption("Every anomaly the filters select, by confidence: leaks, and over-billing (a credit risk, kept "
+                  "out of the leak figures and charts).")
 
 
 if not summary.by_type:
@@ -144,14 +135,9 @@ if not summary.by_type:
     confidence_chart(st.columns(2)[0])
     st.stop()
 
-by_type = frame(summary.by_type)
-by_type["type"] = by_type["type"].map(type_label)
 charts = [st.columns(2), st.columns(2)]
 leak_chart(charts[0][0], "Leak by period", summary.by_period, "month", "Billing period", "by_period")
-charts[0][1].subheader("Leak by type")
-charts[0][1].plotly_chart(px.bar(by_type, x="amount", y="type", color="currency", orientation="h",
-                                 labels={"amount": "Leak", "type": "", "currency": "Currency"}),
-                          width="stretch", key="by_type")
+leak_chart(charts[0][1], "Leak by type", summary.by_type, "type", "", "by_type", horizontal=True, label=type_label)
 leak_chart(charts[1][0], "Leak by product", summary.by_product, "product_key", "Product", "by_product")
 confidence_chart(charts[1][1])
 
@@ -161,6 +147,7 @@ picked = st.dataframe(
     [{"Account": row["name"], "Id": row["account_id"], "Leak": money_by_currency({row["currency"]: row["amount"]}),
       "Anomalies": row["count"]} for row in top],
     hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="top_accounts",
+    column_config={"Leak": st.column_config.TextColumn(alignment="right")},
 )
 st.caption("Select an account to open it on the Account page.")
 rows = picked.selection.rows if picked and picked.selection else []

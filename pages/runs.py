@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from services import dashboard, reconciliation
-from ui.format import when
+from ui.format import run_status, when
 from ui.session import actor, attempt
 
 me = actor()
@@ -45,7 +45,8 @@ def duration(run: dashboard.RunBrief) -> str:
 
 
 st.dataframe(pd.DataFrame([{
-    "Run": r.id, "Status": r.status, "Trigger": r.trigger, "Queued": when(r.queued_at), "Finished": when(r.finished_at),
+    "Run": r.id, "Status": run_status(r.status), "Trigger": r.trigger.capitalize(), "Queued": when(r.queued_at),
+    "Finished": when(r.finished_at),
     "Duration": duration(r), "Anomalies": (r.counts or {}).get("anomalies"), "New": (r.counts or {}).get("new"),
     "Resolved": (r.counts or {}).get("resolved"), "Error": r.error or "",
 } for r in runs]), hide_index=True, width="stretch")

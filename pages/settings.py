@@ -13,7 +13,7 @@ import streamlit as st
 
 from services import api_keys, catalog, integrations, settings, users
 from ui.format import decimal_text, when
-from ui.session import actor, attempt, flash, show_flash
+from ui.session import actor, attempt, attempt_labelled, flash, show_flash
 
 me = actor()
 st.title("Settings")
@@ -35,6 +35,17 @@ FIELDS: dict[str, list[tuple[str, str, bool]]] = {  # kind -> (field, label, sec
                    ("export_prefix", "Prefix for audit exports (optional)", False)],
 }
 USAGE_SOURCES = ("sql_source", "s3_parquet")
+TOLERANCE = "Relative tolerance (share of actual usage)"
+MIN_LEAK = "Minimum leak amount (in each currency's major unit)"
+MIN_OVER_BILLING = "Minimum over-billing amount (in each currency's major unit)"
+PER_CURRENCY = ("Applies to each anomaly in its own currency, with no conversion: 1.00 means 1.00 USD for anomalies in "
+                "USD and 1.00 EUR for those in EUR (1 for yen, which has no minor unit).")
+SCHEDULE_KINDS = {"off": "Off", "cron": "Cron expression", "interval": "Every N seconds"}
+FORM_LABELS = {  # the service's field names -> this page's labels, for its refusals
+    "rel_tolerance": TOLERANCE, "min_leak_amount": MIN_LEAK, "over_billing_min": MIN_OVER_BILLING,
+    "schedule kind": "Schedule", "interval expression": "Expression", "cron expression": "Expression",
+    "interval": "Expression", "time zone": "Time zone",
+}
 
 tab_integrations, tab_pricing, tab_thresholds, tab_users, tab_keys = st.tabs(
     ["Integrations", "Pricing", "Thresholds & schedule", "Users", "API keys"])
@@ -115,31 +126,39 @@ with tab_thresholds:
     if current is not None:
         with st.form("thresholds"):
             st.markdown("**Thresholds** — keep rounding and late events from raising anomalies")
-            tolerance = st.text_input("Relative tolerance (share of actual usage)",
-                                      value=decimal_text(current.rel_tolerance))
-            minimum = st.text_input("Minimum leak amount (major units)", value=decimal_text(current.min_leak_amount, 2))
-            over = st.text_input("Minimum over-billing amount", value=decimal_text(current.over_billing_min, 2))
+            tolerance = st.text_input(TOLERANCE, value=decimal_text(current.rel_tolerance),
+                                      help="A gap smaller than this share of the period's actual usage is ignored, "
+                                           "e.g. 0.005 = 0.5%.")
+            minimum = st.text_input(MIN_LEAK, value=decimal_text(current.min_leak_amount, 2), help=PER_CURRENCY)
+            over = st.text_input(MIN_OVER_BILLING, value=decimal_text(current.over_billing_min, 2), help=PER_CURRENCY)
             if st.form_submit_button("Save thresholds"):
                 try:
                     values = Decimal(tolerance), Decimal(minimum), Decimal(over)
                 except InvalidOperation:
                     st.error("Thresholds must be decimal numbers, e.g. 0.005 and 1.00")
                 else:
-                    if attempt(settings.update_thresholds, me, rel_tolerance=values[0], min_leak_amount=values[1],
-                               over_billing_min=values[2]) is not None:
+                    if attempt_labelled(FORM_LABELS, settings.update_thresholds, me, rel_tolerance=values[0],
+                                        min_leak_amount=values[1], over_billing_min=values[2]) is not None:
                         st.success("Thresholds saved; they apply from the next run.")
-        with st.form("schedule"):
+        # Not a form: choosing "Off" disables the expression at once (with schedule Off no expression is kept).
+        with st.container(border=True, key="schedule"):
             st.markdown("**Reconciliation schedule** — run by the scheduler process")
             kinds = list(settings.SCHEDULE_KINDS)
             kind = st.selectbox("Schedule", kinds, index=kinds.index(current.schedule_kind),
-                                format_func={"off": "Off", "cron": "Cron expression",
-                                             "interval": "Every N seconds"}.get)
-            expr = st.text_input("Expression", value=current.schedule_expr or "",
-                                 help="cron: `0 6 * * *` (daily at 06:00); interval: seconds, e.g. 3600")
-            zone = st.text_input("Time zone", value=current.schedule_timezone)
-            if st.form_submit_button("Save schedule") and attempt(
-                    settings.update_schedule, me, kind, expr.strip() or None, zone.strip()) is not None:
-                st.success("Schedule saved.")
+                                format_func=lambda value: SCHEDULE_KINDS.get(value, value), key="schedule_kind")
+            off = kind == "off"
+            expr = st.text_input(  # one box per kind: a cron expression is no interval
+                "Expression", value=(current.schedule_expr or "") if kind == current.schedule_kind and not off else "",
+                disabled=off, key=f"schedule_expr_{kind}",
+                placeholder="not used when the schedule is Off" if off else "0 6 * * *" if kind == "cron" else "3600",
+                help="Cron: `0 6 * * *` (daily at 06:00); every N seconds: e.g. 3600. Not used when Off.")
+            zone = st.text_input("Time zone", value=current.schedule_timezone, key="schedule_zone",
+                                 help="For cron expressions, e.g. UTC or Europe/Paris")
+            if st.button("Save schedule", key="schedule_save") and attempt_labelled(
+                    FORM_LABELS, settings.update_schedule, me, kind, None if off else expr.strip() or None,
+                    zone.strip()) is not None:
+                st.success("Schedule saved: off, no scheduled runs." if off
+                           else f"Schedule saved: {SCHEDULE_KINDS[kind].lower()} {expr.strip()} ({zone.strip()}).")
 
 with tab_users:
     people = attempt(users.list_users, me) or []
@@ -158,7 +177,7 @@ with tab_users:
             st.rerun()
     if people:
         by_email = {u.email: u for u in people}
-        cols = st.columns([3, 1, 1, 1])
+        cols = st.columns([3, 1, 1, 1], vertical_alignment="bottom")  # the buttons line up with the boxes
         chosen = by_email[cols[0].selectbox("User", list(by_email), key="user_pick")]
         new_role = cols[1].selectbox("Role", ["analyst", "admin"], index=0 if chosen.role == "analyst" else 1,
                                      key="user_role")

@@ -41,14 +41,19 @@ class AuditRow:
     who: str = ""  # for people: the user's email, else the stored label
 
 
-def _who(session: Any, org_id: int, labels: set[str]) -> dict[str, str]:
-    """`user:3` -> that user's email (users of this org only); other labels stay as they are."""
+def people(session: Any, org_id: int, labels: set[str]) -> dict[str, tuple[str, str]]:
+    """`user:3` -> that user's (name, email), for users of this org only; other labels are left out."""
     ids = {int(label.split(":", 1)[1]) for label in labels
            if label.startswith("user:") and label.split(":", 1)[1].isdigit()}
     if not ids:
         return {}
-    emails = session.execute(select(User.id, User.email).where(User.org_id == org_id, User.id.in_(ids))).all()
-    return {f"user:{user_id}": email for user_id, email in emails}
+    found = session.execute(select(User.id, User.name, User.email).where(User.org_id == org_id, User.id.in_(ids)))
+    return {f"user:{user_id}": (name, email) for user_id, name, email in found}
+
+
+def _who(session: Any, org_id: int, labels: set[str]) -> dict[str, str]:
+    """`user:3` -> that user's email (users of this org only); other labels stay as they are."""
+    return {label: email for label, (_, email) in people(session, org_id, labels).items()}
 
 
 def list_actions(actor: Actor, *, limit: int = 100, offset: int = 0) -> tuple[list[ActionRow], int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field, fields
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,13 +21,14 @@ import pyarrow.parquet as pq
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
-from core.money import plain_decimal
+from core.money import currency_exponent, plain_decimal
 from core.reconcile import ANOMALY_TYPES, LEAK_TYPES
 from core.scoring import SEVERITIES
 from core.spreadsheet import safe_cell
 from db.models import ANOMALY_STATUSES, Account, Action, Anomaly, AuditEntry
 from db.session import org_session
 from services import audit
+from services.activity import people
 from services.context import Actor, require_role
 from services.errors import InvalidInput, NotFound
 
@@ -123,9 +124,11 @@ class AnomalyDetail:
     notes: list[dict[str, Any]]
     stripe_customer_id: str | None
     crm_id: str | None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # audit entries: ts, actor, who, action, details
     actions: list[dict[str, Any]] = field(default_factory=list)
     overbilled_amount: Decimal = Decimal(0)
+    found_at: datetime | None = None  # when a run first raised it
+    found_by_run: int | None = None
 
 
 def amount_column() -> Any:
@@ -133,11 +136,18 @@ def amount_column() -> Any:
     return Anomaly.leak_amount + Anomaly.overbilled_amount
 
 
-SORTS = {
+SORTS: dict[str, Any] = {  # key -> column, or (columns kept in ascending order..., the sorted column)
     "amount": amount_column(), "confidence": Anomaly.confidence, "period": Anomaly.period_start,
     "account": Anomaly.account_id, "severity": Anomaly.severity, "type": Anomaly.type, "status": Anomaly.status,
     "updated": Anomaly.updated_at,
+    # amounts of different currencies are not comparable: currency first (A-Z), then the amount
+    "amount_in_currency": (Anomaly.currency, amount_column()),
 }
+
+
+def _order(sort: str, descending: bool) -> list[Any]:
+    *groups, column = SORTS[sort] if isinstance(SORTS[sort], tuple) else (SORTS[sort],)
+    return [*(group.asc() for group in groups), column.desc() if descending else column.asc()]
 
 
 def _at_midnight(day: date) -> datetime:
@@ -193,9 +203,8 @@ def _rows(session: Session, org_id: int, filters: AnomalyFilters, sort: str, des
           offset: int = 0) -> list[AnomalyRow]:
     if sort not in SORTS:
         raise InvalidInput(f"sort: expected one of {', '.join(SORTS)}, got {sort!r}")
-    order = SORTS[sort].desc() if descending else SORTS[sort].asc()
     query = (apply_filters(_row_query(org_id), org_id, filters)
-             .order_by(order, Anomaly.id).limit(limit).offset(offset))
+             .order_by(*_order(sort, descending), Anomaly.id).limit(limit).offset(offset))
     return [_to_row(anomaly, name) for anomaly, name in session.execute(query)]
 
 
@@ -226,19 +235,33 @@ def _detail(session: Session, org_id: int, anomaly: Anomaly) -> AnomalyDetail:
                                  AuditEntry.target_id == str(anomaly.id)).order_by(AuditEntry.seq)).all()
     actions = session.scalars(select(Action).where(Action.org_id == org_id, Action.anomaly_id == anomaly.id)
                               .order_by(Action.created_at)).all()
+    notes = list(anomaly.notes or [])
+    # people by name and email, as the audit log names them (the stored labels, user:3, stay as they are)
+    names = people(session, org_id, {h.actor for h in history} | {str(n.get("by")) for n in notes})
     return AnomalyDetail(
         row=_to_row(anomaly, account.name if account else None), fingerprint=anomaly.fingerprint,
         price_id=anomaly.price_id, price_source=anomaly.price_source, subscription_id=anomaly.subscription_id,
         explanation=anomaly.explanation, confidence_factors=dict(anomaly.confidence_factors),
-        evidence=dict(anomaly.evidence), status_reason=anomaly.status_reason, notes=list(anomaly.notes or []),
+        evidence=dict(anomaly.evidence), status_reason=anomaly.status_reason,
+        notes=[{**note, "who": _person(names, str(note.get("by")))} for note in notes],
         stripe_customer_id=account.stripe_customer_id if account else None,
         crm_id=account.crm_id if account else None,
-        history=[{"ts": h.ts, "actor": h.actor, "action": h.action, "details": h.details} for h in history],
+        history=[{"ts": h.ts, "actor": h.actor, "who": _person(names, h.actor), "action": h.action,
+                  "details": h.details} for h in history],
         actions=[{"id": a.id, "kind": a.kind, "status": a.status, "external_id": a.external_id,
                   "amount": a.amount, "currency": a.currency, "error": a.error, "created_at": a.created_at}
                  for a in actions],
-        overbilled_amount=Decimal(anomaly.overbilled_amount),
+        overbilled_amount=Decimal(anomaly.overbilled_amount), found_at=anomaly.created_at,
+        found_by_run=anomaly.first_run_id,
     )
+
+
+def _person(names: dict[str, tuple[str, str]], label: str) -> str:
+    """`Alex Analyst (analyst@demo.example)` for a user of the org; another label (system:scheduler) as stored."""
+    if label not in names:
+        return label
+    name, email = names[label]
+    return f"{name} ({email})" if name and name != email else email
 
 
 def get_anomaly(actor: Actor, anomaly_id: int) -> AnomalyDetail:
@@ -304,27 +327,57 @@ def add_note(actor: Actor, anomaly_id: int, text: str) -> AnomalyDetail:
 
 
 EXPORT_COLUMNS = [f.name for f in fields(AnomalyRow)]
+# The queue's "Export view" is read by people, in a spreadsheet: periods as on screen, first and last day
+PEOPLE_COLUMNS = ["period_last_day" if name == "period_end" else name for name in EXPORT_COLUMNS]
+MONEY_COLUMNS = ("amount", "expected_amount", "billed_amount")
 
 
-def export_anomalies(actor: Actor, filters: AnomalyFilters, fmt: str = "csv") -> tuple[bytes, str]:
-    """The filtered view as CSV or Parquet (money and units as exact decimal strings)."""
+def export_anomalies(actor: Actor, filters: AnomalyFilters, fmt: str = "csv", *,
+                     for_people: bool = False) -> tuple[bytes, str]:
+    """The filtered view as CSV or Parquet (money and units as exact decimal strings).
+
+    By default periods are half-open ISO timestamps (`period_end` is the first instant after the
+    period) and amounts plain decimals (`361`), as the API and the database have them. `for_people`
+    (the queue's "Export view") writes what the screen shows: `period_start` and `period_last_day`
+    as dates (2026-10-01, 2026-10-31) and money with its currency's decimals (`361.00`, `44.80`;
+    an amount with more decimals keeps them: nothing is rounded away).
+    """
     require_role(actor, "admin", "analyst")
     if fmt not in ("csv", "parquet"):
         raise InvalidInput(f"format: expected csv or parquet, got {fmt!r}")
     with org_session(actor.org_id) as session:
         rows = _rows(session, actor.org_id, filters, "amount", True, MAX_EXPORT_ROWS)
         audit.append(session, actor, "anomalies.exported", "anomaly", None, {"format": fmt, "rows": len(rows)})
-    records = [{name: _cell(getattr(row, name)) for name in EXPORT_COLUMNS} for row in rows]
+    columns = PEOPLE_COLUMNS if for_people else EXPORT_COLUMNS
+    records = [_for_people(row) if for_people else {name: _cell(getattr(row, name)) for name in EXPORT_COLUMNS}
+               for row in rows]
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS)
+        writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
         writer.writerows({name: safe_cell(value) for name, value in record.items()} for record in records)
         return buffer.getvalue().encode(), "anomalies.csv"
-    table = pa.table({name: pa.array([r[name] for r in records], pa.string()) for name in EXPORT_COLUMNS})
+    table = pa.table({name: pa.array([r[name] for r in records], pa.string()) for name in columns})
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue(), "anomalies.parquet"
+
+
+def _for_people(row: AnomalyRow) -> dict[str, str]:
+    record = {name: _cell(getattr(row, name)) for name in EXPORT_COLUMNS}
+    record["period_start"] = f"{row.period_start:%Y-%m-%d}"
+    record["period_last_day"] = f"{row.period_end - timedelta(microseconds=1):%Y-%m-%d}"
+    for name in MONEY_COLUMNS:
+        record[name] = money_text(getattr(row, name), row.currency)
+    return {name: record[name] for name in PEOPLE_COLUMNS}
+
+
+def money_text(amount: Decimal, currency: str) -> str:
+    """An amount with its currency's decimals and no separators, for a spreadsheet: 361 -> `361.00`, 44.8 USD ->
+    `44.80`, 5 JPY -> `5`; more decimals than the currency has are kept (`0.125`), never rounded away."""
+    exponent = Decimal(amount).normalize().as_tuple().exponent
+    places = max(currency_exponent(currency), -exponent if isinstance(exponent, int) else 0)
+    return f"{Decimal(amount):.{places}f}"
 
 
 def _cell(value: Any) -> str:

@@ -10,7 +10,9 @@ money in); "in recovery" is the part of it with an action out.
 Every figure is per currency (amounts are never summed across currencies). The figures ignore the
 Status filter (their statuses are their point: the Overview's default filter is open and actioned
 anomalies, and finance must still see what was recovered) but keep every other filter (period,
-currency, type, ...). The charts and the top accounts show the statuses the filter selects.
+currency, type, ...). The charts and the top accounts show the statuses the filter selects. The leak
+charts count leaks only; the confidence chart counts every anomaly in view, each bucket split into
+its leaks and its over-billing so the page can tell them apart (`count` is their sum).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class DashboardSummary:
     by_type: list[dict[str, Any]] = field(default_factory=list)  # type, currency, amount, count
     by_product: list[dict[str, Any]] = field(default_factory=list)  # product_key, currency, amount, count
     top_accounts: list[dict[str, Any]] = field(default_factory=list)  # account_id, name, currency, amount, count
-    confidence: list[dict[str, Any]] = field(default_factory=list)  # bucket (0.0..0.9), count; every type
+    # bucket ("0.9–1.0"), count (every type), and its parts: leak (the leak types), over_billing (the credit risk)
+    confidence: list[dict[str, Any]] = field(default_factory=list)
     currencies: list[str] = field(default_factory=list)  # of the anomalies the filters select
 
     @property
@@ -143,7 +146,7 @@ def _fold_groups(session: Session, org: int, filters: AnomalyFilters, out: Dashb
     query = select(*dims, func.sum(amount_column()), func.count(Anomaly.id)).group_by(*dims)
     groups = session.execute(apply_filters(query, org, replace(filters, statuses=()))).all()
     charts: dict[str, dict[tuple[str, str], list[Any]]] = {"month": {}, "type": {}, "product_key": {}}
-    deciles: dict[int, int] = defaultdict(int)
+    deciles: dict[tuple[int, str], int] = defaultdict(int)  # (decile, type group) -> anomalies
     currencies = set()
     for kind, status, currency, month, product, decile, total, n in groups:
         total = Decimal(total)
@@ -154,7 +157,7 @@ def _fold_groups(session: Session, org: int, filters: AnomalyFilters, out: Dashb
         if filters.statuses and status not in filters.statuses:
             continue
         currencies.add(currency)
-        deciles[int(decile)] += n
+        deciles[int(decile), "leak" if kind in LEAK_TYPES else "over_billing"] += n
         if kind not in LEAK_TYPES:
             continue
         for key, value in (("month", month), ("type", kind), ("product_key", product)):
@@ -163,7 +166,9 @@ def _fold_groups(session: Session, org: int, filters: AnomalyFilters, out: Dashb
             cell[1] += n
     out.currencies = sorted(currencies)
     out.by_period, out.by_type, out.by_product = (_chart_rows(cells, key) for key, cells in charts.items())
-    out.confidence = [{"bucket": f"{b / 10:.1f}–{(b + 1) / 10:.1f}", "count": deciles[b]} for b in range(10)]
+    out.confidence = [{"bucket": f"{b / 10:.1f}–{(b + 1) / 10:.1f}",
+                       "count": deciles[b, "leak"] + deciles[b, "over_billing"],
+                       "leak": deciles[b, "leak"], "over_billing": deciles[b, "over_billing"]} for b in range(10)]
 
 
 def _fold_accounts(session: Session, org: int, filters: AnomalyFilters, out: DashboardSummary) -> None:

@@ -31,10 +31,10 @@ from typing import Any
 from sqlalchemy import select
 
 from connectors import stripe as stripe_connector
-from core.money import format_money, from_minor_units, plain_decimal, round_money
+from core.money import format_money, from_minor_units, round_money
 from db.models import Action, Anomaly
 from db.session import org_session
-from services import integrations
+from services import catalog, integrations
 from services.actions_common import (
     ActionFailed,
     ActionResult,
@@ -48,7 +48,7 @@ from services.actions_common import (
 )
 from services.anomalies import LEAK_TYPES
 from services.context import Actor, require_role
-from services.errors import Conflict, InvalidInput
+from services.errors import Conflict, InvalidInput, ServiceError
 
 KIND = "draft_invoice"
 CLOSED_STATUSES = ("dismissed", "resolved", "recovered")  # nothing (left) to invoice
@@ -105,13 +105,38 @@ def _period_text(anomaly: Anomaly) -> str:
     return f"{anomaly.period_start.date().isoformat()} to {last_day}"
 
 
-def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
+def _units_text(quantity: Decimal) -> str:
+    """A quantity as the preview's Quantity column shows it: 31909 -> `31,909`, 2.5 -> `2.5`."""
+    return f"{Decimal(quantity).normalize():,f}"
+
+
+def _product_names(actor: Actor) -> dict[str, str]:
+    """Product key -> the product's name in the org's data source (Stripe's product name after a sync);
+    empty when there is no data source or it cannot be read (the line then names the product key)."""
+    try:
+        return {product.product_key: product.name for product in catalog.price_catalog(actor)}
+    except ServiceError:
+        return {}
+
+
+def _plain_words(name: str) -> str:
+    """`data_export`, `Data export` and `DATA-EXPORT` say the same thing."""
+    return " ".join(name.replace("_", " ").replace("-", " ").casefold().split())
+
+
+def _line_text(anomaly: Anomaly, product_name: str | None = None) -> tuple[str, Decimal]:
     """The invoice line as the customer will read it, and its quantity. Written for the customer:
-    no anomaly ids or internal wording (the item's metadata links it back to the anomaly), and a
-    missed overage says it is the part above the allowance, not the same units billed twice."""
+    the product's name (with its key, the reference in usage exports, unless the name only spells the key
+    out: `Data export`, not `Data export (data_export)`), quantities with thousands
+    separators as in the preview's Quantity column, no anomaly ids or internal wording (the item's
+    metadata links it back to the anomaly), and a missed overage says it is the part above the
+    allowance, not the same units billed twice."""
     period = _period_text(anomaly)
     actual, leak = Decimal(anomaly.actual_units), Decimal(anomaly.leak_units)
-    product, used, missing = anomaly.product_key, plain_decimal(actual), plain_decimal(leak)
+    product = product_name.strip() if product_name and product_name.strip() else anomaly.product_key
+    if _plain_words(product) != _plain_words(anomaly.product_key):  # "API calls (api)", but "Data export"
+        product = f"{product} ({anomaly.product_key})"
+    used, missing = _units_text(actual), _units_text(leak)
     return {
         "unbilled_usage": (f"{product}: {used} units used {period}", actual),
         "under_reported_usage": (f"{product}: {missing} additional units used {period}, not included in earlier "
@@ -124,6 +149,7 @@ def _line_text(anomaly: Anomaly) -> tuple[str, Decimal]:
 
 def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan | ActionResult:
     """Read and check everything locally; an existing identical draft comes back as a replay."""
+    names = _product_names(actor)
     with org_session(actor.org_id) as session:
         anomaly = load_anomaly(session, actor, anomaly_id)
         if anomaly.type not in LEAK_TYPES:
@@ -151,7 +177,13 @@ def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan 
         if not account.stripe_customer_id:
             raise InvalidInput(f"account {account.account_id} ({account.name}) has no stripe_customer_id: map it to "
                                "its Stripe customer before drafting an invoice")
-        description, quantity = _line_text(anomaly)
+        description, quantity = _line_text(anomaly, names.get(anomaly.product_key))
+        # A retry sends Stripe the request it sent before under the same Idempotency-Key, word for word
+        # (a product renamed since, or a data source unreadable now, must not change the line's text).
+        earlier_request = session.scalars(select(Action.request).where(
+            Action.org_id == actor.org_id, Action.idempotency_key == key)).first() or {}
+        earlier_lines = earlier_request.get("lines") or [{}]
+        description = earlier_lines[0].get("description") or description
         amount = round_money(leak, anomaly.currency)
         preview = InvoicePreview(anomaly.id, account.account_id, account.name, account.stripe_customer_id,
                                  anomaly.currency, (PreviewLine(description, quantity, amount),), amount,

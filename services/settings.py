@@ -188,7 +188,10 @@ def _schedule_problem(kind: str, expr: str | None, timezone: str, floor: int) ->
 
 
 def update_schedule(actor: Actor, kind: str, expr: str | None, timezone: str = "UTC") -> OrgSettings:
+    """Save the schedule. "off" keeps no expression: whatever was typed is dropped, not checked, stored or audited."""
     require_role(actor, "admin")
+    if kind == "off":
+        expr = None
     validate_schedule(kind, expr, timezone)
     with org_session(actor.org_id) as session:
         settings = settings_row(session, actor.org_id)

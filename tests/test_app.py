@@ -3,6 +3,7 @@ empty states, and the draft-invoice dialog end to end against the fake Stripe.""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -103,6 +104,8 @@ def test_sign_in_shows_the_overview_with_demo_figures(app_env: Path) -> None:
     assert [t.value for t in at.title] == ["Overview"]
     tiles = {m.label: m.value for m in at.metric}
     assert tiles["Last run"] == "Succeeded"
+    last_run = next(m for m in at.metric if m.label == "Last run")
+    assert re.fullmatch(r"finished \d{4}-\d\d-\d\d \d\d:\d\d UTC", last_run.delta), last_run.delta  # when it ran
     assert tiles["Open leak · USD"].endswith("USD") and "." in tiles["Open leak · USD"]
     assert int(tiles["Accounts affected"]) > 0
     assert len(at.get("plotly_chart")) == 4
@@ -244,7 +247,7 @@ def test_dismiss_requires_a_reason(app_env: Path) -> None:
     at.session_state["anomaly_dialog"] = ("dismiss", (target.id,))
     at.run()
     at.button(key="dismiss_confirm").click().run()
-    assert "reason" in texts(at.error)
+    assert "Reason: say why" in texts(at.error)  # the form's label, not the service's field name
     assert anomalies.get_anomaly(me, target.id).row.status == "open"
     at.text_area(key="dismiss_reason").input("duplicate of a credit note").run()
     at.button(key="dismiss_confirm").click().run()
@@ -347,19 +350,20 @@ def test_settings_page_shows_refused_thresholds_and_schedules_as_messages(app_en
     field["Relative tolerance (share of actual usage)"].input("NaN")
     at.button(key="FormSubmitter:thresholds-Save thresholds").click().run()
     no_exceptions(at)
-    assert "rel_tolerance: expected a share" in texts(at.error) and not at.success
+    assert "Relative tolerance (share of actual usage): expected a share" in texts(at.error) and not at.success
+    assert "rel_tolerance" not in texts(at.error)
     field = {t.label: t for t in at.text_input}
     field["Relative tolerance (share of actual usage)"].input("0.005")
-    field["Minimum leak amount (major units)"].input("Infinity")
+    field["Minimum leak amount (in each currency's major unit)"].input("Infinity")
     at.button(key="FormSubmitter:thresholds-Save thresholds").click().run()
     no_exceptions(at)
-    assert "min_leak_amount: expected an amount" in texts(at.error) and not at.success
-    next(box for box in at.selectbox if box.label == "Schedule").select("interval")
-    field = {t.label: t for t in at.text_input}
-    field["Expression"].input("99999999999999999999")
-    at.button(key="FormSubmitter:schedule-Save schedule").click().run()
+    assert "Minimum leak amount (in each currency's major unit): expected an amount" in texts(at.error)
+    assert not at.success
+    at.selectbox(key="schedule_kind").select("interval").run()
+    at.text_input(key="schedule_expr_interval").input("99999999999999999999")
+    at.button(key="schedule_save").click().run()
     no_exceptions(at)
-    assert "interval: 99999999999999999999 s is out of bounds" in texts(at.error) and not at.success
+    assert "Expression: 99999999999999999999 s is out of bounds" in texts(at.error) and not at.success
     admin_user = users.get_user_by_email(ADMIN[0])
     assert admin_user is not None
     stored = settings.get_settings(Actor.user(admin_user.org_id, admin_user.id, "admin"))
@@ -481,8 +485,13 @@ def test_overview_without_leaks_in_a_currency_says_so_in_one_line(app_env: Path)
     at.selectbox(key="overview_currency").select("EUR").run()
     no_exceptions(at)
     assert "No leaks in EUR for these filters." in texts(at.info)
-    assert [s.value for s in at.subheader] == ["Confidence"]  # no empty "Leak by period" / "Top accounts"
-    assert len(at.get("plotly_chart")) == 1 and not at.dataframe
+    # no empty "Leak by period" / "Top accounts"; the one chart says what it counts, and counts no leak here
+    assert [s.value for s in at.subheader] == ["Confidence: leaks and over-billing"]
+    (chart,) = at.get("plotly_chart")
+    series = {trace["name"]: sum(trace["y"]) for trace in json.loads(chart.proto.spec)["data"]}
+    over = anomalies.list_anomalies(me, anomalies.AnomalyFilters(currency="eur", types=("over_billing",),
+                                                                 statuses=("open", "actioned")))
+    assert series == {"Leaks": 0, "Over-billing": over.total} and not at.dataframe
 
 
 def test_detail_tabs_show_money_with_currency(app_env: Path) -> None:
@@ -517,7 +526,7 @@ def test_settings_and_audit_show_values_for_people(app_env: Path) -> None:
     at.switch_page("pages/settings.py").run()
     field = {t.label: t.value for t in at.text_input}
     assert field["Relative tolerance (share of actual usage)"] == "0.005"
-    assert field["Minimum leak amount (major units)"].endswith(".00")
+    assert field["Minimum leak amount (in each currency's major unit)"].endswith(".00")
     at.switch_page("pages/audit.py").run()
     no_exceptions(at)
     who = list(at.dataframe[0].value["Who"])
@@ -557,3 +566,164 @@ def test_overview_tiles_and_over_billing_caption_show_the_services_figures(app_e
     assert leak[0].currency in shown.in_recovery  # so one Open leak tile did show its part in recovery
     assert (f"Over-billing risk: {plural(shown.counts['over_billing'], 'anomaly', 'anomalies')} not handled yet, "
             f"1 more ({money_by_currency(shown.over_billing_handled)}) already being handled.") in texts(at.caption)
+
+
+def plotly_specs(at: AppTest) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def axes(spec: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {name: axis for name, axis in spec["layout"].items() if name.startswith(("xaxis", "yaxis"))}
+
+
+def focus_anomaly(at: AppTest, anomaly_id: int) -> AppTest:
+    at.switch_page("pages/anomalies.py").run()
+    at.session_state["anomaly_focus"] = anomaly_id
+    at.run()
+    no_exceptions(at)
+    return at
+
+
+def unescaped(at: AppTest) -> str:
+    """The page's Markdown as people read it (typed text is shown through ui.format.plain)."""
+    return re.sub(r"\\(.)", r"\1", texts(at.markdown))
+
+
+def test_overview_charts_name_their_currency_and_tell_leaks_from_over_billing(app_env: Path) -> None:
+    me = analyst_actor()
+    at = sign_in(*ANALYST[::2])
+    no_exceptions(at)
+    specs = {spec["layout"].get("meta") or i: spec for i, spec in enumerate(plotly_specs(at))}
+    *leak_charts, confidence_chart = specs.values()
+    for spec in leak_charts:  # every money axis says its currency, and bars start at zero
+        money_axes = [axis for axis in axes(spec).values() if axis.get("title", {}).get("text", "").startswith("Leak")]
+        assert money_axes and all(re.fullmatch(r"Leak \((USD|EUR)\)", axis["title"]["text"]) for axis in money_axes)
+        assert all(axis["rangemode"] == "tozero" for axis in money_axes)
+    shown = dashboard.summary(me, anomalies.AnomalyFilters(statuses=("open", "actioned")))
+    series = {trace["name"]: list(trace["y"]) for trace in confidence_chart["data"]}
+    assert series == {"Leaks": [b["leak"] for b in shown.confidence],
+                      "Over-billing": [b["over_billing"] for b in shown.confidence]}
+    assert "Confidence: leaks and over-billing" in [s.value for s in at.subheader]
+    assert axes(confidence_chart)["yaxis"]["rangemode"] == "tozero"
+
+
+def test_a_gap_in_billing_shows_money_not_a_zero_unit_gap(app_env: Path) -> None:
+    me = analyst_actor()
+    unbilled = next(row for row in anomalies.list_anomalies(me, anomalies.AnomalyFilters(
+        types=("unbilled_usage", "missed_overage"), statuses=("open",)), page_size=200).rows if row.leak_units == 0)
+    at = focus_anomaly(sign_in(*ANALYST[::2]), unbilled.id)
+    labels = [m.label for m in at.metric]
+    assert "Units used" in labels and "Units not reported" not in labels, labels
+    cur = unbilled.currency.upper()
+    money_chart, daily_chart = plotly_specs(at)
+    assert axes(money_chart)["yaxis"]["title"]["text"] == f"Amount ({cur})"
+    assert [trace["name"] for trace in money_chart["data"]] == ["Expected", "Billed"]
+    assert axes(daily_chart)["xaxis"]["title"]["text"] == "Day (UTC)"
+    assert axes(daily_chart)["yaxis"]["title"]["text"] == "Units per day"
+    assert axes(daily_chart)["yaxis"]["rangemode"] == "tozero"  # not from 37
+    assert f"{format_money(unbilled.expected_amount, cur)} expected" in unescaped(at)
+    # the Confidence tab explains its factors here, not in a file finance users cannot open
+    assert "docs/" not in texts(at.markdown) + texts(at.caption)
+    assert "Persistence" in unescaped(at) and "0% means" in unescaped(at)
+    at.switch_page("pages/account.py").run()
+    at.session_state["account_focus"] = unbilled.account_id
+    at.switch_page("pages/account.py").run()
+    no_exceptions(at)
+    account_chart = plotly_specs(at)[0]
+    assert [trace["name"] for trace in account_chart["data"]][:2] == ["Expected", "Billed"]
+    assert any(axis.get("title", {}).get("text") == f"Amount ({cur})" for axis in axes(account_chart).values())
+    periods = next(df.value for df in at.dataframe if "Not billed" in df.value.columns)
+    assert all(str(value).endswith(cur) or str(value).endswith(("USD", "EUR")) for value in periods["Not billed"])
+
+
+def test_history_names_people_says_what_they_did_and_why(app_env: Path) -> None:
+    me = analyst_actor()
+    first, untouched = anomalies.list_anomalies(me, anomalies.AnomalyFilters(types=anomalies.LEAK_TYPES,
+                                                                             statuses=("open",))).rows[:2]
+    reason = "Customer on a free pilot for data export until Dec; confirmed with AE"
+    anomalies.set_status(me, first.id, "dismissed", reason)
+    at = focus_anomaly(sign_in(*ANALYST[::2]), first.id)
+    shown = unescaped(at)
+    assert f"{ANALYST[1]} ({ANALYST[0]}) · Dismissed — “{reason}”" in shown, shown
+    assert "user:" not in shown and "anomaly.dismissed" not in shown
+    at = focus_anomaly(at, untouched.id)
+    assert "No history yet: found" in texts(at.caption)
+
+
+def test_the_queue_sorts_amounts_within_each_currency_and_right_aligns_them(app_env: Path) -> None:
+    at = sign_in(*ANALYST[::2])
+    at.switch_page("pages/anomalies.py").run()
+    at.multiselect(key="queue_statuses").set_value([]).run()  # every status: both currencies
+    no_exceptions(at)
+    assert at.selectbox(key="queue_sort").value == "amount_in_currency"
+    assert "sorted by currency (A–Z), then amount high to low" in texts(at.caption)
+    table = at.dataframe[0]
+    amounts = [(value.split()[1], Decimal(value.split()[0].replace(",", ""))) for value in table.value["Amount"]]
+    assert len({currency for currency, _ in amounts}) > 1
+    assert amounts == sorted(amounts, key=lambda pair: (pair[0], -pair[1]))
+    columns = json.loads(table.proto.columns)
+    assert columns["Amount"]["alignment"] == columns["Confidence"]["alignment"] == "right"
+
+
+def test_the_audit_log_shows_an_entry_in_full(app_env: Path) -> None:
+    from services import activity
+
+    me = analyst_actor()
+    target = anomalies.list_anomalies(me, anomalies.AnomalyFilters(statuses=("open",))).rows[0]
+    reason = "A reason long enough to be cut off in the table: " + "the customer was credited in March " * 4
+    anomalies.set_status(me, target.id, "dismissed", reason)
+    rows, _ = activity.list_audit(me)
+    run_entry = next(i for i, row in enumerate(rows) if row.action == "run.succeeded")
+    at = sign_in(*ANALYST[::2])
+    at.switch_page("pages/audit.py").run()
+    assert "times in UTC" in texts(at.caption)
+    key = f"audit_table_1_{rows[0].seq}"
+    at.session_state[key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    no_exceptions(at)
+    assert f"**reason**: {reason.strip()}" in unescaped(at)
+    at.session_state[key] = {"selection": {"rows": [run_entry], "columns": [], "cells": []}}
+    at.run()
+    counts = r"\*\*counts\*\*: \d+ anomalies \(\d+ new, \d+ updated, \d+ reopened, \d+ resolved\)"
+    assert re.search(counts, unescaped(at)), unescaped(at)
+    assert not any('{"' in details for details in at.dataframe[0].value["Details"])  # no raw JSON in the table
+
+
+def test_a_schedule_switched_off_ignores_its_expression(app_env: Path) -> None:
+    at = sign_in(*ADMIN[::2])
+    at.switch_page("pages/settings.py").run()
+    assert at.text_input(key="schedule_expr_off").disabled  # Off: nothing to type
+    minimum = next(t for t in at.text_input if t.label.startswith("Minimum leak amount"))
+    assert "each currency's major unit" in minimum.label and "no conversion" in (minimum.help or "")
+    at.selectbox(key="schedule_kind").select("cron").run()
+    at.text_input(key="schedule_expr_cron").input("* * * * *").run()
+    at.button(key="schedule_save").click().run()
+    assert "Expression '* * * * *': fires 60 s apart" in texts(at.error)  # refused while on
+    at.selectbox(key="schedule_kind").select("off").run()
+    at.button(key="schedule_save").click().run()
+    no_exceptions(at)
+    assert not at.error and "Schedule saved: off" in texts(at.success)
+    admin_user = users.get_user_by_email(ADMIN[0])
+    assert admin_user is not None
+    stored = settings.get_settings(Actor.user(admin_user.org_id, admin_user.id, "admin"))
+    assert (stored.schedule_kind, stored.schedule_expr) == ("off", None)
+
+
+def test_runs_and_overview_write_a_run_status_alike(app_env: Path) -> None:
+    at = sign_in(*ANALYST[::2])
+    tile = next(m.value for m in at.metric if m.label == "Last run")
+    at.switch_page("pages/runs.py").run()
+    statuses = list(at.dataframe[0].value["Status"])
+    assert statuses[0] == tile == "Succeeded"
+
+
+def test_the_invoice_preview_names_the_product_with_thousands_separators(app_env: Path) -> None:
+    me = analyst_actor()
+    leak = max((row for row in anomalies.list_anomalies(me, anomalies.AnomalyFilters(
+        types=("unbilled_usage",), statuses=("open",)), page_size=200).rows), key=lambda row: row.actual_units)
+    at = open_invoice_dialog(leak.id)
+    line = at.dataframe[-1].value.iloc[0]
+    assert line["Quantity"] == f"{leak.actual_units.normalize():,f}" and "," in line["Quantity"]
+    # the demo's data_export is named "Data export": its name, not "data_export" nor "Data export (data_export)"
+    assert line["Description"].startswith(f"{leak.product_key.replace('_', ' ').capitalize()}: "
+                                          f"{line['Quantity']} units used ")

@@ -126,7 +126,8 @@ def test_sign_in_draft_invoice_and_see_it_in_actions(running_app: str, tmp_path:
             page.get_by_role("heading", name="Anomalies").wait_for()
             settle(page)
             shot(page, "2-anomalies")
-            queue = anomalies.list_anomalies(analyst, AnomalyFilters(statuses=("open", "actioned")), page_size=25)
+            queue = anomalies.list_anomalies(analyst, AnomalyFilters(statuses=("open", "actioned")), page_size=25,
+                                             sort="amount_in_currency")  # the page's order
             row = next(i for i, r in enumerate(queue.rows) if r.type in LEAK_TYPES)  # the largest leak
             grid = page.locator("[data-testid='stDataFrame']").first
             box = grid.bounding_box()
@@ -214,6 +215,13 @@ def test_sign_in_is_remembered_and_a_deep_link_survives_it(running_app: str) -> 
         second.goto(f"{running_app}/runs")
         settle(second)
         second.get_by_role("heading", name="Runs").wait_for(timeout=60_000)
+        # an analyst at the admins' address: a plain refusal, not "Page not found", and no settings shown
+        second.goto(f"{running_app}/settings")
+        settle(second)
+        expect(second.get_by_text("Settings are for admins")).to_be_visible(timeout=30_000)
+        assert second.get_by_text("Page not found").count() == 0
+        assert second.get_by_role("tab", name="Integrations").count() == 0
+        assert second.locator("[data-testid='stSidebarNav']").get_by_text("Settings").count() == 0
         second.close()
 
         page.locator("[data-testid='stSidebar']").get_by_role("button", name="Sign out").click()

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from datetime import datetime, timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from core.explain import AnomalyFacts, explain
 from core.money import currency_exponent, format_money
+from core.scoring import WEIGHTS
 from services.anomalies import TYPE_LABELS, AnomalyDetail
 
 STATUS_LABELS = {"open": "Open", "dismissed": "Dismissed", "actioned": "Actioned", "recovered": "Recovered",
                  "resolved": "Resolved"}
+RUN_STATUS_LABELS = {"queued": "Queued", "running": "Running", "succeeded": "Succeeded", "failed": "Failed",
+                     "interrupted": "Interrupted"}
+
+
+def run_status(status: str) -> str:
+    """A run's status as every page shows it: `Succeeded`, `Failed`, ..."""
+    return RUN_STATUS_LABELS.get(status, status.capitalize())
 
 
 def money(amount: Decimal | None, currency: str | None) -> str:
@@ -64,7 +74,15 @@ def period(start: datetime, end: datetime) -> str:
     return f"{start:%Y-%m-%d} – {last:%Y-%m-%d}"
 
 
-def when(value: datetime | None) -> str:
+def when(value: datetime | str | None) -> str:
+    """`2026-11-26 05:41 UTC` (times are stored in UTC; an ISO string, as notes keep it, is read first)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if value and value.tzinfo is not None:
+        value = value.astimezone(UTC)
     return f"{value:%Y-%m-%d %H:%M} UTC" if value else "—"
 
 
@@ -100,30 +118,129 @@ AMOUNT_KEYS = ("amount", "total", "leak_amount", "overbilled_amount", "expected_
 THRESHOLD_PLACES = {"rel_tolerance": 0, "min_leak_amount": 2, "over_billing_min": 2}
 
 
-def audit_details(details: dict[str, Any]) -> str:
-    """An audit entry's details for people: `amount: 145.00 USD · kind: draft_invoice`, not raw JSON
-    with `"145.000000"`. The stored entry (and its hash chain) is untouched."""
+def audit_parts(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """An audit entry's details for people, one (field, value) pair each: money in its currency
+    (`145.00 USD`, not `"145.000000"`), times in UTC like the rest of the app, a run's counts in words,
+    empty values left out. The stored entry (and its hash chain) is untouched."""
     currency = details.get("currency") if isinstance(details.get("currency"), str) else None
     parts = []
     for key, value in details.items():
+        if value is None or value == "" or value == [] or value == {}:
+            continue
         if key == "currency" and currency and any(k in details for k in AMOUNT_KEYS):
             continue  # shown with the amount
-        if key in AMOUNT_KEYS and currency and value is not None:
+        if key in AMOUNT_KEYS and currency:
             try:
                 shown = money(Decimal(str(value)), currency)
             except InvalidOperation:
                 shown = str(value)
-        elif key in THRESHOLD_PLACES and value is not None:
+        elif key in THRESHOLD_PLACES:
             try:
                 shown = decimal_text(Decimal(str(value)), THRESHOLD_PLACES[key])
             except InvalidOperation:
                 shown = str(value)
-        elif isinstance(value, dict | list):
-            shown = json.dumps(value, default=str)
+        elif key == "counts" and isinstance(value, dict):
+            shown = counts_text(value)
         else:
-            shown = "—" if value is None else str(value)
-        parts.append(f"{key}: {shown}")
-    return " · ".join(parts)
+            shown = _detail_value(value)
+        parts.append((key, shown))  # the field as stored: the audit log's vocabulary
+    return parts
+
+
+def audit_details(details: dict[str, Any]) -> str:
+    """`amount: 145.00 USD · kind: draft_invoice` — the whole entry on one line (see `audit_parts`)."""
+    return " · ".join(f"{key}: {value}" for key, value in audit_parts(details))
+
+
+def _detail_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float | Decimal):
+        return f"{value:,}" if isinstance(value, int) else str(value)
+    if isinstance(value, str):
+        try:
+            stamp = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+        return when(stamp) if "T" in value else value
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_detail_value(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "; ".join(_detail_value(item) for item in value)
+    return json.dumps(value, default=str)
+
+
+RUN_CHANGES = ("new", "updated", "reopened", "resolved")
+
+
+def counts_text(counts: dict[str, Any]) -> str:
+    """A run's (or an export's) counts in words: `34 anomalies (0 new, 34 updated, 0 reopened, 0 resolved);
+    411 periods; 109,697 actual and 109,390 reported usage events; took 1.3 s; by type: Unbilled usage 18, ...`."""
+    rest = dict(counts)
+    parts = []
+    if isinstance(rest.get("anomalies"), int):
+        changes = [f"{rest.pop(key):,} {key}" for key in RUN_CHANGES if isinstance(rest.get(key), int)]
+        parts.append(plural(rest.pop("anomalies"), "anomaly", "anomalies") + (f" ({', '.join(changes)})" if changes
+                                                                              else ""))
+    actual, reported = rest.pop("events_actual", None), rest.pop("events_reported", None)
+    seconds, by_type, warnings = rest.pop("seconds", None), rest.pop("by_type", None), rest.pop("warnings", None)
+    for key, value in rest.items():
+        if isinstance(value, int) and key.endswith("s"):
+            parts.append(plural(value, key.replace("_", " ").removesuffix("s")))
+        elif value not in (None, "", [], {}):
+            parts.append(f"{key.replace('_', ' ')} {_detail_value(value)}")
+    events = [f"{n:,} {side}" for n, side in ((actual, "actual"), (reported, "reported")) if isinstance(n, int)]
+    if events:
+        parts.append(" and ".join(events) + " usage events")
+    if isinstance(seconds, int | float):
+        parts.append(f"took {seconds:.1f} s")
+    if isinstance(by_type, dict) and by_type:
+        parts.append("by type: " + ", ".join(f"{type_label(kind)} {_detail_value(n)}" for kind, n in by_type.items()))
+    if warnings:
+        parts.append(plural(len(warnings), "warning") if isinstance(warnings, list) else f"warnings: {warnings}")
+    return "; ".join(parts)
+
+
+EVENT_WORDS = {  # audit action on an anomaly -> what happened, for its history
+    "anomaly.dismissed": "Dismissed",
+    "anomaly.recovered": "Marked recovered",
+    "anomaly.open": "Reopened",
+    "anomaly.note_added": "Added a note",
+    "draft_invoice.created": "Drafted a Stripe invoice",
+    "draft_invoice.found": "Found the Stripe draft invoice an earlier attempt made",
+    "draft_invoice.failed": "Tried to draft a Stripe invoice, which failed",
+    "crm_task.created": "Created a CRM task",
+    "crm_task.failed": "Tried to create a CRM task, which failed",
+}
+
+
+def event_text(action: str, details: dict[str, Any]) -> str:
+    """One history line's event in words: `Dismissed — “Customer on a free pilot”`, `Reopened (was dismissed)`,
+    `Drafted a Stripe invoice in_123 for 160.00 USD`, `Tried to create a CRM task, which failed: timeout`."""
+    words = EVENT_WORDS.get(action) or action.rsplit(".", 1)[-1].replace("_", " ").capitalize()
+    currency = details.get("currency") if isinstance(details.get("currency"), str) else None
+    if details.get("external_id"):
+        words += f" {details['external_id']}"
+    if details.get("amount") is not None and currency and action.startswith(("draft_invoice.", "crm_task.")):
+        with contextlib.suppress(InvalidOperation):
+            words += f" for {money(Decimal(str(details['amount'])), currency)}"
+    if action == "anomaly.open" and details.get("from"):
+        words += f" (was {STATUS_LABELS.get(details['from'], details['from']).lower()})"
+    if details.get("error"):
+        words += f": {details['error']}"
+    if details.get("reason"):
+        words += f" — “{details['reason']}”"
+    return words
+
+
+def person(who: str) -> str:
+    """Who did it: a user as `Name (email)` (resolved by the service); `system:scheduler` -> `Scheduler`."""
+    kind, _, name = who.partition(":")
+    if kind == "system" and name:
+        return name.replace("_", " ").capitalize()
+    if kind == "api_key" and name:
+        return f"API key #{name}"
+    return who
 
 
 def type_label(anomaly_type: str) -> str:
@@ -132,3 +249,47 @@ def type_label(anomaly_type: str) -> str:
 
 def confidence(value: Decimal | float) -> str:
     return f"{float(value):.0%}"
+
+
+CONFIDENCE_FACTORS = {  # engine factor -> (name, what it measures, one line); weights: core.scoring.WEIGHTS
+    "mapping": ("Price source", "100% when the price is the customer's own (subscription or contract); 60% when it "
+                                "is inferred from a list price, for usage no subscription covers."),
+    "completeness": ("Usage data", "share of the period's days so far that have usage data: missing days make the "
+                                   "gap less certain."),
+    "persistence": ("Persistence", "share of the days with usage on which more was used than reported (a gap on a "
+                                   "single day is likelier a late event than a broken feed). 0% means no day shows "
+                                   "more usage than was reported: the units reached billing's usage records and the "
+                                   "gap is in what was billed. 100% for price gaps."),
+    "period_closed": ("Period closed", "100% once the period has ended; 50% while it runs and more usage may still "
+                                       "be reported."),
+    "signal_to_noise": ("Signal vs noise", "how large the unit gap is next to the usual day-to-day swing of usage "
+                                           "(100% = far beyond it). 100% for price gaps."),
+}
+
+
+def confidence_lines(factors: dict[str, Any]) -> list[str]:
+    """One line per factor: `**Persistence 0%** (weight 25%) — share of the days ...`, in the engine's order."""
+    lines = []
+    for key, value in factors.items():
+        name, meaning = CONFIDENCE_FACTORS.get(key, (key.replace("_", " ").capitalize(), ""))
+        weight = f" (weight {WEIGHTS[key]:.0%})" if key in WEIGHTS else ""
+        lines.append(f"**{name} {confidence(value)}**{weight} — {meaning}".rstrip(" —"))
+    return lines
+
+
+def labelled(message: str, labels: dict[str, str]) -> str:
+    """A service's refusal in the words of the form that caused it: the field it names (`rel_tolerance: expected
+    ...`, `cron expression '* * * * *': ...`) becomes the field's label on screen (`Relative tolerance: ...`)."""
+    for field in sorted(labels, key=len, reverse=True):
+        if message.startswith(field) and message[len(field):len(field) + 1] in (":", " "):
+            return labels[field] + message[len(field):]
+    return message
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def plain(text: str) -> str:
+    """Text typed by someone (a dismissal reason, a note) shown through Markdown as written: no formatting,
+    links, LaTeX or emoji shortcodes of its own."""
+    return _MARKDOWN.sub(r"\\\1", text)

@@ -12,6 +12,7 @@ import streamlit as st
 from services import users
 from services.context import Actor
 from services.errors import ServiceError
+from ui.format import labelled
 
 T = TypeVar("T")
 _READ_THIS_RUN: ContextVar[Actor | None] = ContextVar("actor_read_this_run", default=None)
@@ -56,10 +57,16 @@ def actor() -> Actor:
 
 def attempt(call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     """Call a service; show its refusal (permission, bad input, not found) instead of a traceback."""
+    return attempt_labelled({}, call, *args, **kwargs)
+
+
+def attempt_labelled(labels: dict[str, str], call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """`attempt`, with a refusal naming a field by the label the form shows for it (`labels`: the service's
+    field name -> the label), so `rel_tolerance: expected a share ...` reads `Relative tolerance: ...`."""
     try:
         return call(*args, **kwargs)
     except ServiceError as exc:
-        st.error(str(exc))
+        st.error(labelled(str(exc), labels))
         return None
 
 
