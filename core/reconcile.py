@@ -292,7 +292,9 @@ def _classify(period: _Period, book: _PriceBook, params: ReconcileParams) -> _Ve
         elif a - r > params.rel_tolerance * a:
             kind = "under_reported_usage"
         elif contract is not None and contract.price_id != sub.price_id and (
-            price_amount(billing_price, r) < price_amount(contract, r)  # type: ignore[arg-type]
+            # billed in another currency than the contract's: not on the contract's terms, whatever the numbers
+            contract.currency != billing_price.currency  # type: ignore[union-attr]
+            or price_amount(billing_price, r) < price_amount(contract, r)  # type: ignore[arg-type]
         ):
             kind = "renewal_drift"
         elif billed < price_amount(billing_price, r):  # type: ignore[arg-type]

@@ -72,6 +72,17 @@ def test_usage_after_cancellation_uses_the_previous_subscription_price(tmp_path:
     assert (a.expected_amount, a.billed_amount, a.leak_amount) == (D("15.00"), D("0.00"), D("15.00"))
 
 
+def test_a_contract_in_another_currency_than_the_subscription_is_renewal_drift(tmp_path: Path) -> None:
+    """Nothing invoiced yet (an invoice in USD would not be compared with a EUR price): the subscription bills in
+    USD what the contract prices in EUR. Comparing 100.00 USD with 90.00 EUR as numbers would call it a missed
+    overage."""
+    s = Scenario().price("p_api_eur", "api", "per_unit", "0.09", currency="eur")
+    s.contracts.append(["acme", "api", JAN, "p_api_eur"])
+    s.sub("acme", "api", "p_api").use("acme", "api", "2026-01-10T00:00:00Z", "1000")
+    a = only(s.run(tmp_path))
+    assert (a.type, a.currency, a.expected_amount, a.leak_amount) == ("renewal_drift", "eur", D("90.00"), D("90.00"))
+
+
 def test_renewal_drift(tmp_path: Path) -> None:
     s = Scenario()
     s.prices.append(["p_api_2026", "api", "usd", "per_unit", "0.12", "", ""])
