@@ -63,6 +63,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 USAGE_COLUMNS: tuple[str, ...] = ("account_id", "product_key", "ts", "units")
 TS_EXPECTED = "an ISO 8601 timestamp with an offset or Z (e.g. 2026-01-31T23:59:00Z)"
 MAX_PROBLEMS = 200
+FIELD_SIZE_LIMIT = 1 << 30  # Python's csv module stops at 131,072 characters a field; Arrow has no such limit
 
 
 class _Collector:
@@ -148,11 +149,12 @@ def _decimal(raw: str) -> Decimal | None:
 
 
 def _places(raw: str, value: Decimal) -> int:
-    """Decimals as written (a string search: `Decimal.as_tuple` costs more, row after row)."""
+    """Decimals that matter (`49.5800000` from a database export has 2), by a string search: `Decimal.normalize`
+    and `as_tuple` cost more, row after row."""
     if "e" in raw or "E" in raw:
-        return max(-value.as_tuple().exponent, 0)  # type: ignore[operator]
+        return max(-value.normalize().as_tuple().exponent, 0)  # type: ignore[operator]
     point = raw.find(".")
-    return 0 if point < 0 else len(raw) - point - 1
+    return 0 if point < 0 else len(raw.rstrip("0")) - point - 1
 
 
 @lru_cache(maxsize=65_536)
@@ -211,6 +213,7 @@ def _decoded_lines(lines: Iterable[bytes]) -> Iterator[str]:
 def _records(lines: Iterable[bytes]) -> Iterator[tuple[int, list[str]]]:
     """(first line, fields) of every non-blank record, header included, as Python's csv module reads
     them: the line numbers a user sees in an editor, across blank lines and quoted line breaks."""
+    csv.field_size_limit(max(csv.field_size_limit(), FIELD_SIZE_LIMIT))  # names have no length limit
     reader = csv.reader(_decoded_lines(lines))
     while True:
         start = reader.line_num + 1
@@ -308,10 +311,10 @@ def _tier_bound(value: Any) -> Decimal | None:
     """A tier's `up_to`: Stripe takes a positive integer (or "inf", here null for the last tier)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError
-    text = str(value)
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) < MAX_QUANTITY:
+    bound = _decimal(str(value))  # 1000 or "1000", also 1000.0 as some JSON writers put a whole number
+    if bound is None or bound != bound.to_integral_value() or not 1 <= bound < MAX_QUANTITY:
         raise ValueError
-    return Decimal(text)
+    return Decimal(int(bound))
 
 
 def _tier_amount(value: Any) -> Decimal:

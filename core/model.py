@@ -33,8 +33,11 @@ SHOWN_ID_START = 40  # characters of a too-long identifier quoted back
 # invoice line or meter reading (a value near them is a unit mix-up), and small enough that every amount the engine
 # computes from them is exact (core.money.EXACT) and every count fits the app database's columns.
 MAX_AMOUNT = Decimal(10) ** 12  # a price, a tier's amounts, an invoice line's amount, in major units
-MAX_QUANTITY = Decimal(10) ** 15  # units of an event, an invoice line's quantity, a tier's up_to, a package size
-AMOUNT_PLACES = 12  # decimals of a price (Stripe's unit_amount_decimal takes 12)
+MAX_QUANTITY = Decimal(10) ** 15  # an ingested event's units, an invoice line's quantity, a tier's up_to, a package
+# A row of a usage table: an event, or a synced source's daily bucket of events each below MAX_QUANTITY (the sync
+# adds a day's ingested events into one row, so a row's bound must leave room for a day of them).
+MAX_USAGE_UNITS = Decimal(10) ** 18
+AMOUNT_PLACES = 15  # decimals of a price: Stripe's unit_amount_decimal takes 12 in the minor unit (a KWD fils is 10^-3)
 BILLED_PLACES = 6  # decimals of an invoice line's amount (the app database keeps 6)
 QUANTITY_PLACES = 9  # decimals of a quantity (the app database keeps 9)
 # Times the app takes, in UTC: a calendar month and the month after it must exist as Python datetimes.

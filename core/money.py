@@ -22,8 +22,9 @@ THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 
 ZERO = Decimal(0)
 # Arithmetic on money that never rounds by itself: with the input bounds of core.model, a quantity times a price
-# has at most 24 + 24 significant digits, so `round_money` is the one rounding step, as Stripe rounds.
-EXACT = Context(prec=64, traps=[InvalidOperation, DivisionByZero, Overflow])
+# (at most 10^26 units to 9 decimals: 100M usage rows at their bound) times a price (below 10^12, 15 decimals) has at
+# most 35 + 27 significant digits, so `round_money` is the one rounding step, as Stripe rounds.
+EXACT = Context(prec=80, traps=[InvalidOperation, DivisionByZero, Overflow])
 
 
 def currency_exponent(currency: str) -> int:

@@ -40,7 +40,7 @@ from core.model import (
     ID_EXPECTED,
     LATEST,
     MAX_ID_LENGTH,
-    MAX_QUANTITY,
+    MAX_USAGE_UNITS,
     TIME_RANGE_EXPECTED,
     SubscriptionPeriod,
     UsageSource,
@@ -49,16 +49,16 @@ from core.model import (
 
 UNITS_SQL_TYPE = "DECIMAL(38, 9)"
 UNITS_SCALE = 9  # units are counted to 9 decimal places; a Parquet decimal with more is converted to UNITS_SQL_TYPE
-# Units of one event are >= 0 and below MAX_UNITS (core.model.MAX_QUANTITY, 10^15: no meter reports that many in
-# one event). The bound
-# keeps every sum exact: units are summed as DECIMAL(38, 9) (< 10^29), HUGEINT (integer Parquet) or
-# DECIMAL(38, s <= 9) (decimal Parquet), and a sum of N events stays below N * 10^15: 10^23 for 100M
-# events, and within DECIMAL(38, 9) up to 10^14 events. Checked before anything is summed.
-MAX_UNITS = int(MAX_QUANTITY)
+# Units of one row are >= 0 and below MAX_UNITS (core.model.MAX_USAGE_UNITS, 10^18: no meter reports that many in
+# one event, nor in a day of events each below the ingest API's 10^15). The bound keeps every sum exact: units are
+# summed as DECIMAL(38, 9) (< 10^29), HUGEINT (integer Parquet) or DECIMAL(38, s <= 9) (decimal Parquet), and a
+# sum of N rows stays below N * 10^18: 10^26 for 100M rows, and within DECIMAL(38, 9) up to 10^11 rows. Checked
+# before anything is summed.
+MAX_UNITS = int(MAX_USAGE_UNITS)
 # The one definition of readable, allowed units: the check of a table and the naming of its bad rows
 # (_units_problem says which rule a row breaks) both use it.
 BAD_UNITS_SQL = f"units IS NULL OR units < 0 OR units >= {MAX_UNITS}"
-UNITS_BOUND_EXPECTED = f"units below {MAX_UNITS:,} (10^15) in one event"
+UNITS_BOUND_EXPECTED = f"units below {MAX_UNITS:,} (10^18) in one row"
 # A CSV timestamp is read only with an offset or Z (hours 00-23, minutes 00-59, as Python reads them
 # in the other tables; DuckDB would take +25:00 or +99:99), or as a date (midnight UTC).
 OFFSET_PATTERN = r"([Zz]|[+-]([01]\d|2[0-3])(:?[0-5]\d)?|^\d{4}-\d{2}-\d{2})$"

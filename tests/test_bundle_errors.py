@@ -288,8 +288,8 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     ("invoice_lines", 7, "üsd", "a 3-letter ISO currency code"),
     ("invoice_lines", 4, "9999-12-31T00:00:00Z", "a time from year 1 to November 9999"),
     ("subscriptions", 5, "0001-01-01T00:00:00+05:00", "a time from year 1 to November 9999"),
-    ("prices", 4, "1e30", "a number below 1,000,000,000,000 with at most 12 decimals"),
-    ("prices", 4, "0.0000000000001", "at most 12 decimals"),
+    ("prices", 4, "1e30", "a number below 1,000,000,000,000 with at most 15 decimals"),
+    ("prices", 4, "0.0000000000000001", "at most 15 decimals"),
     ("prices", 2, "ＵＳＤ", "a 3-letter ISO currency code"),
 ])
 def test_values_beyond_what_the_app_holds_exactly_are_named(tmp_path: Path, table: str, index: int, value: str,
@@ -429,3 +429,16 @@ def test_a_run_whose_amount_the_database_cannot_hold_fails_naming_it(org: tuple[
                          "check the units of the usage (100,000,000,000,000 units) and the price p_seats")
     with org_session(org[1].org_id) as session:
         assert session.query(Anomaly).count() == 0
+
+
+def test_what_database_and_stripe_exports_write_is_read(tmp_path: Path) -> None:
+    """Trailing zeros do not count as decimals (numeric(20, 10) columns write them), a price of 0.000000000125 cents
+    per byte is one Stripe takes (12 decimals of the minor unit), and a tier bound may come as 1000.0."""
+    s = base().price("p_bytes", "api", "per_unit", "0.00000000000125")
+    s.prices.append(["p_tiered", "api", "usd", "graduated", "", "", '[{"up_to": 1000.0, "unit_amount": "0.10"}, '
+                                                                 '{"up_to": null, "unit_amount": "0.05"}]'])
+    s.invoice_lines[0][5:7] = ["100.0000000000", "10.0000000000"]
+    bundle = load_bundle(s.write(tmp_path))
+    assert bundle.prices["p_bytes"].unit_amount == Decimal("0.00000000000125")
+    assert bundle.prices["p_tiered"].tiers[0].up_to == 1000
+    assert bundle.invoice_lines[0].amount == Decimal(10)
