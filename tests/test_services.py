@@ -354,9 +354,12 @@ def test_an_org_reads_no_bundle_from_another_orgs_folder(org: tuple[Actor, Actor
     theirs = under_reported().write(org_folder(other.id) / "bundle")
     ours = under_reported(leak=False).write(org_folder(admin.org_id) / "bundle")
     (tmp_path / "link").symlink_to(theirs)
+    (tmp_path / "links").mkdir()
+    for table in theirs.iterdir():  # a folder of its own, its files links into theirs
+        (tmp_path / "links" / table.name).symlink_to(table)
     for path in (theirs, org_folder(admin.org_id) / ".." / str(other.id) / "bundle", tmp_path / "link",
-                 org_folder(admin.org_id).parent):
-        with pytest.raises(InvalidInput, match=r"^data source path: .* is not this organization's"):
+                 org_folder(admin.org_id).parent, tmp_path / "links"):
+        with pytest.raises(InvalidInput, match=r"^data source path: .* (is not this organization's|links to files)"):
             settings.set_data_source(admin, {"kind": "bundle", "path": str(path)})
         run = reconciliation.run_reconciliation(analyst, bundle_dir=path)
         assert run.status == "failed" and run.error.startswith("data source path: ")
