@@ -627,6 +627,15 @@ def load_bundle(folder: Path | str) -> Bundle:
     return Bundle(accounts, products, prices, subscriptions, contracts, invoice_lines, actual, reported, notes)
 
 
+def load_product_names(folder: Path | str) -> dict[str, str]:
+    """Product key -> name, from the folder's products.csv alone: what an invoice line calls a product, without
+    reading the whole bundle. BundleError when the file has a problem."""
+    c = _Collector()
+    products, _ = _load_products(Path(folder), c)
+    _check(c)
+    return {key: product.name for key, product in products.items()}
+
+
 def with_list_prices(bundle: Bundle, price_map: dict[str, str]) -> Bundle:
     """The bundle with an admin's product-to-price mapping applied as the products' default prices.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.bundle import load_bundle, with_list_prices
+from core.bundle import load_bundle, load_product_names, with_list_prices
 from core.errors import BundleError
 from core.model import Bundle
 from db.session import org_session
@@ -43,6 +43,20 @@ def _source_bundle(actor: Actor) -> Bundle | None:
         return load_bundle(own_bundle(actor.org_id, source["path"], "data source path"))
     except BundleError as exc:
         raise InvalidInput(f"the data source cannot be read: {exc}") from None
+
+
+def product_names(actor: Actor) -> dict[str, str]:
+    """Product key -> name in the org's data source (Stripe's product names after a sync); empty without a data
+    source, when it is not the org's (a run names that) or when its products.csv cannot be read. Reads that one
+    small file, not the bundle."""
+    require_role(actor, "admin", "analyst")
+    source = get_settings(actor).data_source or {}
+    if source.get("kind") != "bundle":
+        return {}
+    try:
+        return load_product_names(own_bundle(actor.org_id, source["path"], "data source path"))
+    except (BundleError, InvalidInput):
+        return {}
 
 
 def _label(bundle: Bundle, price_id: str) -> str:

@@ -48,7 +48,7 @@ from services.actions_common import (
 )
 from services.anomalies import LEAK_TYPES
 from services.context import Actor, require_role
-from services.errors import Conflict, InvalidInput, ServiceError
+from services.errors import Conflict, InvalidInput
 
 KIND = "draft_invoice"
 CLOSED_STATUSES = ("dismissed", "resolved", "recovered")  # nothing (left) to invoice
@@ -110,15 +110,6 @@ def _units_text(quantity: Decimal) -> str:
     return f"{Decimal(quantity).normalize():,f}"
 
 
-def _product_names(actor: Actor) -> dict[str, str]:
-    """Product key -> the product's name in the org's data source (Stripe's product name after a sync);
-    empty when there is no data source or it cannot be read (the line then names the product key)."""
-    try:
-        return {product.product_key: product.name for product in catalog.price_catalog(actor)}
-    except ServiceError:
-        return {}
-
-
 def _plain_words(name: str) -> str:
     """`data_export`, `Data export` and `DATA-EXPORT` say the same thing."""
     return " ".join(name.replace("_", " ").replace("-", " ").casefold().split())
@@ -149,7 +140,7 @@ def _line_text(anomaly: Anomaly, product_name: str | None = None) -> tuple[str, 
 
 def _plan(actor: Actor, anomaly_id: Any, *, for_preview: bool = False) -> _Plan | ActionResult:
     """Read and check everything locally; an existing identical draft comes back as a replay."""
-    names = _product_names(actor)
+    names = catalog.product_names(actor)  # a product missing from it is named by its key
     with org_session(actor.org_id) as session:
         anomaly = load_anomaly(session, actor, anomaly_id)
         if anomaly.type not in LEAK_TYPES:
