@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config import settings_or_exit
 from core.bundle import load_bundle
 from core.demo import MIN_ACCOUNTS as MIN_DEMO_ACCOUNTS
 from core.errors import BundleError
@@ -25,12 +24,16 @@ app = typer.Typer(help="Revenue Recovery Copilot: find revenue that was earned b
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
+FILE_ONLY_COMMANDS = ("reconcile", "demo")  # they read and write files only: no server setting applies to them
 
 
 @app.callback()
-def root() -> None:
+def root(ctx: typer.Context) -> None:
     """Revenue Recovery Copilot command line."""
-    settings_or_exit()  # every command: a bad variable is named here (exit 2), before anything is read or written
+    if ctx.invoked_subcommand not in FILE_ONLY_COMMANDS:
+        from config import settings_or_exit  # pydantic-settings: 0.15 s a file-only command need not pay
+
+        settings_or_exit()  # a bad variable is named here (exit 2), before anything is read or written
 
 
 def _decimal(value: str, option: str) -> Decimal:

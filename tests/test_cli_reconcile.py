@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.bundles import Scenario
 from tests.run_cli import run_cli as cli
 
@@ -87,3 +89,13 @@ def test_output_beside_the_bundle_folder_is_written(tmp_path: Path) -> None:
     done = cli("reconcile", str(bundle), "--output", str(tmp_path / "bundle.csv"))  # a name that starts alike
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bundle.csv").read_text().startswith("account_id,")
+
+
+def test_a_file_only_command_needs_no_server_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`reconcile` and `demo` read and write files: an analyst's bad RRC_* variable for the server does not stop
+    them, while a command on the app database still names it (exit 2)."""
+    monkeypatch.setenv("RRC_SCHEDULER_POLL_SECONDS", "soon")
+    assert cli("demo", str(tmp_path / "bundle"), "--accounts", "12").returncode == 0
+    assert cli("reconcile", str(tmp_path / "bundle"), "--output", str(tmp_path / "out.csv")).returncode == 0
+    refused = cli("db", "upgrade")
+    assert refused.returncode == 2 and "RRC_SCHEDULER_POLL_SECONDS" in refused.stderr + refused.stdout
