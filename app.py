@@ -10,9 +10,11 @@ menu only keeps people from clicking into a refusal.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
+from datetime import UTC, datetime, timedelta
 
 import streamlit as st
 import streamlit_authenticator as stauth
@@ -223,12 +225,33 @@ def restore_sign_in(authenticator: stauth.Authenticate) -> None:
     deleted since (`LoginError`: the credentials list active users only), or the token is one the library
     does not catch itself (an algorithm other than HS256, "none" included, or a bad header:
     `InvalidTokenError`; a wrong signature, a malformed or an expired token already count as no cookie).
+    A cookie the authenticator accepts is refused the same way when it was issued before its user's last
+    deactivation or password change (`users.session_still_valid`): reactivating a user, or the old
+    password, must not bring an old cookie back. The cookie carries only its expiry (`exp_date`, which
+    streamlit-authenticator 0.4 sets COOKIE_DAYS days ahead of the server's local clock when it writes
+    it), so its issue time is that expiry less COOKIE_DAYS, on the same local clock. Lowering COOKIE_DAYS
+    would make older cookies look newer: raise it freely, lower it only with a new RRC_COOKIE_KEY.
     The refused cookie is deleted. A session keeps the cookies it connected with (`st.context.cookies`), so
     each of its signed-out runs is refused again and renders the deletion again: a rerun that drops the
     cookie component before the browser ran it (see remember_sign_in) only delays the deletion."""
+    signed_in_before = st.session_state.get("authentication_status")
     try:
         authenticator.login(location="unrendered")
     except (LoginError, InvalidTokenError):
+        authenticator.cookie_controller.delete_cookie()
+        return
+    if signed_in_before or not st.session_state.get("authentication_status"):
+        return  # no sign-in from the cookie in this run
+    cookie = authenticator.cookie_controller.get_cookie() or {}
+    expires = cookie.get("exp_date")
+    issued = None
+    if isinstance(expires, int | float) and not isinstance(expires, bool):
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            issued = (datetime.fromtimestamp(expires) - timedelta(days=COOKIE_DAYS)).astimezone(UTC)
+    if issued is None or not users.session_still_valid(st.session_state["username"], issued):
+        # signed out as the authenticator's logout does, but without its `logout` flag: later runs of this
+        # session read the cookie again, refuse it again and render its deletion again
+        st.session_state.update(authentication_status=None, username=None, name=None, email=None, roles=None)
         authenticator.cookie_controller.delete_cookie()
 
 

@@ -186,6 +186,9 @@ class User(OrgScoped, Base):
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None]
     last_failed_at: Mapped[datetime | None]  # failures with none after them for a day are forgotten
+    # API tokens and remember-me cookies issued before this are refused (migration 0012): set on deactivation
+    # and on a password change, so neither a reactivation nor the old password brings an old session back
+    sessions_valid_after: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

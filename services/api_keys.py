@@ -9,8 +9,10 @@ accepts. It cannot read anomalies, amounts or settings: ingest keys live in cust
 and CI secrets, so a leaked one must not expose financial data. People and integrations that read
 use a user token (`issue_user_token`), which carries that user's own role.
 
-User tokens are HMAC-SHA256 signed (user, org, expiry); every request re-reads the user so a
-deactivation or role change takes effect at once, not when the token expires. The signing key is
+User tokens are HMAC-SHA256 signed (user, org, expiry, issue time in milliseconds); every request
+re-reads the user so a deactivation or role change takes effect at once, not when the token expires,
+and a token issued before the user's `sessions_valid_after` (set on deactivation and on a password
+change) is refused for good: reactivating the user does not bring it back. The signing key is
 `RRC_API_TOKEN_KEY`; without it, it is derived from `RRC_SECRET_KEYS` (shared by every instance of
 a server deployment) or, on the embedded SQLite default, generated once into the data dir.
 """
@@ -44,6 +46,7 @@ KEY_PREFIX = "rrc_"
 INGEST_ROLE = "ingest"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't turn every ingest request into a write
 TOKEN_KEY_FILE = "api_token.key"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class InvalidCredentials(PermissionDenied):
@@ -206,12 +209,20 @@ def _token_ttl() -> int:
 
 def issue_user_token(email: str, password: str) -> IssuedToken:
     """Sign in with email and password (same lockout rules as the app) and get a bearer token."""
+    # The issue time is taken before the password check: a deactivation or password change committed while the
+    # check runs (bcrypt takes a while) has a later cut-off, so this token is refused with the others. A cut-off
+    # the check already saw (the new password was the one checked) is not held against it: the token counts as
+    # issued at it, rounded up to the millisecond, so a token asked for right after a password change works.
+    issued_ms = time.time_ns() // 1_000_000
     try:
         user = users.authenticate(email, password)
     except PermissionDenied as exc:
         raise InvalidCredentials(str(exc)) from None
+    if user.sessions_valid_after is not None:
+        issued_ms = max(issued_ms, -(-(user.sessions_valid_after - EPOCH) // timedelta(milliseconds=1)))
     expires = int(time.time()) + _token_ttl()
-    payload = _b64(json.dumps({"u": user.id, "o": user.org_id, "e": expires}, separators=(",", ":")).encode())
+    claims = {"u": user.id, "o": user.org_id, "e": expires, "i": issued_ms}
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
     with org_session(user.org_id) as session:
         audit.append(session, Actor.user(user.org_id, user.id, user.role), "api_token.issued", "user", user.id,
                      {"expires_at": datetime.fromtimestamp(expires, UTC)})
@@ -219,8 +230,19 @@ def issue_user_token(email: str, password: str) -> IssuedToken:
                        user.id, user.org_id, user.role)
 
 
+def _issued_at(claims: dict[str, object]) -> datetime | None:
+    """When the token was issued, to the millisecond; None for a token from before issue times were signed in."""
+    if "i" not in claims:
+        return None
+    issued_ms = claims["i"]
+    if not isinstance(issued_ms, int) or isinstance(issued_ms, bool):
+        raise ValueError("issue time")
+    return EPOCH + timedelta(milliseconds=issued_ms)
+
+
 def authenticate_user_token(token: str) -> Actor:
-    """The user's actor for a valid, unexpired token of a still-active user; InvalidCredentials otherwise."""
+    """The user's actor for a valid, unexpired token of a still-active user issued after their
+    `sessions_valid_after` (last deactivation or password change); InvalidCredentials otherwise."""
     payload, _, signature = (token or "").partition(".")
     if not payload or not signature or len(token) > 500:
         raise InvalidCredentials("invalid token")
@@ -229,12 +251,13 @@ def authenticate_user_token(token: str) -> Actor:
     try:
         claims = json.loads(_unb64(payload))
         user_id, org_id, expires = int(claims["u"]), int(claims["o"]), int(claims["e"])
-    except (ValueError, KeyError, TypeError):
+        issued_at = _issued_at(claims)
+    except (ValueError, KeyError, TypeError, OverflowError):
         raise InvalidCredentials("invalid token") from None
     if expires < time.time():
         raise InvalidCredentials("token expired: sign in again")
     with system_session() as session:
         user = session.execute(select(User).where(User.id == user_id, User.org_id == org_id)).scalar_one_or_none()
-        if user is None or not user.active:
+        if user is None or not user.active or users.issued_before_revocation(user, issued_at):
             raise InvalidCredentials("invalid token")
         return Actor.user(user.org_id, user.id, user.role)

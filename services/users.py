@@ -53,17 +53,21 @@ def _display_name(field: str, name: str, email: str) -> str:
     return _fitting(field, typed, User.__table__.c.name) if typed else email[:User.__table__.c.name.type.length]
 
 
+def _check_password(field: str, password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise InvalidInput(f"{field}: at least {MIN_PASSWORD} characters")
+    if len(password.encode()) > BCRYPT_MAX_BYTES:
+        raise InvalidInput(f"{field}: at most {BCRYPT_MAX_BYTES} bytes (72 plain letters; accented letters and "
+                           "symbols take 2 to 4 bytes each)")
+
+
 def _check_new_user(email: str, role: str, password: str) -> str:
     email = _fitting("email", _normalised(email), User.__table__.c.email)
     if not EMAIL.match(email):
         raise InvalidInput(f"email: {email!r} is not an email address")
     if role not in ROLES:
         raise InvalidInput(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
-    if len(password) < MIN_PASSWORD:
-        raise InvalidInput(f"password: at least {MIN_PASSWORD} characters")
-    if len(password.encode()) > BCRYPT_MAX_BYTES:
-        raise InvalidInput(f"password: at most {BCRYPT_MAX_BYTES} bytes (72 plain letters; accented letters and "
-                           "symbols take 2 to 4 bytes each)")
+    _check_password("password", password)
     with system_session() as session:
         if session.execute(select(User.id).where(User.email == email)).first():
             raise Conflict(f"email: {email} already has an account")
@@ -170,9 +174,50 @@ def set_active(actor: Actor, user_id: int, active: bool) -> User:
         user.active = active
         if active:
             user.failed_logins, user.locked_until = 0, None
+        else:  # for good: a reactivation does not bring back the tokens and cookies issued before now
+            user.sessions_valid_after = datetime.now(UTC)
         audit.append(session, actor, "user.activated" if active else "user.deactivated", "user", user.id,
                      {"email": user.email})
     return user
+
+
+def change_password(actor: Actor, user_id: int, new_password: str, current_password: str | None = None) -> User:
+    """A new password: the actor's own (`current_password` is checked as a sign-in is, failures and lockout
+    included) or, for an admin or a system actor, any user's of the organization (a reset). Every API token and
+    remember-me cookie of the user issued before now is refused from now on (`sessions_valid_after`): whoever
+    signed in with the old password is signed out for good; the user signs in again with the new one."""
+    own = actor.user_id is not None and actor.user_id == user_id
+    if not own:
+        require_role(actor, "admin")
+    _check_password("new password", new_password)
+    if own:
+        with org_session(actor.org_id) as session:
+            email = _get_user(session, actor.org_id, user_id).email
+        authenticate(email, current_password or "")  # PermissionDenied / TooManySignIns, counted as a failure
+    with org_session(actor.org_id) as session:
+        user = _get_user(session, actor.org_id, user_id)
+        user.password_hash = hash_password(new_password)
+        user.sessions_valid_after = datetime.now(UTC)
+        user.failed_logins, user.locked_until = 0, None
+        audit.append(session, actor, "user.password_changed", "user", user.id,
+                     {"email": user.email, "by": "self" if own else "reset"})
+    return user
+
+
+def issued_before_revocation(user: User, issued_at: datetime | None) -> bool:
+    """Whether a token or cookie of `user` issued at `issued_at` predates their `sessions_valid_after` (set on
+    deactivation and password change), so must be refused. None: issued before tokens carried their time,
+    which is before any cut-off (the column came later), so refused once there is one."""
+    cutoff = user.sessions_valid_after
+    return cutoff is not None and (issued_at is None or issued_at < cutoff)
+
+
+def session_still_valid(email: str, issued_at: datetime) -> bool:
+    """Whether a remember-me cookie of `email` issued at `issued_at` may still sign in: the user exists, is
+    active, and neither was deactivated nor changed password since the cookie was issued."""
+    with system_session() as session:
+        user = _find_user(session, email)
+        return user is not None and user.active and not issued_before_revocation(user, issued_at)
 
 
 def _normalised(email: str) -> str:

@@ -10,6 +10,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -501,6 +502,8 @@ def test_values_the_database_stores_unchanged_pass_the_checks_up_to_their_bounds
         ("users", "failed_logins", 2 ** 31 - 1, 2 ** 31 - 1),
         ("users", "name", "Zoë " * 50, "Zoë " * 50),
         ("users", "locked_until", None, None),
+        ("users", "sessions_valid_after", "2026-03-02T09:41:07.123456+00:00",
+         datetime(2026, 3, 2, 9, 41, 7, 123456, tzinfo=UTC)),
         ("recon_runs", "progress", 1, 1.0),
     ]
     for table, column, raw, expected in accepted:
@@ -558,6 +561,33 @@ def test_a_log_that_recorded_a_head_mismatch_is_restored_as_it_is(app_db: str, o
     assert any("records at entry 3 that its head did not match" in note for note in result.notes), result.notes
     verdict = chain_ok(result.org_id)
     assert (verdict.ok, verdict.first_broken_seq) == (False, 3) and "the chain head was altered" in verdict.reason
+
+
+def test_a_revoked_session_stays_revoked_in_the_restored_organization(app_db: str, other_db: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`users.sessions_valid_after` travels with the users: a token issued before a deactivation is refused after
+    the reactivation in the database the organization was restored into too (same installation, same token key)."""
+    org, admin_user = users.create_organization("Acme", "acme", "admin@acme.example", "Ann", "password-1")
+    admin = Actor.user(org.id, admin_user.id, "admin")
+    analyst = users.create_user(admin, "analyst@acme.example", "Al", "analyst", "password-2")
+    old = api_keys.issue_user_token("analyst@acme.example", "password-2").access_token
+    users.set_active(admin, analyst.id, False)
+    users.set_active(admin, analyst.id, True)
+    revoked_at = users.get_user_by_email("analyst@acme.example").sessions_valid_after  # type: ignore[union-attr]
+    assert revoked_at is not None
+    archive = orgs_backup.export_org(admin, tmp_path / "acme.zip").path
+    exported = {row["email"]: row["sessions_valid_after"] for row in jsonl(archive, "users")}
+    assert exported == {"admin@acme.example": None, "analyst@acme.example": revoked_at.isoformat()}
+
+    monkeypatch.setenv("DATABASE_URL", other_db)
+    result = orgs_backup.import_org(archive)
+    assert result.ids_kept
+    restored = users.get_user_by_email("analyst@acme.example")
+    assert restored is not None and restored.sessions_valid_after == revoked_at
+    with pytest.raises(api_keys.InvalidCredentials, match=r"^invalid token$"):
+        api_keys.authenticate_user_token(old)
+    new = api_keys.issue_user_token("analyst@acme.example", "password-2").access_token
+    assert api_keys.authenticate_user_token(new).user_id == analyst.id
 
 
 def test_a_long_account_name_is_reconciled_exported_and_imported_whole(app_db: str, other_db: str, tmp_path: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from db import crypto
-from db.models import TENANT_TABLES, ReconRun
+from db.models import TENANT_TABLES, ReconRun, User
 from db.session import downgrade, get_engine, is_current, org_session, system_session, upgrade
 from services import dashboard, users
 from services.context import Actor
@@ -57,6 +58,37 @@ def test_one_queued_run_migration_collapses_duplicates_and_downgrades(org: tuple
     downgrade(app_db, "0007")
     assert "ux_recon_runs_one_queued" not in _run_indexes(app_db)
     assert {"ix_recon_runs_org_status", "ux_recon_runs_one_running"} <= _run_indexes(app_db)
+
+
+def _user_columns(url: str) -> set[str]:
+    return {column["name"] for column in sa.inspect(get_engine(url)).get_columns("users")}
+
+
+def test_sessions_valid_after_migration_revokes_inactive_users_and_downgrades(org: tuple[Actor, Actor],
+                                                                              app_db: str) -> None:
+    """0012 adds `users.sessions_valid_after`; users inactive at the upgrade get its time (their tokens and cookies
+    predate it, and a reactivation must not bring them back), the others none. The downgrade drops the column."""
+    admin, analyst = org
+    downgrade(app_db, "0011")
+    assert "sessions_valid_after" not in _user_columns(app_db)
+    with get_engine(app_db).begin() as conn:  # deactivated under 0011: no cut-off could be recorded then
+        conn.execute(sa.text("UPDATE users SET active = :no WHERE id = :id"), {"no": False, "id": analyst.user_id})
+    before = datetime.now(UTC)
+    upgrade(app_db)
+    after = datetime.now(UTC)
+    assert is_current(app_db)
+    with system_session() as session:
+        cutoffs = dict(session.execute(sa.select(User.id, User.sessions_valid_after)).tuples().all())
+    assert cutoffs[admin.user_id] is None
+    assert before <= cutoffs[analyst.user_id] <= after  # type: ignore[operator]
+    users.set_active(admin, analyst.user_id, True)  # type: ignore[arg-type]
+    assert not users.session_still_valid("analyst@acme.example", before - timedelta(seconds=1))
+    downgrade(app_db, "0011")
+    assert "sessions_valid_after" not in _user_columns(app_db)
+    with get_engine(app_db).connect() as conn:  # nothing else lost
+        assert conn.execute(sa.text("SELECT count(*) FROM users")).scalar_one() == 2
+    upgrade(app_db)
+    assert "sessions_valid_after" in _user_columns(app_db) and is_current(app_db)
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:

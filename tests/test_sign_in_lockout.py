@@ -107,6 +107,24 @@ def test_passwords_are_judged_by_what_bcrypt_reads(org: tuple[Actor, Actor]) -> 
         assert authenticate_message(email, "y" * 80) == WRONG
 
 
+def test_a_wrong_current_password_counts_and_locks_like_a_sign_in(org: tuple[Actor, Actor], clock: Clock) -> None:
+    """Changing one's own password checks the current one through `authenticate`: a session left open is no way
+    around the lockout, and a locked account cannot change its password, even with the right current one."""
+    _, analyst = org
+
+    def change(current: str) -> str:
+        with pytest.raises(PermissionDenied) as refused:
+            users.change_password(analyst, analyst.user_id, "new-password-2", current_password=current)  # type: ignore[arg-type]
+        return str(refused.value)
+
+    expected = [WRONG] * (users.MAX_FAILED_LOGINS - 1) + [LOCKED, LOCKED]
+    assert [change("not-the-password") for _ in range(users.MAX_FAILED_LOGINS + 1)] == expected
+    assert change("password-2") == LOCKED and authenticate_message(REAL, "password-2") == LOCKED
+    clock.advance(users.LOCKOUT)
+    users.change_password(analyst, analyst.user_id, "new-password-2", current_password="password-2")  # type: ignore[arg-type]
+    assert users.authenticate(REAL, "new-password-2").id == analyst.user_id
+
+
 def test_the_lock_ends_after_lockout_and_counting_starts_again(emails: tuple[str, str, str], clock: Clock) -> None:
     for email in emails:
         for _ in range(users.MAX_FAILED_LOGINS):

@@ -20,10 +20,13 @@ _READ_THIS_RUN: ContextVar[Actor | None] = ContextVar("actor_read_this_run", def
 
 def refreshed(current: Actor) -> Actor | None:
     """`current` with the role its user has now, None when deactivated since: a session outlives a
-    demotion or a deactivation, the database does not, and the services trust the Actor's role."""
+    demotion or a deactivation, the database does not, and the services trust the Actor's role.
+    A deactivated user's tab is signed out the authenticator's way too, so a reactivation does not let
+    it back in: it would need the remember-me cookie, which the deactivation revoked."""
     role = users.current_role(current.user_id)
     if role is None:
         st.session_state.pop("actor", None)
+        st.session_state.update(authentication_status=None, username=None, name=None, email=None, roles=None)
         return None
     if role != current.role:
         current = st.session_state["actor"] = Actor.user(current.org_id, current.user_id, role)  # type: ignore[arg-type]
