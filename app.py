@@ -34,6 +34,7 @@ COOKIE_NAME = "rrc_session"
 COOKIE_DAYS = 7
 AFTER_SIGN_IN = "after_sign_in"  # (url path, query params) a signed-out visitor asked for, opened after sign-in
 COOKIE_PENDING = "cookie_pending"  # signed in with a password: the remember-me cookie is still to be written
+SIGNED_IN_WITH_PASSWORD = "signed_in_with_password"  # this session's sign-in was the form's, not the cookie's
 
 st.set_page_config(page_title="Revenue Recovery Copilot", page_icon="💸", layout="wide")
 
@@ -156,6 +157,7 @@ def sign_in_form() -> None:
         return
     st.session_state.update(authentication_status=True, username=user.email, name=user.name, email=user.email,
                             roles=[user.role])
+    st.session_state[SIGNED_IN_WITH_PASSWORD] = True
     if signed_in_actor() is not None:
         # Start over with the app's pages; the next full run writes the cookie (remember_sign_in).
         st.session_state[COOKIE_PENDING] = True
@@ -234,15 +236,20 @@ def restore_sign_in(authenticator: stauth.Authenticate) -> None:
     The refused cookie is deleted. A session keeps the cookies it connected with (`st.context.cookies`), so
     each of its signed-out runs is refused again and renders the deletion again: a rerun that drops the
     cookie component before the browser ran it (see remember_sign_in) only delays the deletion."""
-    signed_in_before = st.session_state.get("authentication_status")
+    if not st.session_state.get("authentication_status"):
+        st.session_state.pop(SIGNED_IN_WITH_PASSWORD, None)
     try:
         authenticator.login(location="unrendered")
     except (LoginError, InvalidTokenError):
         authenticator.cookie_controller.delete_cookie()
         return
-    if signed_in_before or not st.session_state.get("authentication_status"):
-        return  # no sign-in from the cookie in this run
-    cookie = authenticator.cookie_controller.get_cookie() or {}
+    if not st.session_state.get("authentication_status") or st.session_state.get(SIGNED_IN_WITH_PASSWORD):
+        return  # signed out, or signed in with a password in this session: no cookie to judge
+    # signed in by the cookie, in this run or an earlier one of the session: judged on every run (one lookup),
+    # so no order of runs and cookie reads lets a revoked cookie through
+    cookie = authenticator.cookie_controller.get_cookie()
+    if cookie is None:
+        return  # none this run: the run that signed in from it had it, and judged it
     expires = cookie.get("exp_date")
     issued = None
     if isinstance(expires, int | float) and not isinstance(expires, bool):
